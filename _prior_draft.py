@@ -1,0 +1,1 @@
+"""PixelCNN priors (draft; merged into modules.py)."""

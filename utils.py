@@ -1,0 +1,204 @@
+"""Small helpers shared by the scripts: seeding, image grids, image-quality metrics, JSON files.
+
+Image metrics use TensorFlow's implementations:
+
+* SSIM is ``tf.image.ssim`` -- the Wang et al. (2004) definition with an 11x11 Gaussian window
+  (sigma 1.5), K1 = 0.01, K2 = 0.03, on images in [0, 1] (``max_val=1``). The window shrinks for
+  images smaller than 11 pixels.
+* MS-SSIM is ``tf.image.ssim_multiscale`` with the standard five-scale weights, truncated (and
+  renormalised) to the scales that fit the image.
+* PSNR is ``tf.image.psnr`` in dB with ``max_val=1``.
+
+Each metric returns one value per image pair, as a NumPy ``float64`` array of shape ``(N,)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# Standard MS-SSIM weights (Wang, Simoncelli & Bovik 2003), coarsest scale last.
+_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and the Keras/TensorFlow backends in one call."""
+    import keras
+
+    keras.utils.set_random_seed(int(seed))
+
+
+def _as_batch(images) -> np.ndarray:
+    """``(H, W)``, ``(H, W, 1)``, ``(N, H, W)`` or ``(N, H, W, 1)`` -> float32 ``(N, H, W, 1)``."""
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[None, ..., None]
+    elif x.ndim == 3:
+        x = x[None] if x.shape[-1] == 1 else x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"expected images shaped (N, H, W, 1), got {np.shape(images)}")
+    return x
+
+
+def _ssim_filter_size(height: int, width: int) -> int:
+    return max(1, min(11, height, width))
+
+
+def ssim(a, b, max_val: float = 1.0) -> np.ndarray:
+    """Per-pair SSIM (``tf.image.ssim``, Gaussian window) of two image batches in ``[0, max_val]``.
+
+    Args:
+        a, b: images shaped ``(N, H, W, 1)`` (or anything ``_as_batch`` accepts), same shape.
+    Returns:
+        ``(N,)`` float64 SSIM values in ``[-1, 1]``.
+    """
+    import tensorflow as tf
+
+    a, b = _as_batch(a), _as_batch(b)
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: shapes differ, {a.shape} vs {b.shape}")
+    size = _ssim_filter_size(a.shape[1], a.shape[2])
+    return tf.image.ssim(a, b, max_val=max_val, filter_size=size).numpy().astype(np.float64)
+
+
+def ms_ssim(a, b, max_val: float = 1.0) -> np.ndarray:
+    """Per-pair multi-scale SSIM (``tf.image.ssim_multiscale``), using as many scales as fit.
+
+    Each scale halves the image; a scale is used only while the image is at least as large as the
+    11-pixel window, so 128x128 images use four scales and 256x256 images all five.
+    """
+    import tensorflow as tf
+
+    a, b = _as_batch(a), _as_batch(b)
+    if a.shape != b.shape:
+        raise ValueError(f"ms_ssim: shapes differ, {a.shape} vs {b.shape}")
+    side = min(a.shape[1], a.shape[2])
+    scales = 1
+    while scales < len(_MS_SSIM_WEIGHTS) and side // (2 ** scales) >= 11:
+        scales += 1
+    weights = np.asarray(_MS_SSIM_WEIGHTS[:scales], dtype=np.float32)
+    weights = weights / weights.sum()
+    size = _ssim_filter_size(a.shape[1], a.shape[2])
+    out = tf.image.ssim_multiscale(a, b, max_val=max_val, power_factors=weights.tolist(), filter_size=size)
+    return out.numpy().astype(np.float64)
+
+
+def psnr(a, b, max_val: float = 1.0) -> np.ndarray:
+    """Per-pair PSNR in dB (``tf.image.psnr``); identical images give ``inf``."""
+    import tensorflow as tf
+
+    a, b = _as_batch(a), _as_batch(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ, {a.shape} vs {b.shape}")
+    return tf.image.psnr(a, b, max_val=max_val).numpy().astype(np.float64)
+
+
+def save_image_grid(
+    images,
+    path: str | os.PathLike,
+    ncols: int | None = None,
+    titles: Sequence[str] | None = None,
+    suptitle: str | None = None,
+    cell_inches: float = 1.6,
+) -> Path:
+    """Save grayscale images ``(N, H, W[, 1])`` in ``[0, 1]`` as one PNG grid with matplotlib.
+
+    Args:
+        images: the images, shown with a fixed 0..1 gray scale so grids are comparable.
+        path: output PNG; parent folders are created.
+        ncols: columns (default: about the square root of N).
+        titles: optional caption per image.
+        suptitle: optional title above the grid.
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = _as_batch(images)[..., 0]
+    n = len(x)
+    if n == 0:
+        raise ValueError("save_image_grid: no images to draw")
+    ncols = ncols or int(math.ceil(math.sqrt(n)))
+    nrows = int(math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell_inches * ncols, cell_inches * nrows + (0.4 if suptitle else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(x[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON, atomically (NumPy scalars and arrays, paths allowed)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a missing or broken file raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); delete or fix it") from None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a run depends on, for ``config.json``."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__}
