@@ -202,3 +202,133 @@ def library_versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": np.__version__}
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures shared by train.py and predict.py (matplotlib, Agg backend: no display needed).
+# ----------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_history_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a Keras ``CSVLogger`` file into ``{column: float array}`` (empty dict if absent)."""
+    import csv
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {key: np.asarray([float(r[key]) if r[key] not in ("", None) else np.nan for r in rows])
+            for key in rows[0]}
+
+
+def plot_training_curves(histories: dict[str, dict[str, np.ndarray]], path: str | os.PathLike) -> Path:
+    """One panel per (stage, metric) pair of training and validation curves against epoch.
+
+    Args:
+        histories: ``{stage title: read_history_csv(...)}``; metrics with a ``val_`` twin are drawn
+            together. Empty histories are skipped.
+    """
+    plt = _pyplot()
+    panels = []
+    for stage, hist in histories.items():
+        for key in hist:
+            if key == "epoch" or key.startswith("val_"):
+                continue
+            panels.append((stage, key, hist))
+    if not panels:
+        raise ValueError("plot_training_curves: no history to plot")
+    ncols = min(4, len(panels))
+    nrows = int(math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (stage, key, hist) in zip(axes.flat, panels):
+        epochs = hist.get("epoch", np.arange(len(hist[key]))) + 1
+        ax.plot(epochs, hist[key], label="train", marker=".")
+        if f"val_{key}" in hist:
+            ax.plot(epochs, hist[f"val_{key}"], label="validate", marker=".")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{stage}: {key}", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def code_usage(codes, num_embeddings: int) -> dict[str, Any]:
+    """Histogram, perplexity (exp of the entropy of code frequencies) and active fraction of codes."""
+    counts = np.bincount(np.asarray(codes).ravel().astype(np.int64), minlength=num_embeddings)
+    p = counts / max(1, counts.sum())
+    nz = p[p > 0]
+    return {"counts": counts, "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+            "active_codes": float((counts > 0).mean())}
+
+
+def plot_codebook_usage(counts, path: str | os.PathLike, title: str = "codebook usage") -> Path:
+    """Bar chart of how often each code is used, most used first, with perplexity in the title."""
+    plt = _pyplot()
+    counts = np.asarray(counts)
+    usage = code_usage(np.repeat(np.arange(len(counts)), counts), len(counts))
+    order = np.argsort(-counts, kind="stable")
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    ax.bar(np.arange(len(counts)), counts[order] / max(1, counts.sum()), width=1.0)
+    ax.set_xlabel("code (sorted by use)")
+    ax.set_ylabel("fraction of positions")
+    ax.set_title(f"{title}: perplexity {usage['perplexity']:.1f} of {len(counts)}, "
+                 f"{100 * usage['active_codes']:.0f}% active", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_image_rows(rows: Sequence[tuple[str, Any]], path: str | os.PathLike, titles=None,
+                    cmaps: Sequence[str] | None = None, cell_inches: float = 1.6) -> Path:
+    """Draw aligned rows of images: ``rows = [(label, images (N, H, W[, 1])), ...]``.
+
+    Used for "original / reconstruction" and "image / code grid" figures. Grayscale rows are drawn
+    on a fixed 0..1 scale; a row with cmap other than "gray" (a code grid) uses its own range.
+    """
+    plt = _pyplot()
+    n = max(len(imgs) for _, imgs in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(cell_inches * n + 0.8, cell_inches * len(rows)), squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        imgs = np.asarray(imgs)
+        if imgs.ndim == 4:
+            imgs = imgs[..., 0]
+        cmap = cmaps[r] if cmaps else "gray"
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if c < len(imgs):
+                kw = {"vmin": 0.0, "vmax": 1.0} if cmap == "gray" else {}
+                ax.imshow(imgs[c], cmap=cmap, interpolation="nearest", **kw)
+                if titles is not None and titles[r] is not None:
+                    ax.set_title(titles[r][c], fontsize=7)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,361 @@
+"""Generate brain slices from a trained run, reconstruct given slices, and evaluate generation.
+
+    python predict.py                                   # 16 samples from the demo run (runs/demo)
+    python predict.py --run runs/oasis --num 64 --temperature 0.9 --slice 20
+    python predict.py reconstruct --images some/pngs/   # originals beside reconstructions, SSIM/PSNR
+    python predict.py evaluate --num 64                 # realism, memorisation, diversity, NLL
+
+Everything is rebuilt from the run directory that ``train.py`` wrote: its ``config.json``,
+``vqvae.keras`` and ``pixelcnn.keras``. Grid shape, codebook size and slice conditioning come from
+there, never from constants. In a notebook::
+
+    from predict import load_run, sample_codes
+    run = load_run("runs/demo")
+    codes = sample_codes(run.prior, 4, seed=0, condition=16)      # (4, h, w) ints
+    images = run.vqvae.decode(codes)                              # (4, H, W, 1) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sampler import sample_codes  # noqa: F401  (public: `from predict import sample_codes`)
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_RUN = REPO / "runs" / "demo"
+COMMANDS = ("sample", "reconstruct", "evaluate")
+
+
+class PredictError(Exception):
+    """A problem the user can fix; reported as one line without a traceback."""
+
+
+@dataclass
+class Run:
+    """A trained run: its directory, saved config and models (``prior`` is None if not trained)."""
+
+    path: Path
+    config: dict
+    vqvae: object
+    prior: object | None
+
+    @property
+    def conditioned(self) -> bool:
+        return bool(self.config.get("prior", {}).get("condition_on_slice")) and self.prior is not None
+
+    @property
+    def num_conditions(self) -> int:
+        return int(self.config.get("prior", {}).get("num_conditions") or 0)
+
+
+def load_run(run_dir, need_prior: bool = True) -> Run:
+    """Load ``config.json``, ``vqvae.keras`` and (if ``need_prior``) ``pixelcnn.keras`` from a run.
+
+    Raises:
+        PredictError: the directory, its config or a model is missing, with the command that makes it.
+    """
+    import keras
+
+    import modules  # noqa: F401  (registers the custom layers for load_model)
+    import utils
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PredictError(f"run directory {run_dir} not found; train one with: python train.py --out {run_dir}")
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise PredictError(f"{config_path} not found: {run_dir} is not a train.py run directory")
+    config = utils.load_json(config_path)
+    vq_path, prior_path = run_dir / "vqvae.keras", run_dir / "pixelcnn.keras"
+    if not vq_path.exists():
+        raise PredictError(f"{vq_path} not found; finish training with: python train.py --out {run_dir} --resume")
+    prior = None
+    if need_prior:
+        if not prior_path.exists():
+            raise PredictError(f"{prior_path} not found: this run has no trained prior; train it with: "
+                               f"python train.py --stage prior --out {run_dir}")
+        prior = keras.models.load_model(prior_path)
+    return Run(run_dir, config, keras.models.load_model(vq_path), prior)
+
+
+def _conditions(run: Run, slice_index, num: int):
+    """The condition array for ``num`` samples, validated against the run's prior."""
+    if slice_index is None:
+        if run.conditioned:
+            raise PredictError("this run's prior is conditioned on slice position: pass --slice N "
+                               f"(0 to {run.num_conditions - 1})")
+        return None
+    if not run.conditioned:
+        raise PredictError("--slice was given but this run's prior is not conditioned on slice position; "
+                           "drop --slice (or train with --condition-on-slice)")
+    if not 0 <= slice_index < run.num_conditions:
+        raise PredictError(f"--slice {slice_index} is out of range: this prior knows slices 0 to "
+                           f"{run.num_conditions - 1}")
+    return np.full(num, slice_index, dtype=np.int32)
+
+
+def generate(run: Run, num: int, temperature: float = 1.0, seed: int | None = None, condition=None,
+             batch_size: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``num`` code grids from the run's prior and decode them.
+
+    Returns:
+        ``(codes, images)``: int32 ``(num, h, w)`` and float32 ``(num, H, W, 1)`` in [0, 1].
+    """
+    codes = sample_codes(run.prior, num, temperature=temperature, seed=seed, condition=condition,
+                         batch_size=batch_size, progress=progress)
+    decode_batch = batch_size or 32
+    images = np.concatenate([np.asarray(run.vqvae.decode(codes[i:i + decode_batch]))
+                             for i in range(0, num, decode_batch)])
+    return codes, images.astype(np.float32)
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.round(np.clip(image[..., 0], 0, 1) * 255).astype(np.uint8), mode="L").save(path)
+
+
+def _default_slice(run: Run) -> int | None:
+    """Middle slice for a conditioned prior when ``--slice`` is not given (said on stdout)."""
+    return run.num_conditions // 2 if run.conditioned else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+def nearest_by_ssim(samples: np.ndarray, references: np.ndarray, batch_size: int = 512,
+                    desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each sample, the highest SSIM against any reference image and that reference's index.
+
+    Args:
+        samples: ``(N, H, W, 1)`` in [0, 1]; references: ``(M, H, W, 1)`` in [0, 1].
+    Returns:
+        ``(best_ssim (N,), best_index (N,))``.
+    """
+    import utils
+    from tqdm import tqdm
+
+    best = np.full(len(samples), -np.inf)
+    index = np.zeros(len(samples), dtype=np.int64)
+    for i in tqdm(range(len(samples)), desc=desc, disable=desc is None, leave=False):
+        for start in range(0, len(references), batch_size):
+            refs = references[start:start + batch_size]
+            scores = utils.ssim(np.broadcast_to(samples[i], refs.shape), refs)
+            j = int(np.argmax(scores))
+            if scores[j] > best[i]:
+                best[i], index[i] = scores[j], start + j
+    return best, index
+
+
+def mean_pairwise_ms_ssim(images: np.ndarray) -> float:
+    """Mean MS-SSIM over all unordered pairs of distinct images (lower = more diverse)."""
+    import utils
+
+    i, j = np.triu_indices(len(images), k=1)
+    if len(i) == 0:
+        raise PredictError("diversity needs at least two images")
+    values = np.concatenate([utils.ms_ssim(images[i[s:s + 256]], images[j[s:s + 256]])
+                             for s in range(0, len(i), 256)])
+    return float(values.mean())
+
+
+def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
+             out_dir: Path | None = None) -> dict:
+    """Generate ``num`` samples and judge them against the run's data; write JSON and a figure.
+
+    Metrics:
+        realism: each sample's best SSIM against the test split; mean, and fraction above 0.6.
+        memorisation: each sample's best SSIM against the training split; count above 0.95 (copies).
+        diversity: mean pairwise MS-SSIM among samples, beside the same for ``num`` real test slices.
+        prior NLL of the test codes, in bits per code.
+    A conditioned prior is sampled at the slice positions of randomly chosen test slices, so the
+    samples follow the test split's distribution of depths.
+    """
+    import dataset
+    import utils
+
+    out_dir = Path(out_dir or run.path / "evaluation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = run.config["data"]
+    try:
+        splits = dataset.read_oasis(data["root"], image_size=data["image_size"],
+                                    val_fraction=data["val_fraction"], seed=run.config["seed"])
+    except dataset.DatasetError as e:
+        raise PredictError(str(e)) from None
+    test = splits["test"].images.astype(np.float32) / 255.0
+    train = splits["train"].images.astype(np.float32) / 255.0
+    rng = np.random.default_rng(seed)
+    real_pick = rng.choice(len(test), size=min(num, len(test)), replace=False)
+    condition = splits["test"].slice_indices[real_pick].astype(np.int32) if run.conditioned else None
+    if condition is not None and len(condition) < num:
+        condition = np.resize(condition, num)
+
+    codes, samples = generate(run, num, temperature=temperature, seed=seed, condition=condition,
+                              batch_size=batch_size)
+    realism, nearest_test = nearest_by_ssim(samples, test, desc="realism (vs test)")
+    memo, _ = nearest_by_ssim(samples, train, desc="memorisation (vs train)")
+    metrics = {
+        "num_samples": num, "temperature": temperature, "seed": seed,
+        "realism_ssim_mean": float(realism.mean()),
+        "realism_fraction_above_0.6": float((realism > 0.6).mean()),
+        "memorisation_ssim_mean": float(memo.mean()),
+        "memorisation_copies_above_0.95": int((memo > 0.95).sum()),
+        "diversity_ms_ssim_samples": mean_pairwise_ms_ssim(samples),
+        "diversity_ms_ssim_real_test": mean_pairwise_ms_ssim(test[real_pick]),
+    }
+    metrics["prior_test_nll_bits"] = prior_nll_bits(run, splits["test"])
+    utils.save_json(metrics, out_dir / "generation_metrics.json")
+    show = np.arange(min(8, num))
+    utils.plot_image_rows(
+        [("sample", samples[show]), ("nearest test", test[nearest_test[show]])],
+        out_dir / "samples_vs_nearest.png",
+        titles=[[f"slice {condition[k]}" if condition is not None else f"#{k}" for k in show],
+                [f"SSIM {realism[k]:.2f}" for k in show]])
+    utils.save_image_grid(samples[:min(num, 16)], out_dir / "samples_grid.png", ncols=8)
+    return metrics
+
+
+def prior_nll_bits(run: Run, split) -> float:
+    """The prior's mean negative log-likelihood of the split's codes, in bits per code."""
+    import keras
+
+    x = split.images.astype(np.float32) / 255.0
+    codes = np.concatenate([np.asarray(run.vqvae.encode(x[i:i + 64])) for i in range(0, len(x), 64)])
+    inputs = (codes, split.slice_indices.astype(np.int32)) if run.conditioned else codes
+    logits = []
+    for i in range(0, len(codes), 64):
+        batch = (inputs[0][i:i + 64], inputs[1][i:i + 64]) if run.conditioned else inputs[i:i + 64]
+        logits.append(np.asarray(run.prior(batch, training=False)))
+    ce = keras.ops.sparse_categorical_crossentropy(codes, np.concatenate(logits), from_logits=True)
+    return float(np.mean(np.asarray(ce)) / math.log(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="predict.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sample new slices from a trained run (default command), reconstruct given slices, "
+                    "or evaluate generation. Run 'python predict.py COMMAND --help' for each command.",
+        epilog="commands:\n  sample       draw codes from the prior, decode them, write PNGs (default)\n"
+               "  reconstruct  encode and decode the PNGs in --images, with per-image SSIM / PSNR\n"
+               "  evaluate     realism, memorisation, diversity and NLL of generated samples")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp):
+        sp.add_argument("--run", type=Path, default=DEFAULT_RUN, help=f"run directory from train.py (default: {DEFAULT_RUN})")
+        sp.add_argument("--out", type=Path, default=None, help="output folder (default: a folder in the run directory)")
+        sp.add_argument("--batch-size", type=int, default=None,
+                        help="samples (or images) processed at once; results do not depend on it (default: all)")
+
+    def sampling(sp, default_num):
+        sp.add_argument("--num", type=int, default=default_num, help=f"number of samples (default: {default_num})")
+        sp.add_argument("--temperature", type=float, default=1.0,
+                        help="divide the prior's logits by this before sampling; < 1 is more conservative (default: 1)")
+        sp.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives identical files (default: 0)")
+
+    s = sub.add_parser("sample", help="draw samples (the default command)",
+                       description="Draw code grids from the prior, decode them, write one PNG per sample and a grid.")
+    common(s)
+    sampling(s, 16)
+    s.add_argument("--slice", type=int, default=None,
+                   help="slice position to generate, for a prior conditioned on slice position "
+                        "(default: the middle slice for such a prior)")
+    r = sub.add_parser("reconstruct", help="encode and decode given slices",
+                       description="Encode and decode a folder of PNG slices; write originals beside reconstructions.")
+    common(r)
+    r.add_argument("--images", type=Path, required=True, help="folder of PNG slices to reconstruct")
+    e = sub.add_parser("evaluate", help="judge generated samples",
+                       description="Write generation_metrics.json and a figure of samples beside their nearest test slices.")
+    common(e)
+    sampling(e, 64)
+    return p
+
+
+def _check_positive(parser, name: str, value) -> None:
+    if value is not None and value < 1:
+        parser.error(f"{name} must be at least 1, got {value}")
+
+
+def main(argv=None) -> int:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "sample")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_positive(parser, "--batch-size", args.batch_size)
+    if args.command in ("sample", "evaluate"):
+        _check_positive(parser, "--num", args.num)
+        if args.temperature <= 0:
+            parser.error(f"--temperature must be above 0, got {args.temperature}")
+    try:
+        return _run_command(args)
+    except PredictError as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args) -> int:
+    import json
+
+    import utils
+
+    if args.command == "sample":
+        run = load_run(args.run)
+        slice_index = args.slice
+        if slice_index is None and run.conditioned:
+            slice_index = _default_slice(run)
+            print(f"prior is conditioned on slice position: sampling slice {slice_index} (change with --slice)")
+        condition = _conditions(run, slice_index, args.num)
+        codes, images = generate(run, args.num, args.temperature, args.seed, condition, args.batch_size)
+        out = Path(args.out or run.path / "samples")
+        out.mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(images):
+            _save_png(image, out / f"sample_{k:03d}.png")
+        utils.save_image_grid(images, out / "samples_grid.png",
+                              suptitle=f"{args.num} samples, T={args.temperature}, seed {args.seed}"
+                                       + (f", slice {slice_index}" if slice_index is not None else ""))
+        np.save(out / "codes.npy", codes)
+        print(f"wrote {args.num} samples and samples_grid.png to {out}")
+    elif args.command == "reconstruct":
+        import dataset
+
+        run = load_run(args.run, need_prior=False)
+        try:
+            x, info = dataset.load_images(args.images, image_size=run.config["vqvae"]["image_size"],
+                                          return_info=True)
+        except dataset.DatasetError as e:
+            raise PredictError(str(e)) from None
+        batch = args.batch_size or 32
+        recon = np.concatenate([np.asarray(run.vqvae(x[i:i + batch], training=False)) for i in range(0, len(x), batch)])
+        ssim, psnr = utils.ssim(x, recon), utils.psnr(x, recon)
+        out = Path(args.out or run.path / "reconstructions")
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"file": name, "ssim": float(s), "psnr": float(p)} for name, s, p in zip(info.names, ssim, psnr)]
+        utils.save_json({"mean_ssim": float(ssim.mean()), "mean_psnr": float(psnr.mean()), "images": rows},
+                        out / "reconstruction_metrics.json")
+        for start in range(0, len(x), 8):
+            sl = slice(start, start + 8)
+            utils.plot_image_rows([("original", x[sl]), ("reconstruction", recon[sl])],
+                                  out / f"reconstructions_{start // 8:03d}.png",
+                                  titles=[[Path(n).stem for n in info.names[sl]],
+                                          [f"SSIM {s:.3f} / {p:.1f} dB" for s, p in zip(ssim[sl], psnr[sl])]])
+        print(f"{len(x)} images: mean SSIM {ssim.mean():.4f}, mean PSNR {psnr.mean():.2f} dB; figures in {out}")
+    else:
+        run = load_run(args.run)
+        metrics = evaluate(run, args.num, args.temperature, args.seed, args.batch_size, args.out)
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

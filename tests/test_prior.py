@@ -1,0 +1,209 @@
+"""Specification of the PixelCNN priors (modules) and of sample_codes (sampler)."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import keras  # noqa: E402
+
+import sampler  # noqa: E402
+from modules import MaskedConv2D, PixelCNN, PriorConfig  # noqa: E402
+from sampler import sample_codes  # noqa: E402
+
+K = 12  # codebook size in the tests
+
+
+def make_prior(gated=True, num_conditions=0, grid=(6, 6), seed=0, **kw):
+    keras.utils.set_random_seed(seed)
+    kw = {"filters": 8, "num_layers": 3, **kw}
+    prior = PixelCNN(K, gated=gated, num_conditions=num_conditions, grid_shape=grid, **kw)
+    prior(_inputs(np.zeros((1,) + grid, "int32"), num_conditions))
+    return prior
+
+
+def _inputs(codes, num_conditions, cond=None):
+    if not num_conditions:
+        return codes
+    cond = np.zeros(len(codes), "int32") if cond is None else np.asarray(cond, "int32")
+    return (codes, cond)
+
+
+def _logits(prior, codes, cond=None):
+    return np.asarray(prior(_inputs(codes, prior.config.num_conditions, cond), training=False))
+
+
+def influence(prior, codes, cond=None):
+    """dep[q, p] = True iff changing the code at raster position q changes the logits at p."""
+    h, w = codes.shape[1:]
+    base = _logits(prior, codes, cond)
+    dep = np.zeros((h * w, h * w), bool)
+    for q in range(h * w):
+        changed = codes.copy()
+        changed[:, q // w, q % w] = (changed[:, q // w, q % w] + 1 + q % (K - 1)) % K
+        diff = np.abs(_logits(prior, changed, cond) - base).max(axis=(0, 3)).reshape(-1)
+        dep[q] = diff > 0
+    return dep
+
+
+# ----------------------------------------------------------------------------------------- masks
+def test_mask_a_and_b_3x3():
+    a = MaskedConv2D(1, 3, "A").mask
+    b = MaskedConv2D(1, 3, "B").mask
+    np.testing.assert_array_equal(a, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(b, [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+
+
+def test_mask_5x5_and_applied_in_call():
+    a = MaskedConv2D(1, 5, "A").mask
+    expected = np.zeros((5, 5))
+    expected[:2] = 1
+    expected[2, :2] = 1
+    np.testing.assert_array_equal(a, expected)
+    b = expected.copy()
+    b[2, 2] = 1
+    np.testing.assert_array_equal(MaskedConv2D(1, 5, "B").mask, b)
+    # kernel stays unmasked (trainable), the conv sees kernel * mask: a delta input at the centre
+    # of a 5x5 image reaches only the mirrored visible taps.
+    layer = MaskedConv2D(1, 5, "A", use_bias=False, kernel_initializer="ones")
+    x = np.zeros((1, 5, 5, 1), "float32")
+    x[0, 2, 2, 0] = 1
+    y = np.asarray(layer(x))[0, :, :, 0]
+    np.testing.assert_array_equal(y, expected[::-1, ::-1])
+    assert np.all(np.asarray(layer.kernel) == 1)
+
+
+# ------------------------------------------------------------------------------------ causality
+@pytest.mark.parametrize("gated", [False, True])
+def test_causal_by_perturbation(gated):
+    prior = make_prior(gated)
+    codes = np.random.default_rng(1).integers(0, K, (2, 6, 6))
+    dep = influence(prior, codes)
+    # a change at q never reaches p <= q in raster order (lower triangle incl. diagonal is False)
+    assert not np.any(np.tril(np.ones_like(dep)) & dep)
+    assert not dep[:, 0].any()  # the first position depends on no code
+    assert dep[0, 1] and dep[0, 6]  # and the net does look at the past
+
+
+def test_gated_has_no_blind_spot_plain_has_one():
+    codes = np.random.default_rng(2).integers(0, K, (2, 6, 6))
+    gated = influence(make_prior(True, num_layers=4), codes)
+    # every earlier position influences every later one
+    assert np.array_equal(gated, np.triu(np.ones_like(gated), 1))
+    plain = influence(make_prior(False, num_layers=6), codes)
+    # plain masked stack (first kernel 5 -> reach 2 columns right per row up): position (2, 0)
+    # never sees (1, 3..5), however deep, although it sees the rest of row 1
+    p, w = 2 * 6 + 0, 6
+    assert not plain[[1 * w + 3, 1 * w + 4, 1 * w + 5], p].any()
+    assert plain[[1 * w + 0, 1 * w + 1, 1 * w + 2], p].all()
+
+
+# --------------------------------------------------------------------------------- conditioning
+@pytest.mark.parametrize("gated", [False, True])
+def test_conditioning_changes_logits_including_first_position(gated):
+    prior = make_prior(gated, num_conditions=4)
+    codes = np.random.default_rng(3).integers(0, K, (2, 6, 6))
+    a = _logits(prior, codes, [0, 0])
+    b = _logits(prior, codes, [3, 3])
+    assert np.abs(a - b).max() > 1e-4
+    assert np.abs(a[:, 0, 0] - b[:, 0, 0]).max() > 1e-4
+    with pytest.raises(ValueError):
+        prior(codes)  # condition missing
+
+
+# ------------------------------------------------------------------------------ config and save
+def test_prior_config_round_trip_and_unknown_keys():
+    cfg = PriorConfig(gated=False, num_conditions=3, grid_shape=(8, 8))
+    assert PriorConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        PriorConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="bogus"):
+        PixelCNN(K, cfg, bogus=2)
+    prior = PixelCNN(K, cfg.to_dict(), filters=8)
+    assert prior.config.filters == 8 and prior.config.grid_shape == (8, 8)
+    clone = PixelCNN.from_config(prior.get_config())
+    assert clone.config == prior.config and clone.num_embeddings == K
+
+
+@pytest.mark.parametrize("gated,nc", [(False, 0), (True, 0), (True, 3), (False, 3)])
+def test_keras_save_load_round_trip(tmp_path, gated, nc):
+    prior = make_prior(gated, num_conditions=nc)
+    codes = np.random.default_rng(4).integers(0, K, (2, 6, 6))
+    path = str(tmp_path / "prior.keras")
+    prior.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects needed
+    assert isinstance(loaded, PixelCNN) and loaded.config == prior.config
+    np.testing.assert_array_equal(_logits(loaded, codes, [1, 2]), _logits(prior, codes, [1, 2]))
+
+
+def test_output_shape_dtype_any_grid():
+    prior = make_prior(True)
+    out = prior(np.zeros((3, 5, 9), "int32"))
+    assert tuple(out.shape) == (3, 5, 9, K) and str(out.dtype).endswith("float32")
+
+
+# ------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("gated,nc", [(True, 0), (False, 2)])
+def test_fit_reduces_loss(gated, nc):
+    prior = make_prior(gated, num_conditions=nc, grid=(8, 8))
+    rng = np.random.default_rng(5)
+    # structured codes: each row repeats a code, so the left neighbour predicts the code
+    codes = np.repeat(rng.integers(0, K, (64, 8, 1)), 8, axis=2)
+    x = _inputs(codes, nc, rng.integers(0, 2, 64))
+    prior.compile(keras.optimizers.Adam(3e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hist = prior.fit(x, codes, batch_size=16, epochs=4, verbose=0).history["loss"]
+    assert hist[-1] < hist[0] - 0.2, hist
+
+
+# ------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("gated,nc", [(False, 0), (True, 0), (True, 3), (False, 3)])
+def test_fast_and_naive_give_identical_codes(gated, nc):
+    prior = make_prior(gated, num_conditions=nc, grid=(5, 6))
+    cond = [0, 2, 1] if nc else None
+    naive = sample_codes(prior, 3, seed=7, condition=cond, method="naive")
+    fast = sample_codes(prior, 3, seed=7, condition=cond, method="fast")
+    assert naive.dtype == np.int32 and naive.shape == (3, 5, 6)  # grid from the prior's config
+    np.testing.assert_array_equal(fast, naive)
+    assert fast.min() >= 0 and fast.max() < K
+    assert len(np.unique(fast)) > 3  # a draw, not a constant
+
+
+def test_fast_sampler_chunks_seeds_and_grid_shape():
+    prior = make_prior(True)
+    a = sample_codes(prior, 4, grid_shape=(4, 7), seed=11)
+    assert a.shape == (4, 4, 7) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, sample_codes(prior, 4, grid_shape=(4, 7), seed=11,
+                                                  batch_size=3))
+    np.testing.assert_array_equal(a[:2], sample_codes(prior, 2, grid_shape=(4, 7), seed=11))
+    assert not np.array_equal(a, sample_codes(prior, 4, grid_shape=(4, 7), seed=12))
+    assert sampler.last_exact_fallbacks <= 2  # exact full-pass decisions are rare
+
+
+def test_low_temperature_approaches_the_mode():
+    prior = make_prior(False, grid=(4, 4))
+    codes = sample_codes(prior, 2, temperature=1e-4, seed=3)
+    logits = _logits(prior, codes)
+    np.testing.assert_array_equal(codes, logits.argmax(-1))  # greedy given its own past
+    hot = sample_codes(prior, 2, temperature=10.0, seed=3)
+    assert not np.array_equal(hot, prior_argmax := _logits(prior, hot).argmax(-1)), prior_argmax
+
+
+def test_bad_arguments():
+    prior = make_prior(True)
+    cond_prior = make_prior(True, num_conditions=2)
+    for kwargs in ({"temperature": 0.0}, {"temperature": -1.0}, {"condition": 1},
+                   {"grid_shape": (0, 3)}, {"method": "slow"}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            sample_codes(prior, 2, seed=0, **kwargs)
+    with pytest.raises(ValueError):
+        sample_codes(prior, 0, seed=0)
+    with pytest.raises(ValueError, match="conditioned"):
+        sample_codes(cond_prior, 2, seed=0)
+    with pytest.raises(ValueError):
+        sample_codes(cond_prior, 2, seed=0, condition=[0, 5])
+    with pytest.raises(ValueError):
+        sample_codes(PixelCNN(K, filters=8, num_layers=1), 2, seed=0)  # no grid_shape anywhere

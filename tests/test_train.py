@@ -1,0 +1,194 @@
+"""train.py: a two-stage run, resume after kill -9, the NaN stop, mirrored training, error messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+# A tiny model so that each epoch takes a fraction of a second on 2 cores.
+TINY = ["--image-size", "32", "--downsample", "4", "--channels", "8", "--num-res-blocks", "1",
+        "--num-embeddings", "16", "--embedding-dim", "4", "--prior-filters", "8", "--prior-num-layers", "2",
+        "--batch-size", "4"]
+
+
+def run_train(*args, timeout=240):
+    """Run train.py in a fresh process (so TensorFlow starts clean); return the CompletedProcess."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def history_epochs(path: Path) -> list[int]:
+    with path.open(newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    assert train.main(["--data", oasis_tree, "--out", out, *TINY, "--vqvae-epochs", "2", "--prior-epochs", "2",
+                       "--num-samples", "2"]) == 0
+    for name in ("config.json", "vqvae.keras", "pixelcnn.keras", "metrics.json", "codes.npz",
+                 "training_curves.png", "reconstructions.png", "code_grids.png", "codebook_usage.png", "samples.png"):
+        assert (out / name).is_file(), name
+    assert history_epochs(out / "history_vqvae.csv") == [0, 1]
+    assert history_epochs(out / "history_prior.csv") == [0, 1]
+    assert any((out / "logs" / "vqvae").rglob("events.out.tfevents*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["vqvae"]["num_embeddings"] == 16 and config["vqvae"]["image_size"] == 32
+    assert config["prior"]["grid_shape"] == [8, 8]
+    assert config["prior"]["num_conditions"] == 4          # slices 0..3, conditioned by default
+    assert config["data"]["num_images"] == {"train": 16, "validate": 4, "test": 4}
+    assert {"tensorflow", "keras"} <= set(config["versions"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_ssim", "test_psnr", "codebook_perplexity", "active_codes", "prior_val_nll_bits",
+                "prior_test_nll_bits"):
+        assert isinstance(metrics[key], float), key
+    assert -1 <= metrics["test_ssim"] <= 1 and 0 < metrics["active_codes"] <= 1
+    assert 1 <= metrics["codebook_perplexity"] <= 16
+    # An untrained-ish prior over 16 codes costs about log2(16) = 4 bits per code, never more than ~2x.
+    assert 0 < metrics["prior_test_nll_bits"] < 8
+
+    import keras
+
+    import modules  # noqa: F401
+
+    vqvae = keras.models.load_model(out / "vqvae.keras")
+    prior = keras.models.load_model(out / "pixelcnn.keras")
+    assert tuple(vqvae.grid_shape) == (8, 8) and prior.num_embeddings == 16
+
+    # --stage prior retrains only the prior, reusing the VQ-VAE and the cached codes.
+    vq_bytes = (out / "vqvae.keras").read_bytes()
+    assert train.main(["--out", out, "--stage", "prior", "--prior-epochs", "1", "--num-samples", "0"]) == 0
+    assert (out / "vqvae.keras").read_bytes() == vq_bytes
+    assert history_epochs(out / "history_prior.csv") == [0]
+
+
+def test_resume_after_kill_continues_without_duplicate_or_missing_epochs(oasis_tree, tmp_path):
+    out = tmp_path / "run"
+    args = [str(REPO / "train.py"), "--data", str(oasis_tree), "--out", str(out), *TINY, "--stage", "vqvae",
+            "--vqvae-epochs", "40"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ckpt_dir = out / "checkpoints" / "vqvae"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and not (ckpt_dir / "epoch_0003.keras").exists():
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.05)
+        assert (ckpt_dir / "epoch_0003.keras").exists()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = max(int(p.stem.split("_")[1]) for p in ckpt_dir.glob("epoch_*.keras"))
+    assert killed_at < 40
+    assert not (out / "vqvae.keras").exists()
+
+    result = run_train("--out", out, "--resume", "--stage", "vqvae", "--vqvae-epochs", "42")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming from {ckpt_dir / f'epoch_{killed_at:04d}.keras'}" in result.stdout
+    assert history_epochs(out / "history_vqvae.csv") == list(range(42))
+    assert (out / "vqvae.keras").exists()
+
+
+def test_checkpoint_discovery_ignores_unfinished_files(tmp_path):
+    import train
+
+    (tmp_path / "epoch_0002.keras").write_bytes(b"done")
+    (tmp_path / "tmp_123.keras").write_bytes(b"half")        # a write cut short by a kill
+    (tmp_path / "epoch_0003.keras.partial").write_bytes(b"x")
+    assert train.latest_checkpoint(tmp_path) == (2, tmp_path / "epoch_0002.keras")
+    assert train.latest_checkpoint(tmp_path / "missing") == (0, None)
+
+
+def test_truncate_history_drops_epochs_after_the_checkpoint(tmp_path):
+    import train
+
+    path = tmp_path / "h.csv"
+    path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
+    train.truncate_history(path, 2)
+    assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
+
+
+def test_nan_loss_stops_with_a_clear_message(oasis_tree, tmp_path):
+    out = tmp_path / "run"
+    result = run_train("--data", oasis_tree, "--out", out, *TINY, "--stage", "vqvae", "--vqvae-epochs", "3",
+                       "--vqvae-lr", "1e30", "--recon-weight", "1e30")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: [vqvae] loss became NaN") and "--resume" in message
+    assert not (out / "vqvae.keras").exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_mirrored_training_on_two_logical_cpus(oasis_tree, tmp_path):
+    out = tmp_path / "run"
+    result = run_train("--data", oasis_tree, "--out", out, *TINY, "--stage", "vqvae", "--vqvae-epochs", "1",
+                       "--distribute", "mirrored", "--virtual-cpus", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mirrored over 2 devices" in result.stdout
+    assert history_epochs(out / "history_vqvae.csv") == [0]
+    assert (out / "vqvae.keras").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_data", "prior_without_vqvae", "resume_without_run", "incompatible_resume",
+                                  "existing_run", "multiworker_without_tf_config", "bad_epochs"])
+def test_errors_are_one_line(case, oasis_tree, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    if case == "missing_data":
+        argv, expect = ["--data", tmp_path / "nowhere", "--out", out], "nowhere"
+    elif case == "prior_without_vqvae":
+        argv, expect = ["--out", out, "--stage", "prior"], "train the VQ-VAE first"
+    elif case == "resume_without_run":
+        argv, expect = ["--out", out, "--resume"], "start a new run without --resume"
+    elif case == "multiworker_without_tf_config":
+        os.environ.pop("TF_CONFIG", None)
+        argv, expect = ["--data", oasis_tree, "--out", out, *TINY, "--distribute", "multiworker"], "TF_CONFIG"
+    elif case == "bad_epochs":
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", out, "--epochs", "0"])
+        assert e.value.code == 2
+        return
+    else:
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({
+            "preset": "demo", "seed": 0, "data": {"root": str(oasis_tree), "image_size": 32, "val_fraction": 0.2},
+            "vqvae": {"image_size": 32, "num_embeddings": 16}, "prior": {"condition_on_slice": True},
+            "training": {"vqvae_epochs": 1, "prior_epochs": 1, "vqvae_batch_size": 4, "prior_batch_size": 4,
+                         "vqvae_lr": 1e-3, "prior_lr": 1e-3}}))
+        if case == "incompatible_resume":
+            argv, expect = ["--out", out, "--resume", "--num-embeddings", "32"], "num_embeddings: saved 16, requested 32"
+        else:
+            argv, expect = ["--out", out, *TINY], "already holds a run"
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main([str(a) for a in argv])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and expect in lines[0], lines
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 0
+    for flag in ("--data", "--out", "--stage", "--epochs", "--vqvae-epochs", "--prior-epochs", "--batch-size",
+                 "--image-size", "--seed", "--resume", "--preset", "--distribute", "--mixed-precision",
+                 "--num-embeddings", "--embedding-dim", "--downsample", "--prior-gated", "--prior-filters"):
+        assert flag in result.stdout, flag
