@@ -203,8 +203,6 @@ def _read_png(path: Path, image_size: int | None) -> tuple[np.ndarray, str, bool
     from PIL import Image
 
     try:
-        if path.stat().st_size == 0:
-            raise DatasetError(f"{path}: empty file (0 bytes); delete it or export the slice again")
         with Image.open(path) as im:
             if im.format != "PNG":
                 raise DatasetError(f"{path}: is {im.format}, not PNG; convert it to an 8-bit grayscale PNG")
@@ -218,6 +216,8 @@ def _read_png(path: Path, image_size: int | None) -> tuple[np.ndarray, str, bool
     except DatasetError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for bad files
+        if path.is_file() and path.stat().st_size == 0:  # checked only on failure: one syscall less per image
+            raise DatasetError(f"{path}: empty file (0 bytes); delete it or export the slice again") from None
         raise DatasetError(f"{path}: not a readable PNG ({_one_line(e)}); export the file again or delete it") from None
     resized = False
     if image_size is not None and a.shape != (image_size, image_size):
@@ -431,9 +431,11 @@ def to_dataset(split, batch_size: int, shuffle: bool = True, seed: int | None = 
                drop_remainder: bool = False, with_slices: bool = False):
     """A ``tf.data.Dataset`` of float32 batches ``(B, H, W, 1)`` in ``[0, 1]``.
 
-    The images stay as one uint8 tensor; the pipeline shuffles indices (a full, seeded shuffle that
-    reshuffles every epoch), batches them, gathers and normalises each batch in a parallel ``map``
-    (``uint8 / 255``; float input is only cast to float32), and prefetches.
+    The images stay one uint8 NumPy array (no copy); the pipeline shuffles indices (a full, seeded
+    shuffle that reshuffles every epoch), batches them, gathers each batch from the array and
+    normalises it in a parallel ``map`` (``uint8 / 255``; float input is only cast to float32), and
+    prefetches. Being fed by ``tf.numpy_function``, the dataset lives in this Python process (fine for
+    ``fit`` and one-machine ``MirroredStrategy``; it cannot be serialised to a tf.data service).
 
     Args:
         split: a :class:`Split`, or an array ``(N, H, W[, 1])`` of uint8 or float images.
@@ -466,7 +468,9 @@ def to_dataset(split, batch_size: int, shuffle: bool = True, seed: int | None = 
         raise DatasetError("to_dataset: no images (empty split)")
 
     is_uint8 = images.dtype == np.uint8
-    images_t = tf.constant(images)
+    # Batches are gathered from the NumPy array itself (tf.numpy_function): no second in-memory copy of
+    # the data set (tf.constant would need one, and graph constants stop at 2 GB).
+    out_dtype = tf.uint8 if is_uint8 else tf.as_dtype(images.dtype)
     slices_t = tf.constant(slices, tf.int64) if with_slices else None
     ds = tf.data.Dataset.range(len(images))
     if shuffle:
@@ -476,7 +480,8 @@ def to_dataset(split, batch_size: int, shuffle: bool = True, seed: int | None = 
     ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
 
     def gather(index):
-        x = tf.gather(images_t, index)
+        x = tf.numpy_function(lambda i: images[i], [index], out_dtype, stateful=False)
+        x.set_shape((None,) + images.shape[1:])
         x = tf.cast(x, tf.float32) / 255.0 if is_uint8 else tf.cast(x, tf.float32)
         return (x, tf.gather(slices_t, index)) if with_slices else x
 

@@ -241,7 +241,7 @@ def _build_fast_fn(prior):
             caches = [tf.zeros((b, h + pad, w + 2 * pad, blk.in_proj.filters)) for blk in blocks]
         return (codes, e_cache, *caches)
 
-    @tf.function(jit_compile=True, reduce_retracing=True)
+    @tf.function(jit_compile=True)  # traced once per (batch, h, w)
     def run(noise, temperature, cond, pos0, forced, use_forced, state):
         b, h, w, k = noise.shape
         f = cfg.filters

@@ -93,7 +93,7 @@ def test_gated_has_no_blind_spot_plain_has_one():
     gated = influence(make_prior(True, num_layers=4), codes)
     # every earlier position influences every later one
     assert np.array_equal(gated, np.triu(np.ones_like(gated), 1))
-    plain = influence(make_prior(False, num_layers=6), codes)
+    plain = influence(make_prior(False, num_layers=4), codes)
     # plain masked stack (first kernel 5 -> reach 2 columns right per row up): position (2, 0)
     # never sees (1, 3..5), however deep, although it sees the rest of row 1
     p, w = 2 * 6 + 0, 6
@@ -142,18 +142,19 @@ def test_keras_save_load_round_trip(tmp_path, gated, nc):
 def test_output_shape_dtype_any_grid():
     prior = make_prior(True)
     out = prior(np.zeros((3, 5, 9), "int32"))
-    assert tuple(out.shape) == (3, 5, 9, K) and str(out.dtype).endswith("float32")
+    assert tuple(out.shape) == (3, 5, 9, K)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
 
 
 # ------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("gated,nc", [(True, 0), (False, 2)])
 def test_fit_reduces_loss(gated, nc):
-    prior = make_prior(gated, num_conditions=nc, grid=(8, 8))
+    prior = make_prior(gated, num_conditions=nc, grid=(8, 8), filters=16)
     rng = np.random.default_rng(5)
     # structured codes: each row repeats a code, so the left neighbour predicts the code
     codes = np.repeat(rng.integers(0, K, (64, 8, 1)), 8, axis=2)
     x = _inputs(codes, nc, rng.integers(0, 2, 64))
-    prior.compile(keras.optimizers.Adam(3e-3),
+    prior.compile(keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     hist = prior.fit(x, codes, batch_size=16, epochs=4, verbose=0).history["loss"]
     assert hist[-1] < hist[0] - 0.2, hist
@@ -177,7 +178,7 @@ def test_fast_sampler_chunks_seeds_and_grid_shape():
     a = sample_codes(prior, 4, grid_shape=(4, 7), seed=11)
     assert a.shape == (4, 4, 7) and a.dtype == np.int32
     np.testing.assert_array_equal(a, sample_codes(prior, 4, grid_shape=(4, 7), seed=11,
-                                                  batch_size=3))
+                                                  batch_size=2))
     np.testing.assert_array_equal(a[:2], sample_codes(prior, 2, grid_shape=(4, 7), seed=11))
     assert not np.array_equal(a, sample_codes(prior, 4, grid_shape=(4, 7), seed=12))
     assert sampler.last_exact_fallbacks <= 2  # exact full-pass decisions are rare
@@ -187,9 +188,12 @@ def test_low_temperature_approaches_the_mode():
     prior = make_prior(False, grid=(4, 4))
     codes = sample_codes(prior, 2, temperature=1e-4, seed=3)
     logits = _logits(prior, codes)
-    np.testing.assert_array_equal(codes, logits.argmax(-1))  # greedy given its own past
+    top2 = np.sort(logits, -1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 1e-2  # (random init has some near-equal logits)
+    # greedy given its own past wherever the mode is clear
+    np.testing.assert_array_equal(codes[clear], logits.argmax(-1)[clear])
     hot = sample_codes(prior, 2, temperature=10.0, seed=3)
-    assert not np.array_equal(hot, prior_argmax := _logits(prior, hot).argmax(-1)), prior_argmax
+    assert np.mean(hot == _logits(prior, hot).argmax(-1)) < 0.5
 
 
 def test_bad_arguments():
