@@ -700,17 +700,20 @@ class GatedPixelCNNBlock(layers.Layer):
     horizontal stack by a 1x1 conv (it only holds rows above, so nothing leaks).
 
     Call with ``[v, h]`` or ``[v, h, condition]``: ``v, h`` ``(B, H, W, F)`` float, ``condition``
-    ``(B,)`` int. Returns ``(v_out, h_out)``, both ``(B, H, W, F)``.
+    ``(B,)`` int. Returns ``(v_out, h_out)``, both ``(B, H, W, F)``. The ``last`` layer of a stack
+    feeds nothing above it from its vertical stack: it returns its input ``v`` unchanged as
+    ``v_out`` and has no vertical condition bias (which would get no gradient).
     """
 
     def __init__(self, filters, kernel_size=3, first=False, num_conditions=0, dropout=0.0,
-                 **kwargs):
+                 last=False, **kwargs):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         self.first = bool(first)
+        self.last = bool(last)
         self.num_conditions = int(num_conditions)
         self.dropout = float(dropout)
         p, f2 = self.kernel_size // 2, 2 * self.filters
@@ -719,7 +722,8 @@ class GatedPixelCNNBlock(layers.Layer):
         self.v_to_h = layers.Conv2D(f2, 1, name="v_to_h")
         self.h_out = layers.Conv2D(self.filters, 1, name="h_out")
         if self.num_conditions:
-            self.cond_v = layers.Embedding(self.num_conditions, f2, name="cond_v")
+            if not self.last:
+                self.cond_v = layers.Embedding(self.num_conditions, f2, name="cond_v")
             self.cond_h = layers.Embedding(self.num_conditions, f2, name="cond_h")
         self.drop = layers.Dropout(self.dropout, name="dropout")
 
@@ -730,7 +734,8 @@ class GatedPixelCNNBlock(layers.Layer):
         self.v_to_h.build((None, None, None, f2))
         self.h_out.build((None, None, None, f))
         if self.num_conditions:
-            self.cond_v.build((None,))
+            if not self.last:
+                self.cond_v.build((None,))
             self.cond_h.build((None,))
 
     def call(self, inputs, training=None):
@@ -744,9 +749,10 @@ class GatedPixelCNNBlock(layers.Layer):
         v_pre = self.v_conv(ops.pad(v_in, [[0, 0], [p, 0], [p, p], [0, 0]]))  # (B, H, W, 2F)
         h_pre = self.h_conv(ops.pad(h_in, [[0, 0], [0, 0], [p, 0], [0, 0]])) + self.v_to_h(v_pre)
         if cond is not None:
-            v_pre = v_pre + self.cond_v(cond)[:, None, None, :]
             h_pre = h_pre + self.cond_h(cond)[:, None, None, :]
-        v_out = _gate(v_pre)
+            if not self.last:
+                v_pre = v_pre + self.cond_v(cond)[:, None, None, :]
+        v_out = v if self.last else _gate(v_pre)
         h_new = self.h_out(self.drop(_gate(h_pre), training=training))
         if not self.first:
             h_new = h_new + h
@@ -755,7 +761,7 @@ class GatedPixelCNNBlock(layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size, first=self.first,
-                      num_conditions=self.num_conditions, dropout=self.dropout)
+                      num_conditions=self.num_conditions, dropout=self.dropout, last=self.last)
         return config
 
 
@@ -896,10 +902,10 @@ class PixelCNN(keras.Model):
         self.embedding = layers.Embedding(self.num_embeddings, c.filters, name="code_embedding")
         if c.gated:
             self.input_block = GatedPixelCNNBlock(c.filters, c.first_kernel_size, first=True,
-                                                  num_conditions=c.num_conditions,
-                                                  dropout=c.dropout, name="gated_0")
+                                                  num_conditions=c.num_conditions, dropout=c.dropout,
+                                                  last=c.num_layers == 1, name="gated_0")
             self.blocks = [GatedPixelCNNBlock(c.filters, c.kernel_size, num_conditions=c.num_conditions,
-                                              dropout=c.dropout, name=f"gated_{i}")
+                                              dropout=c.dropout, last=i == c.num_layers - 1, name=f"gated_{i}")
                            for i in range(1, c.num_layers)]
         else:
             self.input_conv = MaskedConv2D(c.filters, c.first_kernel_size, "A", name="input_conv")

@@ -106,7 +106,7 @@ def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int) -> np.ndarray:
 # --------------------------------------------------------------------------- public entry point
 def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 1.0,
                  seed: int | None = None, condition=None, method: str = "fast",
-                 batch_size: int | None = None) -> np.ndarray:
+                 batch_size: int | None = None, progress: bool = False) -> np.ndarray:
     """Draw code grids from a PixelCNN prior, position by position in raster order.
 
     Args:
@@ -120,6 +120,7 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
         method: "fast" (cached incremental, XLA) or "naive" (one full forward pass per position).
             Both give the same codes for the same weights and seed.
         batch_size: samples per chunk (None: all at once); does not change the codes.
+        progress: show a tqdm progress bar over samples (advances chunk by chunk).
 
     Returns:
         int32 array ``(N, h, w)`` with values in ``[0, num_embeddings)``.
@@ -132,12 +133,17 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
     out = np.zeros((n, h, w), dtype="int32")
     global last_exact_fallbacks
     last_exact_fallbacks = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=f"sampling {h}x{w} codes ({method})", unit="sample", disable=not progress)
     for start in range(0, n, chunk):
         idx = np.arange(start, min(start + chunk, n))
         noise = gumbel_noise(seed, idx, (h, w), k)
         c = None if cond is None else cond[idx]
         run = _sample_naive if method == "naive" else _sample_fast
         out[idx] = run(prior, noise, temperature, c)
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -251,7 +257,7 @@ def _build_fast_fn(prior):
         if gated:
             n_l = len(blocks)
             v_k = [_flat_kernel(blk.h_conv.kernel) for blk in blocks]
-            cv = [blk.cond_v(cond) if conditioned else 0.0 for blk in blocks]
+            cv = [blk.cond_v(cond) if conditioned and not blk.last else 0.0 for blk in blocks]
             ch = [blk.cond_h(cond) if conditioned else 0.0 for blk in blocks]
         else:
             first_k = _flat_kernel(prior.input_conv.masked_kernel(), p1 + 1)

@@ -32,14 +32,15 @@ STAGES = ("vqvae", "prior")
 # categorical cross-entropy for the prior) with a 32x32 code grid (down-sampling 8).
 PRESETS = {
     "demo": {
-        "image_size": 128, "downsample": 4, "vqvae_epochs": 12, "prior_epochs": 30,
+        "image_size": 128, "downsample": 4, "vqvae_epochs": 12, "prior_epochs": 15,
         "vqvae_batch_size": 16, "prior_batch_size": 32, "vqvae_lr": 2e-3, "prior_lr": 3e-3,
-        "condition_on_slice": True,
+        "condition_on_slice": True, "prior_config": {"filters": 32, "num_layers": 5},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
         "vqvae_batch_size": 8, "prior_batch_size": 32, "vqvae_lr": 1e-3, "prior_lr": 3e-4,
-        "condition_on_slice": True,
+        "condition_on_slice": True, "vqvae_config": {"channels": 64, "num_embeddings": 256},
+        "prior_config": {"filters": 64, "num_layers": 12},
     },
 }
 
@@ -73,12 +74,16 @@ def _config_flag_help(cls) -> dict[str, str]:
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip: set[str]) -> None:
     """One flag per config field (``--{prefix}{field}``), typed from the field's default."""
     helps = _config_flag_help(cls)
+    preset_key = "prior_config" if prefix else "vqvae_config"
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + (prefix + f.name).replace("_", "-")
-        text = (helps.get(f.name) or f"{cls.__name__}.{f.name}") + f" (default: {default})"
+        by_preset = [f"{name} {values[preset_key][f.name]}" for name, values in PRESETS.items()
+                     if f.name in values.get(preset_key, {})]
+        text = (helps.get(f.name) or f"{cls.__name__}.{f.name}") + f" (default: {default}" + (
+            f"; presets: {', '.join(by_preset)})" if by_preset else ")")
         dest = prefix.replace("-", "_") + f.name
         if isinstance(default, bool):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -172,13 +177,15 @@ def resolve_config(args, parser) -> dict:
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
     else:
         image_size = args.image_size or preset["image_size"]
-        vq = VQVAEConfig(image_size=image_size, downsample=preset["downsample"], seed=args.seed).to_dict()
+        vq = VQVAEConfig(**{"image_size": image_size, "downsample": preset["downsample"], "seed": args.seed,
+                            **preset.get("vqvae_config", {})}).to_dict()
         cfg = {
             "preset": args.preset,
             "data": {"root": str(data_root) if data_root else None, "image_size": image_size,
                      "val_fraction": args.val_fraction},
             "vqvae": vq,
-            "prior": {**PriorConfig().to_dict(), "condition_on_slice": preset["condition_on_slice"]},
+            "prior": {**PriorConfig(**preset.get("prior_config", {})).to_dict(),
+                      "condition_on_slice": preset["condition_on_slice"]},
             "training": {k: preset[k] for k in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size",
                                                   "prior_batch_size", "vqvae_lr", "prior_lr")},
             "seed": args.seed,
@@ -341,6 +348,7 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, run_dir: Pat
         keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs" / stage), write_graph=False),
     ]
     history = model.fit(data, validation_data=val_data, epochs=epochs, initial_epoch=done, callbacks=callbacks,
+                        shuffle=False,  # the tf.data pipeline shuffles
                         verbose=1 if sys.stdout.isatty() else 2)
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):

@@ -1,0 +1,109 @@
+"""Training throughput of both stages, in images per second, at 128x128 and 256x256.
+
+    python bench/bench_train.py                       # both presets' models, on this machine
+    python bench/bench_train.py --sizes 256 --steps 50 --mixed-precision both   # on a GPU
+
+For each image size the VQ-VAE and the prior are built with the settings the matching preset uses
+(128: demo, 256: oasis), fed OASIS-sized synthetic data (smooth random slices; the prior gets random
+code grids of the VQ-VAE's grid shape), and timed over ``--steps`` training steps after
+``--warmup`` steps that absorb graph tracing. Throughput does not depend on what the pixels are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+SIZE_PRESET = {128: "demo", 256: "oasis"}
+
+
+def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth random 'slices' in [0, 1]: low-frequency noise, as compressible as real anatomy."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((n, size // 16, size // 16, 1)).astype(np.float32)
+    return tf.image.resize(coarse, (size, size), method="bicubic").numpy().clip(0, 1)
+
+
+def time_fit(model, dataset, steps: int, warmup: int) -> float:
+    """Seconds per training step, measured after ``warmup`` steps."""
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0)
+    start = time.perf_counter()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_size(size: int, args, mixed: bool) -> list[tuple[str, float]]:
+    import keras
+    import tensorflow as tf
+
+    import train
+    from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig
+
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    preset = train.PRESETS[SIZE_PRESET[size]]
+    vq_cfg = VQVAEConfig(**{"image_size": size, "downsample": preset["downsample"], **preset.get("vqvae_config", {})})
+    batch = args.batch_size or preset["vqvae_batch_size"]
+    images = synthetic_images(max(64, 4 * batch), size)
+    ds = tf.data.Dataset.from_tensor_slices(images).repeat().batch(batch, drop_remainder=True).prefetch(2)
+    vqvae = VQVAE(vq_cfg)
+    vqvae.compile(optimizer=keras.optimizers.Adam(preset["vqvae_lr"]))
+    vq_step = time_fit(vqvae, ds, args.steps, args.warmup)
+
+    h, w = vq_cfg.grid_shape
+    prior_batch = args.batch_size or preset["prior_batch_size"]
+    prior_cfg = PriorConfig(**{**preset.get("prior_config", {}), "grid_shape": (h, w), "num_conditions": 32})
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, vq_cfg.num_embeddings, (max(64, 4 * prior_batch), h, w)).astype(np.int32)
+    slices = rng.integers(0, 32, len(codes)).astype(np.int32)
+    pds = (tf.data.Dataset.from_tensor_slices(((codes, slices), codes)).repeat()
+           .batch(prior_batch, drop_remainder=True).prefetch(2))
+    prior = PixelCNN(vq_cfg.num_embeddings, prior_cfg)
+    prior.compile(optimizer=keras.optimizers.Adam(preset["prior_lr"]),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    prior_step = time_fit(prior, pds, args.steps, args.warmup)
+    keras.mixed_precision.set_global_policy("float32")
+    tag = f"{size}x{size}" + (" mixed_float16" if mixed else "")
+    return [(f"vqvae  {tag} (batch {batch}, {vq_cfg.channels} ch)", batch / vq_step),
+            (f"prior  {tag} ({h}x{w} codes, batch {prior_batch}, {prior_cfg.filters} filters x "
+             f"{prior_cfg.num_layers} layers)", prior_batch / prior_step)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], choices=sorted(SIZE_PRESET),
+                   help="image sides to measure; 128 uses the demo preset's models, 256 the oasis preset's")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per stage (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, for tracing (default: 3)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size for both stages (default: the preset's)")
+    p.add_argument("--mixed-precision", choices=("off", "on", "both"), default="off",
+                   help="Keras mixed_float16 policy: off, on, or both side by side (meant for GPUs)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be at least 1")
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    print(f"device: {devices[0].name} ({'GPU' if 'GPU' in devices[0].name else f'CPU, {os.cpu_count()} cores'})")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.mixed_precision]
+    rows = []
+    for size in args.sizes:
+        for mixed in modes:
+            rows += bench_size(size, args, mixed)
+    width = max(len(name) for name, _ in rows)
+    for name, rate in rows:
+        print(f"{name:<{width}}  {rate:8.1f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
