@@ -687,6 +687,14 @@ def _gate(x):
     return ops.tanh(a) * ops.sigmoid(b)
 
 
+def _check_grid(x, grid_shape) -> None:
+    """A prior with per-position biases only takes grids of the shape it learned them for."""
+    h, w = x.shape[1], x.shape[2]
+    if h is not None and w is not None and (h, w) != tuple(grid_shape):
+        raise ValueError(f"this prior learned positions of a {tuple(grid_shape)} grid (positional=True) "
+                         f"and cannot take a {(h, w)} grid")
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class GatedPixelCNNBlock(layers.Layer):
     """One gated PixelCNN layer: vertical + horizontal stacks (van den Oord et al. 2016).
@@ -706,7 +714,7 @@ class GatedPixelCNNBlock(layers.Layer):
     """
 
     def __init__(self, filters, kernel_size=3, first=False, num_conditions=0, dropout=0.0,
-                 last=False, **kwargs):
+                 last=False, position_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
@@ -714,6 +722,7 @@ class GatedPixelCNNBlock(layers.Layer):
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         self.first = bool(first)
         self.last = bool(last)
+        self.position_shape = tuple(int(s) for s in position_shape) if position_shape else None
         self.num_conditions = int(num_conditions)
         self.dropout = float(dropout)
         p, f2 = self.kernel_size // 2, 2 * self.filters
@@ -737,6 +746,11 @@ class GatedPixelCNNBlock(layers.Layer):
             if not self.last:
                 self.cond_v.build((None,))
             self.cond_h.build((None,))
+        if self.position_shape:  # learned per-position biases of the gates, (h, w, 2F)
+            shape = (*self.position_shape, f2)
+            self.pos_h = self.add_weight(shape=shape, initializer="zeros", name="position_h")
+            if not self.last:
+                self.pos_v = self.add_weight(shape=shape, initializer="zeros", name="position_v")
 
     def call(self, inputs, training=None):
         v, h = inputs[0], inputs[1]
@@ -752,6 +766,11 @@ class GatedPixelCNNBlock(layers.Layer):
             h_pre = h_pre + self.cond_h(cond)[:, None, None, :]
             if not self.last:
                 v_pre = v_pre + self.cond_v(cond)[:, None, None, :]
+        if self.position_shape:
+            _check_grid(v, self.position_shape)
+            h_pre = h_pre + self.pos_h[None]
+            if not self.last:
+                v_pre = v_pre + self.pos_v[None]
         v_out = v if self.last else _gate(v_pre)
         h_new = self.h_out(self.drop(_gate(h_pre), training=training))
         if not self.first:
@@ -761,7 +780,8 @@ class GatedPixelCNNBlock(layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size, first=self.first,
-                      num_conditions=self.num_conditions, dropout=self.dropout, last=self.last)
+                      num_conditions=self.num_conditions, dropout=self.dropout, last=self.last,
+                      position_shape=list(self.position_shape) if self.position_shape else None)
         return config
 
 
@@ -826,6 +846,9 @@ class PriorConfig:
         num_conditions: 0 = unconditioned; else number of condition classes (0..num_conditions-1).
         grid_shape: ``(h, w)`` of the code grids it is trained on (samplers default to it).
         dropout: dropout rate inside the layers (training only).
+        positional: learn a bias per grid position in the first layer, so the prior knows where in
+            the slice it is beyond its receptive field (needs ``grid_shape``; the prior then
+            samples only grids of that shape).
     """
 
     gated: bool = True
@@ -836,6 +859,7 @@ class PriorConfig:
     num_conditions: int = 0
     grid_shape: tuple | None = None
     dropout: float = 0.0
+    positional: bool = False
 
     def __post_init__(self):
         for name in ("kernel_size", "first_kernel_size"):
@@ -846,6 +870,8 @@ class PriorConfig:
             raise ValueError("PriorConfig needs filters >= 2, num_layers >= 1, num_conditions >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PriorConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.positional and self.grid_shape is None:
+            raise ValueError("PriorConfig.positional needs grid_shape (the grid whose positions it learns)")
         if self.grid_shape is not None:
             self.grid_shape = tuple(int(s) for s in self.grid_shape)
             if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
@@ -903,7 +929,8 @@ class PixelCNN(keras.Model):
         if c.gated:
             self.input_block = GatedPixelCNNBlock(c.filters, c.first_kernel_size, first=True,
                                                   num_conditions=c.num_conditions, dropout=c.dropout,
-                                                  last=c.num_layers == 1, name="gated_0")
+                                                  last=c.num_layers == 1, name="gated_0",
+                                                  position_shape=c.grid_shape if c.positional else None)
             self.blocks = [GatedPixelCNNBlock(c.filters, c.kernel_size, num_conditions=c.num_conditions,
                                               dropout=c.dropout, last=i == c.num_layers - 1, name=f"gated_{i}")
                            for i in range(1, c.num_layers)]
@@ -926,6 +953,9 @@ class PixelCNN(keras.Model):
             self.input_conv.build((None, None, None, f))
             if self.config.num_conditions:
                 self.input_cond.build((None,))
+            if self.config.positional:
+                self.position_bias = self.add_weight(shape=(*self.config.grid_shape, f), initializer="zeros",
+                                                     name="position_bias")
         for block in self.blocks:
             block.build()
         self.head_hidden.build((None, None, None, f))
@@ -962,6 +992,9 @@ class PixelCNN(keras.Model):
             out = self.input_conv(x)
             if cond is not None:
                 out = out + self.input_cond(cond)[:, None, None, :]
+            if self.config.positional:
+                _check_grid(out, self.config.grid_shape)
+                out = out + self.position_bias[None]
             out = ops.relu(out)
             for block in self.blocks:
                 out = block([out] + extra, training=training)

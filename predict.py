@@ -87,9 +87,6 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
 def _conditions(run: Run, slice_index, num: int):
     """The condition array for ``num`` samples, validated against the run's prior."""
     if slice_index is None:
-        if run.conditioned:
-            raise PredictError("this run's prior is conditioned on slice position: pass --slice N "
-                               f"(0 to {run.num_conditions - 1})")
         return None
     if not run.conditioned:
         raise PredictError("--slice was given but this run's prior is not conditioned on slice position; "
@@ -121,9 +118,9 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(np.round(np.clip(image[..., 0], 0, 1) * 255).astype(np.uint8), mode="L").save(path)
 
 
-def _default_slice(run: Run) -> int | None:
-    """Middle slice for a conditioned prior when ``--slice`` is not given (said on stdout)."""
-    return run.num_conditions // 2 if run.conditioned else None
+def _spread_slices(run: Run, num: int) -> np.ndarray:
+    """Slice positions spread evenly over the conditioned prior's range, low to high."""
+    return np.linspace(0, run.num_conditions - 1, num).round().astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(s, 16)
     s.add_argument("--slice", type=int, default=None,
                    help="slice position to generate, for a prior conditioned on slice position "
-                        "(default: the middle slice for such a prior)")
+                        "(default for such a prior: positions spread from lowest to highest)")
     r = sub.add_parser("reconstruct", help="encode and decode given slices",
                        description="Encode and decode a folder of PNG slices; write originals beside reconstructions.")
     common(r)
@@ -311,19 +308,20 @@ def _run_command(args) -> int:
 
     if args.command == "sample":
         run = load_run(args.run)
-        slice_index = args.slice
-        if slice_index is None and run.conditioned:
-            slice_index = _default_slice(run)
-            print(f"prior is conditioned on slice position: sampling slice {slice_index} (change with --slice)")
-        condition = _conditions(run, slice_index, args.num)
+        if args.slice is None and run.conditioned:
+            condition = _spread_slices(run, args.num)
+            print(f"prior is conditioned on slice position: sampling slices {condition[0]} to {condition[-1]} "
+                  "spread over the samples (pick one with --slice)")
+        else:
+            condition = _conditions(run, args.slice, args.num)
         codes, images = generate(run, args.num, args.temperature, args.seed, condition, args.batch_size)
         out = Path(args.out or run.path / "samples")
         out.mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
             _save_png(image, out / f"sample_{k:03d}.png")
         utils.save_image_grid(images, out / "samples_grid.png",
-                              suptitle=f"{args.num} samples, T={args.temperature}, seed {args.seed}"
-                                       + (f", slice {slice_index}" if slice_index is not None else ""))
+                              titles=None if condition is None else [f"slice {c}" for c in condition],
+                              suptitle=f"{args.num} samples, temperature {args.temperature}, seed {args.seed}")
         np.save(out / "codes.npy", codes)
         print(f"wrote {args.num} samples and samples_grid.png to {out}")
     elif args.command == "reconstruct":

@@ -58,6 +58,9 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
     grid_shape = tuple(int(s) for s in grid_shape)
     if len(grid_shape) != 2 or min(grid_shape) < 1:
         raise ValueError(f"grid_shape must be (h, w) with h, w >= 1, got {grid_shape!r}")
+    if cfg.positional and grid_shape != tuple(cfg.grid_shape):
+        raise ValueError(f"this prior learned positions of a {tuple(cfg.grid_shape)} grid (positional=True); "
+                         f"it cannot sample a {grid_shape} grid")
     n = int(num_samples)
     if cfg.num_conditions == 0:
         if condition is not None:
@@ -282,6 +285,8 @@ def _build_fast_fn(prior):
                                             (b, w, 2 * f)))
                 if l < n_l - 1:
                     cvl = cv[l][:, None, :] if conditioned else 0.0
+                    if l == 0 and cfg.positional:
+                        cvl = cvl + tf.gather(tf.convert_to_tensor(blk.pos_v), i)  # (w, 2F) of row i
                     v_out = _gate(v_pre + cvl)
                     new_v.append(_dyn_update(v_caches[l], v_out[:, None], [0, pad + i, pad, 0]))
             return new_v + caches[n_l - 1:2 * (n_l - 1)] + new_links
@@ -298,6 +303,8 @@ def _build_fast_fn(prior):
                     link = _dyn_slice(links[l], [0, j, 0], [b, 1, 2 * f])[:, 0]
                     h_pre = (tf.matmul(tf.reshape(win, (b, -1)), v_k[l]) + blk.h_conv.bias + link
                              + ch[l])
+                    if l == 0 and cfg.positional:
+                        h_pre = h_pre + tf.gather_nd(tf.convert_to_tensor(blk.pos_h), [i, j])
                     h_new = _dense(blk.h_out, _gate(h_pre))
                     x = h_new if l == 0 else x + h_new
                     if l < n_l - 1:
@@ -305,8 +312,10 @@ def _build_fast_fn(prior):
                 caches = caches[:n_l - 1] + h_rows + links
             else:
                 win = _dyn_slice(e_cache, [0, pad + i - p1, pad + j - p1, 0], [b, p1 + 1, 2 * p1 + 1, f])
-                x = tf.nn.relu(tf.matmul(tf.reshape(win, (b, -1)), first_k)
-                               + prior.input_conv.bias + c_in)
+                x = tf.matmul(tf.reshape(win, (b, -1)), first_k) + prior.input_conv.bias + c_in
+                if cfg.positional:
+                    x = x + tf.gather_nd(tf.convert_to_tensor(prior.position_bias), [i, j])
+                x = tf.nn.relu(x)
                 caches = list(caches)
                 for l, blk in enumerate(blocks):
                     y = tf.nn.relu(_dense(blk.in_proj, x))

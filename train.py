@@ -32,15 +32,15 @@ STAGES = ("vqvae", "prior")
 # categorical cross-entropy for the prior) with a 32x32 code grid (down-sampling 8).
 PRESETS = {
     "demo": {
-        "image_size": 128, "downsample": 4, "vqvae_epochs": 12, "prior_epochs": 15,
+        "image_size": 128, "downsample": 4, "vqvae_epochs": 16, "prior_epochs": 18,
         "vqvae_batch_size": 16, "prior_batch_size": 32, "vqvae_lr": 2e-3, "prior_lr": 3e-3,
-        "condition_on_slice": True, "prior_config": {"filters": 32, "num_layers": 5},
+        "condition_on_slice": True, "prior_config": {"filters": 32, "num_layers": 5, "positional": True},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
         "vqvae_batch_size": 8, "prior_batch_size": 32, "vqvae_lr": 1e-3, "prior_lr": 3e-4,
         "condition_on_slice": True, "vqvae_config": {"channels": 64, "num_embeddings": 256},
-        "prior_config": {"filters": 64, "num_layers": 12},
+        "prior_config": {"filters": 64, "num_layers": 12, "positional": True},
     },
 }
 
@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="batch size for both stages (the two flags below override)")
     g.add_argument("--vqvae-batch-size", type=int, default=None, help="VQ-VAE batch size")
     g.add_argument("--prior-batch-size", type=int, default=None, help="prior batch size")
-    g.add_argument("--vqvae-lr", type=float, default=None, help="Adam learning rate of the VQ-VAE")
-    g.add_argument("--prior-lr", type=float, default=None, help="Adam learning rate of the prior")
+    g.add_argument("--vqvae-lr", type=float, default=None,
+                   help="Adam learning rate of the VQ-VAE (start of a cosine decay to 5%% of it)")
+    g.add_argument("--prior-lr", type=float, default=None,
+                   help="Adam learning rate of the prior (start of a cosine decay to 5%% of it)")
     g.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
                    help="none: one device; mirrored: tf.distribute.MirroredStrategy over the visible GPUs "
                         "(or the --virtual-cpus devices); multiworker: MultiWorkerMirroredStrategy from TF_CONFIG")
@@ -408,6 +410,17 @@ def load_data(cfg: dict):
     return splits
 
 
+def cosine_schedule(lr: float, epochs: int, num_examples: int, batch_size: int):
+    """Cosine decay from ``lr`` to 5 % of it over the stage's planned steps.
+
+    The schedule is saved with the optimiser, so a resumed run keeps the plan it started with.
+    """
+    import keras
+
+    steps = max(1, epochs * math.ceil(num_examples / batch_size))
+    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
+
+
 def train_vqvae(cfg: dict, splits, run_dir: Path, resume: bool, strategy):
     import keras
 
@@ -419,7 +432,8 @@ def train_vqvae(cfg: dict, splits, run_dir: Path, resume: bool, strategy):
 
     def build():
         model = VQVAE(VQVAEConfig.from_dict(cfg["vqvae"]))
-        model.compile(optimizer=keras.optimizers.Adam(t["vqvae_lr"]))
+        model.compile(optimizer=keras.optimizers.Adam(
+            cosine_schedule(t["vqvae_lr"], t["vqvae_epochs"], len(splits["train"]), batch)))
         return model
 
     train_ds = dataset.to_dataset(splits["train"], batch, shuffle=True, seed=cfg["seed"])
@@ -477,7 +491,9 @@ def train_prior(cfg: dict, codes, run_dir: Path, resume: bool, strategy):
 
     def build():
         model = PixelCNN(num_embeddings, prior_cfg)
-        model.compile(optimizer=keras.optimizers.Adam(t["prior_lr"]),
+        schedule = cosine_schedule(t["prior_lr"], t["prior_epochs"], len(codes["train"]["codes"]),
+                                   t["prior_batch_size"])
+        model.compile(optimizer=keras.optimizers.Adam(schedule),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         return model
