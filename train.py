@@ -186,7 +186,7 @@ def resolve_config(args, parser) -> dict:
             "data": {"root": str(data_root) if data_root else None, "image_size": image_size,
                      "val_fraction": args.val_fraction},
             "vqvae": vq,
-            "prior": {**PriorConfig(**preset.get("prior_config", {})).to_dict(),
+            "prior": {**PriorConfig().to_dict(), **preset.get("prior_config", {}),
                       "condition_on_slice": preset["condition_on_slice"]},
             "training": {k: preset[k] for k in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size",
                                                   "prior_batch_size", "vqvae_lr", "prior_lr")},
@@ -248,7 +248,8 @@ def resolve_config(args, parser) -> dict:
     # Validate the model settings now, so a bad flag is one line, not a traceback mid-run.
     try:
         VQVAEConfig.from_dict(cfg["vqvae"])
-        PriorConfig.from_dict({k: v for k, v in cfg["prior"].items() if k != "condition_on_slice"})
+        prior = {k: v for k, v in cfg["prior"].items() if k != "condition_on_slice"}
+        PriorConfig.from_dict({**prior, "grid_shape": prior.get("grid_shape") or (1, 1)})  # grid known later
     except (TypeError, ValueError) as e:
         raise TrainError(f"bad model setting: {e}") from None
     cfg["out"] = str(out.resolve())

@@ -118,11 +118,7 @@ def save_image_grid(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     x = _as_batch(images)[..., 0]
     n = len(x)
     if n == 0:
@@ -140,11 +136,7 @@ def save_image_grid(
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def _json_default(obj: Any):
@@ -217,6 +209,15 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG (creating folders) and free it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def read_history_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a Keras ``CSVLogger`` file into ``{column: float array}`` (empty dict if absent)."""
     import csv
@@ -263,11 +264,7 @@ def plot_training_curves(histories: dict[str, dict[str, np.ndarray]], path: str 
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def code_usage(codes, num_embeddings: int) -> dict[str, Any]:
@@ -292,11 +289,7 @@ def plot_codebook_usage(counts, path: str | os.PathLike, title: str = "codebook 
     ax.set_title(f"{title}: perplexity {usage['perplexity']:.1f} of {len(counts)}, "
                  f"{100 * usage['active_codes']:.0f}% active", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_image_rows(rows: Sequence[tuple[str, Any]], path: str | os.PathLike, titles=None,
@@ -327,8 +320,4 @@ def plot_image_rows(rows: Sequence[tuple[str, Any]], path: str | os.PathLike, ti
                     ax.set_title(titles[r][c], fontsize=7)
         axes[r, 0].set_ylabel(label, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
