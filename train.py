@@ -32,14 +32,15 @@ STAGES = ("vqvae", "prior")
 # categorical cross-entropy for the prior) with a 32x32 code grid (down-sampling 8).
 PRESETS = {
     "demo": {
-        "image_size": 128, "downsample": 4, "vqvae_epochs": 16, "prior_epochs": 18,
+        "image_size": 128, "downsample": 4, "vqvae_epochs": 12, "prior_epochs": 15,
         "vqvae_batch_size": 16, "prior_batch_size": 32, "vqvae_lr": 2e-3, "prior_lr": 3e-3,
-        "condition_on_slice": True, "prior_config": {"filters": 32, "num_layers": 5, "positional": True},
+        "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
+        "prior_config": {"filters": 32, "num_layers": 5, "positional": True},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
         "vqvae_batch_size": 8, "prior_batch_size": 32, "vqvae_lr": 1e-3, "prior_lr": 3e-4,
-        "condition_on_slice": True, "vqvae_config": {"channels": 64, "num_embeddings": 256},
+        "condition_on_slice": True, "vqvae_config": {"channels": 64, "num_embeddings": 256, "ssim_weight": 0.1},
         "prior_config": {"filters": 64, "num_layers": 12, "positional": True},
     },
 }
