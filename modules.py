@@ -493,16 +493,6 @@ class VQVAEConfig:
 _LAYER_KWARGS = ("name", "trainable", "dtype")
 
 
-def _gaussian_band(n: int, size: int, sigma: float) -> np.ndarray:
-    """``(n - size + 1, n)`` matrix whose rows are the 1-D Gaussian window at each valid offset."""
-    coords = np.arange(size, dtype="float64") - (size - 1) / 2.0
-    g = np.exp(-0.5 * (coords / sigma) ** 2)
-    band = np.zeros((n - size + 1, n), "float32")
-    for i in range(n - size + 1):
-        band[i, i:i + size] = g / g.sum()
-    return band
-
-
 def _mean_ssim(x, y, max_val: float = 1.0, sigma: float = 1.5):
     """Mean SSIM of two image batches ``(B, H, W, 1)`` (static H, W), cheap to back-propagate.
 
@@ -510,14 +500,16 @@ def _mean_ssim(x, y, max_val: float = 1.0, sigma: float = 1.5):
     K1 = 0.01, K2 = 0.03, valid windows only), averaged over the batch. TensorFlow's version filters
     with a depthwise convolution whose gradient is very slow on CPUs; here the five local statistics
     are stacked along the batch and the separable Gaussian filter is applied as two matrix products
-    (banded matrices). ``tests/test_modules.py`` checks the two agree.
+    (``utils.gaussian_band``). ``tests/test_modules.py`` checks the two agree.
     """
+    from utils import gaussian_band
+
     h, w = int(x.shape[1]), int(x.shape[2])
     size = min(11, h, w)
     b = ops.shape(x)[0]
     stats = ops.concatenate([x, y, x * x, y * y, x * y], axis=0)[..., 0]  # (5B, H, W)
-    stats = ops.einsum("ph,nhw->npw", _gaussian_band(h, size, sigma), stats)
-    stats = ops.einsum("npw,qw->npq", stats, _gaussian_band(w, size, sigma))
+    stats = ops.einsum("ph,nhw->npw", gaussian_band(h, size, sigma), stats)
+    stats = ops.einsum("npw,qw->npq", stats, gaussian_band(w, size, sigma))
     mu_x, mu_y, xx, yy, xy = (stats[i * b:(i + 1) * b] for i in range(5))
     c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
     luminance = (2.0 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)

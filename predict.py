@@ -127,7 +127,7 @@ def _spread_slices(run: Run, num: int) -> np.ndarray:
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
-def nearest_by_ssim(samples: np.ndarray, references: np.ndarray, batch_size: int = 512,
+def nearest_by_ssim(samples: np.ndarray, references: np.ndarray, chunk: int = 256,
                     desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each sample, the highest SSIM against any reference image and that reference's index.
 
@@ -139,15 +139,12 @@ def nearest_by_ssim(samples: np.ndarray, references: np.ndarray, batch_size: int
     import utils
     from tqdm import tqdm
 
-    best = np.full(len(samples), -np.inf)
-    index = np.zeros(len(samples), dtype=np.int64)
+    best = np.empty(len(samples))
+    index = np.empty(len(samples), dtype=np.int64)
     for i in tqdm(range(len(samples)), desc=desc, disable=desc is None, leave=False):
-        for start in range(0, len(references), batch_size):
-            refs = references[start:start + batch_size]
-            scores = utils.ssim(np.broadcast_to(samples[i], refs.shape), refs)
-            j = int(np.argmax(scores))
-            if scores[j] > best[i]:
-                best[i], index[i] = scores[j], start + j
+        scores = utils.ssim_matrix(samples[i:i + 1], references, chunk=chunk)[0]
+        index[i] = int(np.argmax(scores))
+        best[i] = scores[index[i]]
     return best, index
 
 

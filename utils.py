@@ -89,6 +89,52 @@ def ms_ssim(a, b, max_val: float = 1.0) -> np.ndarray:
     return out.numpy().astype(np.float64)
 
 
+def gaussian_band(n: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """``(n - size + 1, n)`` float32 matrix whose rows are the normalised 1-D Gaussian window at each
+    valid offset: ``band @ x`` filters ``x`` along one axis as SSIM's window does (valid padding)."""
+    coords = np.arange(size, dtype="float64") - (size - 1) / 2.0
+    g = np.exp(-0.5 * (coords / sigma) ** 2)
+    band = np.zeros((n - size + 1, n), "float32")
+    for i in range(n - size + 1):
+        band[i, i:i + size] = g / g.sum()
+    return band
+
+
+def ssim_matrix(a, b, max_val: float = 1.0, chunk: int = 256) -> np.ndarray:
+    """SSIM of every pair ``(a[i], b[j])``: ``(N, M)``, the same values as :func:`ssim` per pair.
+
+    Nearest-neighbour searches need N x M SSIMs; computing each pair from scratch filters both
+    images again every time. Here the local means and variances of every image are filtered once
+    and only the cross term is filtered per pair, with the separable Gaussian window applied as
+    two matrix products (``gaussian_band``).
+    """
+    import tensorflow as tf
+
+    a, b = _as_batch(a)[..., 0], _as_batch(b)[..., 0]
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"ssim_matrix: image shapes differ, {a.shape[1:]} vs {b.shape[1:]}")
+    h, w = a.shape[1:]
+    size = _ssim_filter_size(h, w)
+    gh, gw = tf.constant(gaussian_band(h, size)), tf.constant(gaussian_band(w, size))
+
+    def blur(x):  # (n, H, W) -> (n, H - size + 1, W - size + 1)
+        return tf.einsum("npw,qw->npq", tf.einsum("ph,nhw->npw", gh, x), gw)
+
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    a_t, b_t = tf.constant(a), tf.constant(b)
+    mu_a, mu_b = blur(a_t), blur(b_t)
+    var_a, var_b = blur(a_t * a_t) - mu_a ** 2, blur(b_t * b_t) - mu_b ** 2
+    out = np.empty((len(a), len(b)))
+    for i in range(len(a)):
+        for j in range(0, len(b), chunk):
+            mb, vb = mu_b[j:j + chunk], var_b[j:j + chunk]
+            cov = blur(a_t[i] * b_t[j:j + chunk]) - mu_a[i] * mb
+            lum = (2.0 * mu_a[i] * mb + c1) / (mu_a[i] ** 2 + mb ** 2 + c1)
+            cs = (2.0 * cov + c2) / (var_a[i] + vb + c2)
+            out[i, j:j + chunk] = tf.reduce_mean(lum * cs, axis=(1, 2)).numpy()
+    return out
+
+
 def psnr(a, b, max_val: float = 1.0) -> np.ndarray:
     """Per-pair PSNR in dB (``tf.image.psnr``); identical images give ``inf``."""
     import tensorflow as tf

@@ -130,7 +130,7 @@ def test_nearest_by_ssim_matches_brute_force():
     rng = np.random.default_rng(0)
     refs = rng.random((7, 16, 16, 1)).astype(np.float32)
     samples = np.concatenate([refs[[4]] * 0.9 + 0.05, rng.random((2, 16, 16, 1)).astype(np.float32)])
-    best, index = predict.nearest_by_ssim(samples, refs, batch_size=3)
+    best, index = predict.nearest_by_ssim(samples, refs, chunk=3)
     full = np.array([[utils.ssim(s[None], r[None])[0] for r in refs] for s in samples])
     np.testing.assert_allclose(best, full.max(axis=1), rtol=1e-6)
     np.testing.assert_array_equal(index, full.argmax(axis=1))
