@@ -486,8 +486,7 @@ def train_prior(cfg: dict, codes, run_dir: Path, resume: bool, strategy):
     conditioned = cfg["prior"]["condition_on_slice"]
     grid = codes["train"]["codes"].shape[1:]
     cfg["prior"]["grid_shape"] = list(grid)
-    if conditioned:
-        cfg["prior"]["num_conditions"] = int(max(c["slices"].max() for c in codes.values())) + 1
+    cfg["prior"]["num_conditions"] = int(max(c["slices"].max() for c in codes.values())) + 1 if conditioned else 0
     prior_cfg = PriorConfig.from_dict({k: v for k, v in cfg["prior"].items() if k != "condition_on_slice"})
     num_embeddings = cfg["vqvae"]["num_embeddings"]
 

@@ -145,8 +145,8 @@ def test_mean_pairwise_ms_ssim_matches_explicit_pairs():
     rng = np.random.default_rng(1)
     images = rng.random((4, 48, 48, 1)).astype(np.float32)
     images[1] = images[0]                      # one identical pair: MS-SSIM 1
-    # 48 px: scales of 48 and 24 fit the 11 px window, so two scales, weights renormalised.
-    w = np.array([0.0448, 0.2856]) / (0.0448 + 0.2856)
+    # 48 px: scales of 48, 24 and 12 px fit the 11 px window, so three scales, weights renormalised.
+    w = np.array([0.0448, 0.2856, 0.3001]) / (0.0448 + 0.2856 + 0.3001)
     pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
     direct = [float(tf.image.ssim_multiscale(images[i][None], images[j][None], 1.0, power_factors=w.tolist())[0])
               for i, j in pairs]
@@ -201,7 +201,7 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
                                   progress=False)
     x = test.images.astype(np.float32) / 255.0
     best = np.array([max(utils.ssim(s[None], r[None])[0] for r in x) for s in samples])
-    assert m["realism_ssim_mean"] == pytest.approx(best.mean(), rel=1e-5)
+    assert m["realism_ssim_mean"] == pytest.approx(best.mean(), rel=1e-4, abs=1e-5)
     assert m["realism_fraction_above_0.6"] == pytest.approx((best > 0.6).mean())
 
 
