@@ -36,9 +36,9 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def time_fit(model, dataset, steps: int, warmup: int) -> float:
     """Seconds per training step, measured after ``warmup`` steps."""
-    model.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0, shuffle=False)
     start = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
     return (time.perf_counter() - start) / steps
 
 
@@ -73,7 +73,7 @@ def bench_size(size: int, args, mixed: bool) -> list[tuple[str, float]]:
     prior_step = time_fit(prior, pds, args.steps, args.warmup)
     keras.mixed_precision.set_global_policy("float32")
     tag = f"{size}x{size}" + (" mixed_float16" if mixed else "")
-    return [(f"vqvae  {tag} (batch {batch}, {vq_cfg.channels} ch)", batch / vq_step),
+    return [(f"vqvae  {tag} ({SIZE_PRESET[size]} preset, batch {batch}, {vq_cfg.channels} ch)", batch / vq_step),
             (f"prior  {tag} ({h}x{w} codes, batch {prior_batch}, {prior_cfg.filters} filters x "
              f"{prior_cfg.num_layers} layers)", prior_batch / prior_step)]
 
