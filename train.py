@@ -277,7 +277,7 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path | None]:
     return found[-1] if found else (0, None)
 
 
-def _make_callbacks_module():
+def _atomic_checkpoint_class():
     import keras
 
     class AtomicCheckpoint(keras.callbacks.Callback):
@@ -328,7 +328,7 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, run_dir: Pat
     """
     import keras
 
-    AtomicCheckpoint = _make_callbacks_module()
+    AtomicCheckpoint = _atomic_checkpoint_class()
     ckpt_dir = run_dir / "checkpoints" / stage
     csv_path = run_dir / f"history_{stage}.csv"
     done, ckpt = latest_checkpoint(ckpt_dir) if resume else (0, None)
@@ -622,7 +622,7 @@ def run(args, parser) -> int:
     if "prior" in stages:
         codes = encode_splits(vqvae, splits, run_dir)
         t0 = time.time()
-        prior = train_prior(cfg, codes, run_dir, args.resume or False, strategy)
+        prior = train_prior(cfg, codes, run_dir, args.resume, strategy)
         timings["prior_train_s"] = time.time() - t0
         utils.save_json(cfg, run_dir / "config.json")
         metrics.update(evaluate_prior(prior, codes, cfg["prior"]["condition_on_slice"],
