@@ -137,15 +137,10 @@ def nearest_by_ssim(samples: np.ndarray, references: np.ndarray, chunk: int = 25
         ``(best_ssim (N,), best_index (N,))``.
     """
     import utils
-    from tqdm import tqdm
 
-    best = np.empty(len(samples))
-    index = np.empty(len(samples), dtype=np.int64)
-    for i in tqdm(range(len(samples)), desc=desc, disable=desc is None, leave=False):
-        scores = utils.ssim_matrix(samples[i:i + 1], references, chunk=chunk)[0]
-        index[i] = int(np.argmax(scores))
-        best[i] = scores[index[i]]
-    return best, index
+    scores = utils.ssim_matrix(samples, references, chunk=chunk, desc=desc)  # (N, M)
+    index = scores.argmax(axis=1)
+    return scores[np.arange(len(samples)), index], index
 
 
 def mean_pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 256, seed: int = 0) -> float:

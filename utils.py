@@ -100,15 +100,17 @@ def gaussian_band(n: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
     return band
 
 
-def ssim_matrix(a, b, max_val: float = 1.0, chunk: int = 256) -> np.ndarray:
+def ssim_matrix(a, b, max_val: float = 1.0, chunk: int = 256, desc: str | None = None) -> np.ndarray:
     """SSIM of every pair ``(a[i], b[j])``: ``(N, M)``, the same values as :func:`ssim` per pair.
 
     Nearest-neighbour searches need N x M SSIMs; computing each pair from scratch filters both
     images again every time. Here the local means and variances of every image are filtered once
     and only the cross term is filtered per pair, with the separable Gaussian window applied as
-    two matrix products (``gaussian_band``).
+    two matrix products (``gaussian_band``). ``b`` is processed ``chunk`` images at a time, so
+    memory stays bounded for large reference sets; ``desc`` shows a tqdm bar over ``b``.
     """
     import tensorflow as tf
+    from tqdm import tqdm
 
     a, b = _as_batch(a)[..., 0], _as_batch(b)[..., 0]
     if a.shape[1:] != b.shape[1:]:
@@ -121,17 +123,21 @@ def ssim_matrix(a, b, max_val: float = 1.0, chunk: int = 256) -> np.ndarray:
         return tf.einsum("npw,qw->npq", tf.einsum("ph,nhw->npw", gh, x), gw)
 
     c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
-    a_t, b_t = tf.constant(a), tf.constant(b)
-    mu_a, mu_b = blur(a_t), blur(b_t)
-    var_a, var_b = blur(a_t * a_t) - mu_a ** 2, blur(b_t * b_t) - mu_b ** 2
+    a_t = tf.constant(a)
+    mu_a = blur(a_t)
+    var_a = blur(a_t * a_t) - mu_a ** 2
     out = np.empty((len(a), len(b)))
-    for i in range(len(a)):
+    with tqdm(total=len(b), desc=desc, disable=desc is None, leave=False) as bar:
         for j in range(0, len(b), chunk):
-            mb, vb = mu_b[j:j + chunk], var_b[j:j + chunk]
-            cov = blur(a_t[i] * b_t[j:j + chunk]) - mu_a[i] * mb
-            lum = (2.0 * mu_a[i] * mb + c1) / (mu_a[i] ** 2 + mb ** 2 + c1)
-            cs = (2.0 * cov + c2) / (var_a[i] + vb + c2)
-            out[i, j:j + chunk] = tf.reduce_mean(lum * cs, axis=(1, 2)).numpy()
+            b_t = tf.constant(b[j:j + chunk])
+            mu_b = blur(b_t)
+            var_b = blur(b_t * b_t) - mu_b ** 2
+            for i in range(len(a)):
+                cov = blur(a_t[i] * b_t) - mu_a[i] * mu_b
+                lum = (2.0 * mu_a[i] * mu_b + c1) / (mu_a[i] ** 2 + mu_b ** 2 + c1)
+                cs = (2.0 * cov + c2) / (var_a[i] + var_b + c2)
+                out[i, j:j + chunk] = tf.reduce_mean(lum * cs, axis=(1, 2)).numpy()
+            bar.update(len(b_t))
     return out
 
 
