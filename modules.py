@@ -33,6 +33,17 @@ import numpy as np
 from keras import layers, ops
 
 _PACKAGE = "oasis_vqvae"
+_LAYER_KWARGS = ("name", "trainable", "dtype")  # Keras arguments a model takes beside its config
+
+
+def _config_from_dict(cls, d: dict[str, Any] | None):
+    """Build config dataclass ``cls`` from a dict, naming any keys it does not have."""
+    d = dict(d or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} keys: {unknown}. Valid keys: {sorted(known)}")
+    return cls(**d)
 
 __all__ = ["VectorQuantizer", "ResidualBlock", "VQVAEConfig", "VQVAE", "build_encoder", "build_decoder",
            "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "PriorConfig", "PixelCNN"]
@@ -480,17 +491,7 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "VQVAEConfig":
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown VQVAEConfig keys: {unknown}. Valid keys: {sorted(known)}"
-            )
-        return cls(**d)
-
-
-_LAYER_KWARGS = ("name", "trainable", "dtype")
+        return _config_from_dict(cls, d)
 
 
 def _mean_ssim(x, y, max_val: float = 1.0, sigma: float = 1.5):
@@ -917,15 +918,8 @@ class PriorConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PriorConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Unknown PriorConfig keys: {unknown}")
-        return cls(**d)
-
-
-_KERAS_MODEL_KWARGS = ("name", "trainable", "dtype")
+    def from_dict(cls, d: dict[str, Any] | None) -> "PriorConfig":
+        return _config_from_dict(cls, d)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -944,7 +938,7 @@ class PixelCNN(keras.Model):
     """
 
     def __init__(self, num_embeddings: int, config: PriorConfig | dict | None = None, **overrides):
-        keras_kwargs = {k: overrides.pop(k) for k in _KERAS_MODEL_KWARGS if k in overrides}
+        keras_kwargs = {k: overrides.pop(k) for k in _LAYER_KWARGS if k in overrides}
         keras_kwargs.setdefault("name", "pixelcnn")
         if config is None:
             config = PriorConfig()

@@ -519,9 +519,9 @@ def evaluate_vqvae(vqvae, split, run_dir: Path, num_embeddings: int, batch_size:
     import utils
 
     x = split.images.astype(np.float32) / 255.0
-    recon = np.concatenate([np.asarray(vqvae(x[i:i + batch_size], training=False))
-                            for i in range(0, len(x), batch_size)])
+    # Encode once; the reconstruction is the decoded codes (what vqvae(x) computes at inference).
     codes = np.concatenate([np.asarray(vqvae.encode(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+    recon = np.concatenate([np.asarray(vqvae.decode(codes[i:i + batch_size])) for i in range(0, len(x), batch_size)])
     ssim, psnr = utils.ssim(x, recon), utils.psnr(x, recon)
     usage = utils.code_usage(codes, num_embeddings)
     # Figures: a spread of test slices beside their reconstructions, the code grids, code usage.
