@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import build_data  # noqa: E402
 import dataset  # noqa: E402
 from dataset import DatasetError, DatasetWarning, Split  # noqa: E402
 
@@ -337,7 +338,7 @@ def test_ensure_demo_dataset_builds_once_and_rebuilds_incomplete_trees(tmp_path)
 def test_interrupted_demo_build_is_rebuilt(tmp_path, monkeypatch):
     root = tmp_path / "demo"
     params = dict(n_train=2, n_validate=0, n_test=1, slices_per_case=2, seed=0)
-    real_write, calls = dataset._write_png, []
+    real_write, calls = build_data._write_png, []
 
     def write_then_die(path, image):
         if len(calls) == 3:
@@ -345,12 +346,12 @@ def test_interrupted_demo_build_is_rebuilt(tmp_path, monkeypatch):
         calls.append(path)
         real_write(path, image)
 
-    monkeypatch.setattr(dataset, "_write_png", write_then_die)
+    monkeypatch.setattr(build_data, "_write_png", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         dataset.ensure_demo_dataset(root, progress=False, **params)
     assert not (root / "demo.json").exists() and len(list(root.rglob("*.png"))) == 3
     assert not dataset.demo_is_complete(root, **params)
-    monkeypatch.setattr(dataset, "_write_png", real_write)
+    monkeypatch.setattr(build_data, "_write_png", real_write)
     dataset.ensure_demo_dataset(root, progress=False, **params)
     assert (root / "demo.json").exists() and len(list(root.rglob("*.png"))) == 6
     assert dataset.demo_is_complete(root, **params)

@@ -1,0 +1,852 @@
+"""Building OASIS-layout PNG data sets: the synthetic demo set, and OASIS-1 volumes -> PNG slices.
+
+:mod:`dataset` reads data sets; this module writes them (the layout is described there)::
+
+    ROOT/keras_png_slices_{train,validate,test}/case_001_slice_0.nii.png    256x256 8-bit grayscale
+
+* :func:`make_demo_dataset` / :func:`ensure_demo_dataset`: the demo set that every new user trains on
+  first, made from the MNI ICBM152 2009a templates that ship inside nilearn (no download). How each
+  OASIS property is imitated is listed in :func:`render_demo_case`.
+* :func:`prepare_oasis_volumes`: real OASIS-1 volumes (Analyze or NIfTI) -> the same PNG layout.
+
+Command line: ``python dataset.py demo|prepare|check`` (``python build_data.py`` takes the same commands).
+Nothing runs on import; scipy, scikit-image, nibabel, PIL and matplotlib are imported by the functions
+that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dataset import (IMAGE_SUFFIX, RESIZE_FILTER, SPLIT_DIRS, SPLITS, UNKNOWN, DatasetError, DatasetWarning,
+                     _find_split_root, _natural_key, _one_line, parse_slice_name, slice_file_name)
+
+DEFAULT_DEMO_ROOT = Path(__file__).resolve().parent / "data" / "oasis_demo"
+DEMO_MARKER = "demo.json"  # written last by make_demo_dataset: its presence means the tree is complete
+DEMO_VERSION = 2  # bump when the demo generator changes, so ensure_demo_dataset rebuilds old trees
+DEMO_DEFAULTS = dict(n_train=20, n_validate=4, n_test=4, slices_per_case=32, image_size=256, seed=0)
+# The templates ship inside nilearn (nilearn/datasets/data/): T1 and the grey / white matter probability maps.
+MNI_FILES = {kind: f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz" for kind in ("t1", "gm", "wm")}
+MNI_TEMPLATE_FILE = MNI_FILES["t1"]
+
+_OASIS_SUBJECT_RE = re.compile(r"OAS1_(\d+)", re.IGNORECASE)
+
+# Demo geometry. OASIS slices: the head (scalp included) spans ~79 % of the image width, long axis horizontal.
+HEAD_LENGTH_FRACTION = 0.79
+_SCALP_MARGIN_MM = 24.0  # room around the brain in the template crop for the synthetic head
+_VENTRICLE_SIGMA_MM = 4.0  # smoothing of the ventricle mask whose gradient drives the ventricle expansion
+_FIELD_STEP = 2  # voxel step (mm) of the smooth template fields: ventricle field, head depth
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG trees (shared by the demo builder and prepare)
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="L").save(path, format="PNG")
+
+
+def _check_output_root(out_dir: Path, own_markers: Sequence[str]) -> None:
+    """Refuse to write into split folders that already hold PNGs not written by us (see own_markers)."""
+    if any((out_dir / m).exists() for m in own_markers):
+        return
+    for name in SPLITS:
+        folder = out_dir / SPLIT_DIRS[name]
+        if folder.is_dir() and any(p.suffix.lower() == IMAGE_SUFFIX for p in folder.iterdir()):
+            raise DatasetError(f"{folder}: already holds PNG slices not written by this command; "
+                               "choose an empty output folder or delete them")
+
+
+def _clear_own_slices(folder: Path) -> None:
+    for p in folder.glob("case_*_slice_*.nii.png"):
+        p.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo template: MNI ICBM152 tissue maps, the lateral ventricles, the slab, the head
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoTemplate:
+    """What the demo builder needs from the MNI ICBM152 2009a templates, measured once per process.
+
+    All volumes are float32 ``(X, Y, Z)`` in RAS orientation with 1 mm voxels, cropped to the brain plus
+    ``_SCALP_MARGIN_MM`` in x and y (room for the synthetic head) and to the slab plus a margin in z.
+    """
+
+    gm: np.ndarray  # grey-matter probability in [0, 1]
+    wm: np.ndarray  # white-matter probability in [0, 1]
+    brain: np.ndarray  # 1 inside the template's brain mask (T1 > 0), else 0; CSF = brain - gm - wm
+    ventricles: np.ndarray  # 2 mm grid: lateral-ventricle mask smoothed (sigma _VENTRICLE_SIGMA_MM), max |grad| = 1 / mm
+    head_depth: np.ndarray  # 2 mm grid: mm outside the closed brain outline (0 inside): where skull and scalp go
+    slab: tuple[float, float]  # voxel z of the lowest / highest level where the lateral ventricles are seen
+    slab_mni_mm: tuple[float, float]  # the same levels as MNI z coordinates (mm)
+    center: tuple[float, float, float]  # voxel (x, y) centre of the brain's outline at mid-slab, and mid-slab z
+    brain_length_mm: float  # anterior-posterior length of the brain at mid-slab
+
+    @property
+    def csf(self) -> np.ndarray:
+        return np.clip(self.brain - self.gm - self.wm, 0, 1)
+
+
+def _read_mni(kind: str):
+    """One MNI ICBM152 2009a image shipped with nilearn, as a nibabel image (read from the package folder,
+    which is much faster than importing nilearn; nilearn's loader is the fallback)."""
+    import importlib.util
+
+    import nibabel as nib
+
+    spec = importlib.util.find_spec("nilearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / MNI_FILES[kind] if spec and spec.origin else None
+    if path is not None and path.is_file():
+        return nib.load(path)
+    import nilearn.datasets as nd  # other nilearn layouts: same files through nilearn's offline loaders
+
+    return {"t1": nd.load_mni152_template, "gm": nd.load_mni152_gm_template,
+            "wm": nd.load_mni152_wm_template}[kind](resolution=1)
+
+
+def find_lateral_ventricles(brain: np.ndarray, csf: np.ndarray, voxel_mm: float = 1.0,
+                            min_depth_mm: float = 8.0) -> np.ndarray:
+    """Boolean mask of the lateral ventricles in a brain volume, measured from its CSF map.
+
+    The ventricles are the largest connected body of CSF (probability > 0.5) that lies at least
+    ``min_depth_mm`` inside the brain (so not the CSF around the cortex) and survives a binary opening
+    with a ~2 mm radius (which removes the thin interhemispheric and Sylvian fissures).
+    """
+    from scipy import ndimage
+
+    deep = ndimage.distance_transform_edt(brain > 0.5, sampling=voxel_mm) >= min_depth_mm
+    body = ndimage.binary_opening((csf > 0.5) & deep, iterations=max(1, int(round(2.0 / voxel_mm))))
+    labels, n = ndimage.label(body)
+    if n == 0:
+        raise DatasetError("demo: found no ventricles in the MNI template's CSF map; is the nilearn install complete?")
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+@functools.lru_cache(maxsize=1)
+def demo_template() -> DemoTemplate:
+    """Load the MNI templates and measure the slab, the ventricles and the head outline (cached, ~2 s).
+
+    The slab is measured on the template itself: OASIS's 32 slices run from the third ventricle / basal
+    ganglia up to the bodies of the lateral ventricles, so the slab is the z range where the template's
+    lateral-ventricle area is at least 10 % of its largest. Smooth fields (the ventricle field, the head
+    depth) are computed on a 2 mm grid: they vary over several mm and the 1 mm grid would cost 8x more.
+    """
+    import nibabel as nib
+    from scipy import ndimage
+
+    vols = {}
+    for kind in MNI_FILES:
+        img = nib.as_closest_canonical(_read_mni(kind))
+        v = np.asarray(img.dataobj, dtype=np.float32)
+        vols[kind] = v / max(float(v.max()), 1e-6)
+        affine = img.affine
+    brain = (vols["t1"] > 0).astype(np.float32)
+    gm, wm = vols["gm"] * brain, vols["wm"] * brain
+    csf = np.clip(brain - gm - wm, 0, 1)
+
+    # Ventricles found on the 2 mm grid, then refined to the 1 mm CSF voxels they cover.
+    s = _FIELD_STEP
+    vent2 = find_lateral_ventricles(brain[::s, ::s, ::s], csf[::s, ::s, ::s], voxel_mm=s)
+    vent = np.zeros(brain.shape, bool)
+    up = vent2.repeat(s, 0).repeat(s, 1).repeat(s, 2)[:brain.shape[0], :brain.shape[1], :brain.shape[2]]
+    vent[:up.shape[0], :up.shape[1], :up.shape[2]] = up
+    vent &= csf > 0.5
+    area = vent.sum(axis=(0, 1))
+    zs = np.flatnonzero(area >= 0.1 * area.max())
+    z_lo, z_hi = int(zs[0]), int(zs[-1])
+    slab_mni_mm = tuple(float(affine[2, 3] + z * affine[2, 2]) for z in (z_lo, z_hi))
+
+    # Crop: brain +- margin in x, y (the head grows outwards); slab +- 24 mm in z (tilt and jitter). Start
+    # and size are even so that the 2 mm grid is every second voxel of the crop.
+    m = int(_SCALP_MARGIN_MM)
+    nz = np.nonzero(brain)
+    lo = np.array([int(nz[0].min()) - m, int(nz[1].min()) - m, z_lo - m]) // 2 * 2
+    hi = lo + (np.array([int(nz[0].max()) + m + 1, int(nz[1].max()) + m + 1, z_hi + m + 1]) - lo + 1) // 2 * 2
+    pad = [(max(-lo[i], 0), max(hi[i] - brain.shape[i], 0)) for i in range(3)]
+
+    def crop(v):
+        v = np.pad(v, pad)
+        return np.ascontiguousarray(v[tuple(slice(lo[i] + pad[i][0], hi[i] + pad[i][0]) for i in range(3))])
+
+    brain, gm, wm, vent = crop(brain), crop(gm), crop(wm), crop(vent.astype(np.float32))
+    z_lo, z_hi = z_lo - lo[2], z_hi - lo[2]
+
+    # The ventricle field: a smoothed mask whose gradient points into the ventricles (mm units, max 1).
+    field = ndimage.gaussian_filter(vent, _VENTRICLE_SIGMA_MM)[::s, ::s, ::s]
+    field /= np.sqrt(sum(g ** 2 for g in np.gradient(field, float(s)))).max()
+    # The skull follows the brain's outline without its notches and wrinkles: a closing with a 16 mm ball
+    # (two distance transforms), smoothed (Gaussian, sigma 6 mm), then the distance outside it (mm), all on
+    # the 2 mm grid.
+    brain2 = brain[::s, ::s, ::s] > 0.5
+    closed = ndimage.distance_transform_edt(ndimage.distance_transform_edt(~brain2, sampling=s) <= 16.0,
+                                            sampling=s) > 16.0
+    closed = ndimage.gaussian_filter((closed | brain2).astype(np.float32), 6.0 / s) > 0.5
+    head_depth = ndimage.distance_transform_edt(~closed, sampling=s).astype(np.float32)
+
+    zc = 0.5 * (z_lo + z_hi)
+    mid = brain[:, :, int(round(zc))] > 0.5
+    xs, ys = np.flatnonzero(mid.any(axis=1)), np.flatnonzero(mid.any(axis=0))
+    center = (0.5 * (xs[0] + xs[-1]), 0.5 * (ys[0] + ys[-1]), zc)
+    for v in (gm, wm, brain, field, head_depth):
+        v.flags.writeable = False
+    return DemoTemplate(gm=gm, wm=wm, brain=brain, ventricles=field, head_depth=head_depth,
+                        slab=(float(z_lo), float(z_hi)), slab_mni_mm=slab_mni_mm, center=center,
+                        brain_length_mm=float(ys[-1] - ys[0] + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# One synthetic subject
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoSubject:
+    """The random draws that make one demo case (all saved in ``demo.json``). Intensities are 0..255.
+
+    ``age`` (uniform 18..96 years, OASIS-1's range) drives the ageing-like anatomy: with ``atrophy`` =
+    ``((age - 18) / 78) ** 1.5`` times a per-subject factor, the ventricle walls move out by up to
+    ``ventricle_mm`` and the CSF of the sulci and around the brain widens by ``sulcal_px``.
+    """
+
+    age: float
+    ventricle_mm: float  # largest displacement of the lateral-ventricle walls (mm)
+    sulcal_px: float  # grey dilation radius applied to the CSF map (pixels; fractional part blended)
+    rotation_deg: tuple[float, float, float]  # about x (pitch), y (roll), z (in-plane yaw)
+    scale: tuple[float, float, float]  # head size per axis
+    shift_mm: tuple[float, float, float]
+    wm: float  # white matter
+    gm: float  # grey matter
+    csf: float  # CSF
+    bone: float  # the dark band outside the brain (CSF and skull)
+    marrow: float  # diploe, the inner part of the bright ring
+    fat: float  # scalp fat, the brightest structure
+    band_mm: float  # mean thickness of the dark band (outer CSF + skull)
+    ring_mm: float  # mean thickness of the bright ring (marrow, outer table, fat, skin)
+    snr: float  # white matter / Rician noise sigma
+    bias_sd: float  # sd of the log gain of the smooth bias field
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> DemoSubject:
+        age = float(rng.uniform(18, 96))
+        atrophy = ((age - 18) / 78) ** 1.5 * rng.uniform(0.7, 1.3)
+        wm = rng.uniform(110, 145)
+        return cls(
+            age=round(age, 1),
+            ventricle_mm=float(0.3 + 4.2 * atrophy),
+            sulcal_px=float(np.clip(0.3 + 2.2 * atrophy + rng.normal(0, 0.2), 0, 3)),
+            rotation_deg=tuple(float(a) for a in rng.uniform(-1, 1, 3) * (3.0, 2.0, 5.0)),
+            scale=tuple(float(a) for a in rng.uniform(0.95, 1.05, 3)),
+            shift_mm=tuple(float(a) for a in rng.normal(0, (2.0, 2.5, 1.0))),
+            wm=float(wm),
+            gm=float(wm * rng.uniform(0.55, 0.68)),
+            csf=float(wm * rng.uniform(0.12, 0.24)),
+            bone=float(wm * rng.uniform(0.05, 0.15)),
+            marrow=float(rng.uniform(130, 200)),
+            fat=float(rng.uniform(205, 250)),
+            band_mm=float(rng.uniform(4.0, 7.0)),
+            ring_mm=float(rng.uniform(6.0, 9.5)),
+            snr=float(rng.uniform(18, 35)),
+            bias_sd=float(rng.uniform(0.03, 0.08)),
+        )
+
+
+def _pixel_mm(template: DemoTemplate, image_size: int) -> float:
+    """Pixel size that makes an average head (brain + dark band + bright ring) span HEAD_LENGTH_FRACTION
+    of the image width, as the OASIS slices do."""
+    head_mm = template.brain_length_mm + 2 * (5.5 + 7.75)
+    return head_mm / (HEAD_LENGTH_FRACTION * image_size)
+
+
+def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler("xyz", [rx, ry, rz], degrees=True).as_matrix()
+
+
+def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int, image_size: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """One synthetic subject as ``n_slices`` axial uint8 slices ``(n, S, S)``, low to high.
+
+    How each property of the OASIS slices is imitated:
+
+    * slab: ``n_slices`` levels evenly spaced over the template's lateral ventricles
+      (``template.slab``), so slice 0 is near the third ventricle and the last reaches the ventricles'
+      bodies; each subject's tilt and shift move it a little;
+    * anatomy: the MNI grey / white matter / CSF maps under a per-subject affine (rotation, scale per
+      axis, shift) and a smooth elastic warp (6x6x5 control grid, ~2 mm, cubic). Ageing moves the
+      ventricle walls outwards by up to ``ventricle_mm`` (each point samples the template from a point
+      moved along the gradient of the smoothed ventricle mask) and widens the CSF of the sulci and
+      around the brain by a grey dilation of the CSF map (``sulcal_px``), grey and white matter
+      shrinking to make room;
+    * head: outside the brain's smoothed, closed outline, a dark band (outer CSF, then skull) and a
+      bright ring (marrow, a thin darker outer table, scalp fat, skin), their thicknesses varying
+      smoothly around the head;
+    * intensity: ``GM * gm + WM * wm + CSF * csf`` with per-subject levels (a dim brain; the scalp fat
+      is the brightest), a smooth multiplicative bias field, Rician noise (the magnitude of the signal
+      plus complex Gaussian noise) at ``snr``; outside the head exactly 0;
+    * view: the average head spans ``HEAD_LENGTH_FRACTION`` (79 %) of the width; rows run along the
+      subject's x (right at the bottom), columns from anterior to posterior, so the face points left.
+
+    Smooth fields are evaluated on a coarse grid of nodes every ``g = ceil(S / 16)`` pixels and zoomed
+    (bilinear) to the pixels of the head's bounding box only: the rest of the image is background.
+    """
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    S = int(image_size)
+    g = max(1, -(-S // 16))  # pixels between coarse nodes
+    c = (S - 1) // g + 2  # nodes at pixels 0, g, ..., past S - 1
+    px = _pixel_mm(template, S)
+    center = np.array(template.center)
+    matrix = _rotation(*subject.rotation_deg) / np.array(subject.scale)[None, :]
+    grid = (np.arange(c) * g - (S - 1) / 2) * px  # mm from the image centre
+    z_lo, z_hi = template.slab
+    depth = np.linspace(z_lo, z_hi, n_slices) - center[2]
+    # Coarse (3, c, c, n) template points: rows = subject x (right at the bottom), columns = -y (anterior left).
+    u, v, w = np.meshgrid(grid, grid, depth, indexing="ij")
+    q = np.einsum("ij,j...->i...", matrix, np.stack([u, -v, w])) + np.array(subject.shift_mm)[:, None, None, None]
+    # Smooth per-subject fields: random control grids evaluated (cubic) at the coarse nodes of all slices.
+    ctrl = np.stack(np.meshgrid(np.linspace(0, 1, c), np.linspace(0, 1, c), np.linspace(0, 1, n_slices),
+                                indexing="ij"))
+
+    def smooth_field(shape, sd):
+        k = rng.normal(0, sd, size=shape)
+        return ndimage.map_coordinates(k, ctrl * (np.array(shape) - 1)[:, None, None, None], order=3, mode="nearest")
+
+    for i in range(3):
+        q[i] += smooth_field((6, 6, 5), 2.0)
+    q += center[:, None, None, None]
+    fields = np.concatenate([q, smooth_field((4, 4, 3), subject.bias_sd)[None],
+                             (subject.band_mm * np.exp(smooth_field((5, 5, 3), 0.15)))[None],
+                             (subject.ring_mm * np.exp(smooth_field((5, 5, 3), 0.15)))[None]]).astype(np.float32)
+    # Which nodes matter: near the head (its depth below band + ring, plus the reach of one cell), and
+    # near the ventricles (where their field is not flat).
+    s = float(_FIELD_STEP)
+    head_nodes = ndimage.map_coordinates(template.head_depth, q / s, order=1, cval=1e3)
+    head_nodes = head_nodes <= fields[4] + fields[5] + 1.6 * g * px
+    vent_nodes = ndimage.map_coordinates(template.ventricles, q / s, order=1) > 1e-3
+    step_r, step_c = matrix @ np.array([px, 0.0, 0.0]), matrix @ np.array([0.0, -px, 0.0])  # template voxels
+
+    foot = disk(int(np.ceil(subject.sulcal_px))) if subject.sulcal_px > 0 else None
+    frac = (subject.sulcal_px - np.floor(subject.sulcal_px)) or 1.0
+    sigma = np.float32(subject.wm / subject.snr)
+    out = np.zeros((n_slices, S, S), np.uint8)
+    for k in range(n_slices):
+        box = _node_box(head_nodes[:, :, k])
+        if box is None:
+            continue
+        (i0, i1), (j0, j1) = box
+        block = _zoom_nodes(fields[:, i0:i1 + 1, j0:j1 + 1, k], g)[:, :S - i0 * g, :S - j0 * g]
+        coords, log_gain, band, ring = block[:3], block[3], block[4], block[5]
+        # Ageing 1: sample from points moved towards the ventricles, so that the ventricles grow.
+        src = coords.copy()
+        vbox = _node_box(vent_nodes[i0:i1 + 1, j0:j1 + 1, k])
+        if vbox is not None and subject.ventricle_mm > 0:
+            (a0, a1), (b0, b1) = vbox
+            sub = (slice(a0 * g, a1 * g + 1), slice(b0 * g, b1 * g + 1))
+            field = ndimage.map_coordinates(template.ventricles, coords[(slice(None),) + sub] / s, order=1)
+            gr, gc = np.gradient(field)  # per pixel; |grad| per mm <= 1, so per pixel <= px
+            amount = subject.ventricle_mm / px
+            src[(slice(None),) + sub] += amount * (gr * step_r[:, None, None] + gc * step_c[:, None, None]) / px
+        gm = ndimage.map_coordinates(template.gm, src, order=1, output=np.float32)
+        wm = ndimage.map_coordinates(template.wm, src, order=1, output=np.float32)
+        head = ndimage.map_coordinates(template.head_depth, coords / s, order=1, output=np.float32, cval=1e3)
+        # Intracranial = the closed outline plus an outer CSF layer (the first 40 % of the band); CSF fills
+        # whatever grey and white matter leave of it.
+        csf = np.clip(np.clip((0.4 * band - head) / px + 0.5, 0, 1) - gm - wm, 0, 1)
+        # Ageing 2: CSF widened into the cortex (grey dilation of the CSF map); tissue scaled to make room.
+        if foot is not None:
+            wide = csf + frac * (ndimage.grey_dilation(csf, footprint=foot) - csf)
+            tissue = gm + wm
+            keep = np.where(tissue > 1 - wide, np.clip(1 - wide, 0, None) / np.maximum(tissue, 1e-6), 1.0)
+            gm, wm, csf = gm * keep, wm * keep, wide
+        x = subject.gm * gm + subject.wm * wm + subject.csf * csf
+        # Head: skull (dark) from 40 % of the band to its end, then the bright ring; 1-pixel soft edges.
+        beyond = head - band  # mm outside the dark band
+        skull = np.clip((head - 0.4 * band) / px + 0.5, 0, 1) * np.clip(0.5 - beyond / px, 0, 1)
+        profile = np.interp(beyond / ring, [0.0, 0.3, 0.4, 0.5, 0.85, 1.0],
+                            [subject.marrow, subject.marrow, 0.55 * subject.marrow, subject.fat, subject.fat,
+                             0.7 * subject.fat])
+        in_ring = np.clip(beyond / px + 0.5, 0, 1) * np.clip((ring - beyond) / px + 0.5, 0, 1)
+        x = (x + subject.bone * skull + profile * in_ring) * np.exp(log_gain)
+        noise = rng.standard_normal((2,) + x.shape, dtype=np.float32) * sigma
+        x = np.sqrt((x + noise[0]) ** 2 + noise[1] ** 2)  # Rician: |signal + complex Gaussian noise|
+        x[beyond >= ring] = 0.0  # outside the head: exactly 0, as in OASIS
+        out[k, i0 * g:i0 * g + x.shape[0], j0 * g:j0 * g + x.shape[1]] = np.rint(np.clip(x, 0, 255))
+    return out
+
+
+def _node_box(nodes: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Bounding box ``((i0, i1), (j0, j1))`` (inclusive, at least 2 nodes a side) of a boolean node grid."""
+    rows, cols = np.flatnonzero(nodes.any(axis=1)), np.flatnonzero(nodes.any(axis=0))
+    if rows.size == 0:
+        return None
+    n_i, n_j = nodes.shape
+    i0, j0 = min(rows[0], n_i - 2), min(cols[0], n_j - 2)
+    return (i0, max(rows[-1], i0 + 1)), (j0, max(cols[-1], j0 + 1))
+
+
+def _zoom_nodes(block: np.ndarray, g: int) -> np.ndarray:
+    """Bilinear values ``(F, (ni - 1) g + 1, (nj - 1) g + 1)`` at every pixel of ``(F, ni, nj)`` nodes ``g``
+    pixels apart (``scipy.ndimage.zoom`` with ``grid_mode=False`` puts the outer nodes on the outer pixels)."""
+    from scipy import ndimage
+
+    f, ni, nj = block.shape
+    shape = ((ni - 1) * g + 1, (nj - 1) * g + 1)
+    out = np.empty((f,) + shape, np.float32)
+    for i in range(f):  # one 2-D zoom per field: a 3-D zoom would interpolate along the field axis too (2x slower)
+        ndimage.zoom(block[i], (shape[0] / ni, shape[1] / nj), order=1, grid_mode=False, output=out[i])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo tree
+# ----------------------------------------------------------------------------------------------
+
+
+def demo_case(template: DemoTemplate, seed: int, case_id: int, slices_per_case: int = 32,
+              image_size: int = 256) -> tuple[DemoSubject, np.ndarray]:
+    """Demo case ``case_id`` of the set made with ``seed``: its :class:`DemoSubject` and its uint8 slices
+    ``(slices_per_case, S, S)``. It depends only on ``(seed, case_id)`` and the sizes."""
+    rng = np.random.default_rng([seed, case_id])
+    subject = DemoSubject.draw(rng)
+    return subject, render_demo_case(template, subject, slices_per_case, image_size, rng)
+
+
+def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = 20, n_validate: int = 4, n_test: int = 4,
+                      slices_per_case: int = 32, image_size: int = 256, seed: int = 0,
+                      progress: bool = True) -> Path:
+    """Write an OASIS-layout tree of synthetic 8-bit PNG slices made from the MNI ICBM152 templates.
+
+    Each case is one synthetic subject (:class:`DemoSubject`, rendered by :func:`render_demo_case`):
+    the template brain with its own age-like anatomy, a synthetic head, scanner texture and OASIS-like
+    intensities, ``slices_per_case`` axial slices through the central slab that holds the lateral
+    ventricles, low to high. Cases get ids 1..n_train (train), then validate, then test, so splits never
+    share a case. Case ``i`` depends only on ``(seed, i)``, and equal arguments give byte-identical PNGs.
+    ``demo.json`` (the parameters and each subject's draws) is written last; earlier demo files in the
+    split folders are replaced.
+
+    Returns:
+        ``out_dir`` as a Path, ready for ``load_oasis`` / ``read_oasis``.
+    """
+    out_dir = Path(out_dir)
+    _check_demo_args(out_dir, n_train, n_validate, n_test, slices_per_case, image_size)  # before touching out_dir
+    with _demo_lock(out_dir):
+        return _build_demo(out_dir, n_train, n_validate, n_test, slices_per_case, image_size, seed, progress)
+
+
+def _check_demo_args(out_dir: Path, n_train, n_validate, n_test, slices_per_case, image_size) -> None:
+    if n_train < 1 or n_test < 1 or n_validate < 0:
+        raise DatasetError(f"demo: need >= 1 train and test case and >= 0 validate cases, got "
+                           f"{n_train}/{n_validate}/{n_test}")
+    if slices_per_case < 1 or image_size < 32:
+        raise DatasetError(f"demo: need slices_per_case >= 1 and image_size >= 32, got {slices_per_case}, {image_size}")
+    _check_output_root(out_dir, (DEMO_MARKER, ".demo_incomplete"))
+
+
+@contextlib.contextmanager
+def _demo_lock(root: Path):
+    """Exclusive lock on ``root/.demo.lock`` so two processes never build one demo tree at once."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(root / ".demo.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_demo(out_dir: Path, n_train: int, n_validate: int, n_test: int, slices_per_case: int, image_size: int,
+                seed: int, progress: bool) -> Path:
+    from tqdm import tqdm
+
+    from utils import save_json
+
+    counts = {"train": int(n_train), "validate": int(n_validate), "test": int(n_test)}
+    _check_demo_args(out_dir, n_train, n_validate, n_test, slices_per_case, image_size)
+    building = out_dir / ".demo_incomplete"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DEMO_MARKER).unlink(missing_ok=True)
+    building.write_text("make_demo_dataset started; the tree is complete once demo.json exists\n")
+
+    template = demo_template()
+    params = dict(version=DEMO_VERSION, seed=int(seed), n_train=counts["train"], n_validate=counts["validate"],
+                  n_test=counts["test"], slices_per_case=int(slices_per_case), image_size=int(image_size),
+                  source="MNI ICBM152 2009a symmetric T1, grey and white matter maps (shipped with nilearn)",
+                  slab_mni_z_mm=list(template.slab_mni_mm))
+    case_id = 0
+    cases, subjects = {}, {}
+    bar = tqdm(total=sum(counts.values()), desc="demo cases", unit="case", disable=not progress)
+    for name in SPLITS:
+        folder = out_dir / SPLIT_DIRS[name]
+        folder.mkdir(exist_ok=True)
+        _clear_own_slices(folder)
+        cases[name] = []
+        for _ in range(counts[name]):
+            case_id += 1
+            subject, slices = demo_case(template, seed, case_id, slices_per_case, image_size)
+            for k, image in enumerate(slices):
+                _write_png(folder / slice_file_name(case_id, k), image)
+            cases[name].append(case_id)
+            subjects[str(case_id)] = asdict(subject)
+            bar.update()
+    bar.close()
+    params["cases"] = cases
+    params["subjects"] = subjects
+    save_json(params, out_dir / DEMO_MARKER)
+    building.unlink()
+    return out_dir
+
+
+def _demo_version(root: Path) -> int | None:
+    from utils import load_json
+
+    try:
+        return load_json(root / DEMO_MARKER).get("version")
+    except (ValueError, AttributeError):
+        return None
+
+
+def demo_is_complete(root: str | os.PathLike, **params) -> bool:
+    """True when ``root`` holds a finished demo tree of this :data:`DEMO_VERSION` built with these
+    parameters (defaults: :data:`DEMO_DEFAULTS`)."""
+    from utils import load_json
+
+    root = Path(root)
+    want = {**DEMO_DEFAULTS, **params}
+    try:
+        meta = load_json(root / DEMO_MARKER)
+    except ValueError:
+        return False
+    if meta.get("version") != DEMO_VERSION or any(meta.get(k) != v for k, v in want.items()):
+        return False
+    for name, key in (("train", "n_train"), ("validate", "n_validate"), ("test", "n_test")):
+        folder = root / SPLIT_DIRS[name]
+        found = len(list(folder.glob("case_*_slice_*.nii.png"))) if folder.is_dir() else 0
+        if found != want[key] * want["slices_per_case"]:
+            return False
+    return True
+
+
+def ensure_demo_dataset(root: str | os.PathLike | None = None, *, progress: bool = True, **params) -> Path:
+    """Build the demo tree at ``root`` (default :data:`DEFAULT_DEMO_ROOT`) unless a complete one is there.
+
+    ``params`` override :data:`DEMO_DEFAULTS` (n_train, n_validate, n_test, slices_per_case, image_size,
+    seed). A tree without ``demo.json``, with other parameters, with missing files or made by an older
+    demo generator (one line says so) is rebuilt.
+    """
+    root = Path(root) if root is not None else DEFAULT_DEMO_ROOT
+    unknown = set(params) - set(DEMO_DEFAULTS)
+    if unknown:
+        raise TypeError(f"ensure_demo_dataset: unknown parameter(s) {sorted(unknown)}")
+    if not demo_is_complete(root, **params):
+        with _demo_lock(root):
+            if not demo_is_complete(root, **params):  # another process may have built it meanwhile
+                old = _demo_version(root)
+                if old is not None and old != DEMO_VERSION:
+                    print(f"{root}: demo data version {old} is out of date; rebuilding it as version {DEMO_VERSION}")
+                p = {**DEMO_DEFAULTS, **params}
+                _build_demo(root, p["n_train"], p["n_validate"], p["n_test"], p["slices_per_case"], p["image_size"],
+                            p["seed"], progress)
+    return root
+
+
+def save_demo_contact_sheet(root: str | os.PathLike, path: str | os.PathLike, n_cases: int = 4,
+                            n_depths: int = 6) -> Path:
+    """Save a grid of slices from ``root`` (any OASIS-layout tree): one row per case, ``n_depths`` evenly
+    spaced slices per row, with captions. For a demo tree the rows are cases of evenly spread ages,
+    youngest first (the age is in the caption); otherwise the first train, validate and test cases."""
+    from PIL import Image
+
+    from utils import load_json, save_image_grid
+
+    root = _find_split_root(Path(root))
+    by_case: dict[int, tuple[str, dict[int, Path]]] = {}
+    for name in SPLITS:
+        folder = root / SPLIT_DIRS[name]
+        if folder.is_dir():
+            for p in folder.glob("*.png"):
+                case, k = parse_slice_name(p.name)
+                if case != UNKNOWN:
+                    by_case.setdefault(case, (name, {}))[1][k] = p
+    if not by_case:
+        raise DatasetError(f"{root}: no case_<id>_slice_<k>.png slices to draw; build them with: python dataset.py demo")
+    try:
+        ages = {int(c): s["age"] for c, s in load_json(root / DEMO_MARKER)["subjects"].items() if int(c) in by_case}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ages = {}
+    if ages:  # show the range of anatomy: cases at evenly spread ranks of age
+        by_age = sorted(ages, key=ages.get)
+        chosen = [by_age[int(round(i))] for i in np.linspace(0, len(by_age) - 1, min(n_cases, len(by_age)))]
+        chosen = list(dict.fromkeys(chosen))
+    else:  # round-robin over the splits so the sheet shows train, validate and test cases
+        per_split = {name: sorted(c for c, (s, _) in by_case.items() if s == name) for name in SPLITS}
+        chosen = []
+        while len(chosen) < n_cases and any(per_split.values()):
+            for name in SPLITS:
+                if per_split[name] and len(chosen) < n_cases:
+                    chosen.append(per_split[name].pop(0))
+    images, titles = [], []
+    for case in chosen:
+        name, slices = by_case[case]
+        ks = sorted(slices)
+        picks = [ks[int(round(i))] for i in np.linspace(0, len(ks) - 1, n_depths)]
+        for k in picks:
+            with Image.open(slices[k]) as im:
+                images.append(np.asarray(im.convert("L"), np.float32) / 255.0)
+            age = f" (age {ages[case]:.0f})" if case in ages else ""
+            titles.append(f"{name} case {case}{age}, slice {k}")
+    return save_image_grid(np.stack(images), path, ncols=n_depths, titles=titles,
+                           suptitle=f"{root.name}: rows = cases, columns = low to high axial slices (anterior left)")
+
+
+# ----------------------------------------------------------------------------------------------
+# OASIS-1 volumes -> PNG slices
+# ----------------------------------------------------------------------------------------------
+
+
+def _find_volumes(volumes_dir: Path, pattern: str) -> list[Path]:
+    found = {}
+    for p in sorted(volumes_dir.rglob(pattern)):
+        name = p.name.lower()
+        if not p.is_file():
+            continue
+        if name.endswith((".nii", ".nii.gz")):
+            found[str(p)] = p
+        elif name.endswith((".img", ".hdr")):  # an Analyze pair counts once, by its .img
+            found.setdefault(str(p.with_suffix("")), p.with_suffix(".img") if p.with_suffix(".img").exists() else p)
+    return sorted(found.values(), key=lambda p: _natural_key(p.name))
+
+
+def _volume_slices(path: Path, slices_per_case: int | None, image_size: int) -> list[np.ndarray]:
+    """Axial uint8 slices ``(S, S)`` of one volume, low to high, oriented like the OASIS PNGs."""
+    import nibabel as nib
+    from PIL import Image
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        affine = img.affine
+    except Exception as e:
+        raise DatasetError(f"{path}: cannot read volume ({_one_line(e)}); for Analyze files keep the .hdr beside "
+                           "the .img, or convert to NIfTI") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DatasetError(f"{path}: expected a 3-D volume, got shape {data.shape}; pass one 3-D image per file")
+    # Reorient to RAS (nibabel's canonical) through NIfTI, which, unlike Analyze, can carry any affine.
+    canon = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    data = np.asarray(canon.dataobj, dtype=np.float32)
+    zooms = np.abs(np.asarray(canon.header.get_zooms()[:3], dtype=float))
+    values = data[data != 0]
+    if values.size == 0:
+        raise DatasetError(f"{path}: volume is all zeros; remove it from the volumes folder")
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    scaled = np.where(data != 0, np.clip((data - lo) / (hi - lo), 0, 1) * 255.0, 0.0).astype(np.float32)
+
+    area = (scaled > 25).sum(axis=(0, 1))
+    zs = np.flatnonzero(area >= 0.2 * area.max())
+    z_lo, z_hi = int(zs[0]), int(zs[-1])
+    if slices_per_case:
+        levels = np.unique(np.rint(np.linspace(z_lo, z_hi, slices_per_case)).astype(int))
+    else:
+        levels = np.arange(z_lo, z_hi + 1)
+
+    # Rows: subject x (right at the bottom); columns: anterior -> posterior, so the brain faces left.
+    extent = np.array([data.shape[0] * zooms[0], data.shape[1] * zooms[1]])
+    rows, cols = np.maximum(1, np.rint(extent * image_size / extent.max()).astype(int))
+    resample = getattr(Image.Resampling, RESIZE_FILTER)
+    out = []
+    for z in levels:
+        plane = np.ascontiguousarray(scaled[:, ::-1, z])
+        if plane.shape != (rows, cols):
+            plane = np.asarray(Image.fromarray(plane, mode="F").resize((int(cols), int(rows)), resample))
+        canvas = np.zeros((image_size, image_size), np.uint8)
+        r0, c0 = (image_size - rows) // 2, (image_size - cols) // 2
+        canvas[r0:r0 + rows, c0:c0 + cols] = np.rint(np.clip(plane, 0, 255))
+        out.append(canvas)
+    return out
+
+
+def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                          pattern: str = "*_masked_gfc.*", val_fraction: float = 0.1, test_fraction: float = 0.05,
+                          seed: int = 0, slices_per_case: int | None = 32, image_size: int = 256,
+                          progress: bool = True) -> dict:
+    """Turn OASIS-1 volumes (Analyze ``.img/.hdr`` or NIfTI ``.nii/.nii.gz``) into the PNG layout.
+
+    Each volume is reoriented to RAS with nibabel, scaled to 8 bits by the 0.5/99.5 percentiles of its
+    nonzero voxels (zero voxels stay black), cut into ``slices_per_case`` evenly spaced axial slices
+    between the lowest and highest level whose brain area is >= 20 % of the largest (``None``: every
+    such level), resized with Lanczos so the longer in-plane side fills ``image_size`` and zero-padded
+    to ``image_size x image_size``. Subjects (``OAS1_XXXX`` -> case id ``XXXX``) are split into
+    train/validate/test with a seeded permutation, so a subject's slices stay in one split; a subject
+    with several matching volumes (e.g. MR1 and MR2 sessions) uses the first by name, and the rest
+    are reported.
+
+    Args:
+        volumes_dir: searched recursively for files matching ``pattern``.
+        pattern: glob for the volumes; the default picks OASIS-1's skull-stripped, atlas-registered,
+            bias-corrected images (``..._t88_masked_gfc.img``), from which the Keras PNG slices were made.
+    Returns:
+        The summary also written to ``out_dir/prepare.json``: parameters, ``cases`` per split, ``images``
+        per split, ``skipped`` volumes.
+    """
+    from tqdm import tqdm
+
+    from utils import save_json
+
+    volumes_dir, out_dir = Path(volumes_dir), Path(out_dir)
+    if not volumes_dir.is_dir():
+        raise DatasetError(f"{volumes_dir}: volumes folder not found; pass the folder holding the OASIS-1 "
+                           "OAS1_XXXX_MR1 directories (or .img/.hdr/.nii/.nii.gz files)")
+    for frac, name in ((val_fraction, "val_fraction"), (test_fraction, "test_fraction")):
+        if not 0 <= frac < 1:
+            raise DatasetError(f"prepare: {name} must be in [0, 1), got {frac}")
+    paths = _find_volumes(volumes_dir, pattern)
+    if not paths:
+        n_any = len(_find_volumes(volumes_dir, "*"))
+        raise DatasetError(f"{volumes_dir}: no volumes match {pattern!r} ({n_any} .img/.hdr/.nii/.nii.gz files in "
+                           "all); pass --pattern '*' or a glob that matches your files")
+    by_subject: dict[int, list[Path]] = {}
+    for p in paths:
+        m = _OASIS_SUBJECT_RE.search(p.name)
+        if not m:
+            raise DatasetError(f"{p}: no OAS1_XXXX subject id in the file name; rename it like "
+                               "OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc.img")
+        by_subject.setdefault(int(m.group(1)), []).append(p)
+    skipped = [str(p) for ps in by_subject.values() for p in ps[1:]]
+    if skipped:
+        warnings.warn(DatasetWarning(f"{volumes_dir}: skipped {len(skipped)} extra volume(s) of subjects already "
+                                     f"used (e.g. {Path(skipped[0]).name}); one volume per subject"), stacklevel=2)
+
+    subjects = sorted(by_subject)
+    n = len(subjects)
+    n_test = int(round(test_fraction * n)) if test_fraction > 0 else 0
+    n_val = int(round(val_fraction * n)) if val_fraction > 0 else 0
+    if n >= 3:  # a requested split gets at least one subject when there are enough to go round
+        n_test = max(n_test, int(test_fraction > 0))
+        n_val = max(n_val, int(val_fraction > 0))
+    if n - n_test - n_val < 1:
+        raise DatasetError(f"{volumes_dir}: {n} subject(s) cannot fill train, validate ({val_fraction}) and "
+                           f"test ({test_fraction}); add volumes or lower --val-fraction/--test-fraction")
+    order = np.random.default_rng(seed).permutation(n)
+    assign = {"test": order[:n_test], "validate": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    cases = {name: sorted(subjects[i] for i in assign[name]) for name in SPLITS}
+
+    _check_output_root(out_dir, ())
+    images = {}
+    bar = tqdm(total=n, desc="volumes", unit="vol", disable=not progress)
+    for name in SPLITS:
+        folder = out_dir / SPLIT_DIRS[name]
+        folder.mkdir(parents=True, exist_ok=True)
+        images[name] = 0
+        for case in cases[name]:
+            for k, image in enumerate(_volume_slices(by_subject[case][0], slices_per_case, image_size)):
+                _write_png(folder / slice_file_name(case, k), image)
+                images[name] += 1
+            bar.update()
+    bar.close()
+    summary = dict(volumes_dir=str(volumes_dir), pattern=pattern, val_fraction=val_fraction,
+                   test_fraction=test_fraction, seed=seed, slices_per_case=slices_per_case, image_size=image_size,
+                   cases=cases, images=images, skipped=skipped,
+                   volumes={str(c): str(by_subject[c][0]) for c in subjects})
+    save_json(summary, out_dir / "prepare.json")
+    print(f"{out_dir}: wrote " + ", ".join(f"{name} {images[name]} images / {len(cases[name])} cases" for name in SPLITS))
+    return summary
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: the demo and prepare commands of ``python dataset.py`` (and ``python build_data.py``)
+# ----------------------------------------------------------------------------------------------
+
+
+def add_commands(sub) -> None:
+    """Add the ``demo`` and ``prepare`` subcommands to an argparse subparsers object; each sets ``run``."""
+    demo = sub.add_parser("demo", help="write synthetic OASIS-like PNG slices made from the MNI152 templates",
+                          description="Write an OASIS-layout tree of 8-bit PNG slices made from the MNI ICBM152 "
+                                      "templates shipped with nilearn: per case a synthetic subject (age-like "
+                                      "ventricles and sulci, scalp ring, scanner noise), 32 slices through the "
+                                      "slab of the lateral ventricles.")
+    demo.add_argument("--out", type=Path, default=DEFAULT_DEMO_ROOT,
+                      help=f"output folder (default: {DEFAULT_DEMO_ROOT})")
+    demo.add_argument("--train-cases", type=int, default=DEMO_DEFAULTS["n_train"], help="train cases (default: %(default)s)")
+    demo.add_argument("--validate-cases", type=int, default=DEMO_DEFAULTS["n_validate"],
+                      help="validate cases (default: %(default)s)")
+    demo.add_argument("--test-cases", type=int, default=DEMO_DEFAULTS["n_test"], help="test cases (default: %(default)s)")
+    demo.add_argument("--slices", type=int, default=DEMO_DEFAULTS["slices_per_case"],
+                      help="axial slices per case, low to high (default: %(default)s)")
+    demo.add_argument("--image-size", type=int, default=DEMO_DEFAULTS["image_size"],
+                      help="square image side in pixels (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"],
+                      help="random seed; equal arguments give byte-identical PNGs (default: %(default)s)")
+    demo.add_argument("--contact-sheet", type=Path, default=None, metavar="PNG",
+                      help="also save a grid of slices (4 cases x 6 depths) to this file, "
+                           "e.g. images/demo_slices.png")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_run_demo)
+
+    prep = sub.add_parser("prepare", help="convert OASIS-1 volumes (.img/.hdr, .nii, .nii.gz) to PNG slices",
+                          description="Convert OASIS-1 MRI volumes to the keras_png_slices_* layout: RAS reorientation, "
+                                      "0.5/99.5 percentile scaling to 8 bits, axial slices resized and padded to a "
+                                      "square, train/validate/test split by subject.")
+    prep.add_argument("--volumes", type=Path, required=True, help="folder searched recursively for volumes")
+    prep.add_argument("--out", type=Path, required=True, help="output folder (its split folders must not hold PNGs yet)")
+    prep.add_argument("--pattern", default="*_masked_gfc.*",
+                      help="glob selecting the volumes (default: %(default)s, the skull-stripped atlas-registered "
+                           "OASIS-1 images; use '*' for every volume file)")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="fraction of subjects for validate (default: %(default)s)")
+    prep.add_argument("--test-fraction", type=float, default=0.05, help="fraction of subjects for test (default: %(default)s)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the subject split (default: %(default)s)")
+    prep.add_argument("--slices", type=int, default=32,
+                      help="axial slices per subject, evenly spaced over the brain; 0 = every level (default: %(default)s)")
+    prep.add_argument("--image-size", type=int, default=256, help="square output side in pixels (default: %(default)s)")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(run=_run_prepare)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    root = make_demo_dataset(args.out, n_train=args.train_cases, n_validate=args.validate_cases,
+                             n_test=args.test_cases, slices_per_case=args.slices, image_size=args.image_size,
+                             seed=args.seed, progress=not args.quiet)
+    print(f"{root}: demo slices written ({DEMO_MARKER} lists the cases)")
+    if args.contact_sheet is not None:
+        print(f"contact sheet: {save_demo_contact_sheet(root, args.contact_sheet)}")
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    prepare_oasis_volumes(args.volumes, args.out, pattern=args.pattern, val_fraction=args.val_fraction,
+                          test_fraction=args.test_fraction, seed=args.seed, slices_per_case=args.slices or None,
+                          image_size=args.image_size, progress=not args.quiet)
+
+
+if __name__ == "__main__":
+    import dataset  # the same module objects (and DatasetError) that the functions above raise through
+
+    sys.exit(dataset.main(prog="python build_data.py"))
