@@ -45,7 +45,8 @@ _OASIS_SUBJECT_RE = re.compile(r"OAS1_(\d+)", re.IGNORECASE)
 # Demo geometry. OASIS slices: the head (scalp included) spans ~79 % of the image width, long axis horizontal.
 HEAD_LENGTH_FRACTION = 0.79
 _SCALP_MARGIN_MM = 24.0  # room around the brain in the template crop for the synthetic head
-_VENTRICLE_SIGMA_MM = 4.0  # smoothing of the ventricle mask whose gradient drives the ventricle expansion
+_VENTRICLE_SIGMA_MM = 5.0  # smoothing of the ventricle mask whose gradient drives the ventricle expansion
+_SHARPEN = 1.6  # slope of the tissue-fraction sharpening at 0.5 (1 = the template as it is)
 _FIELD_STEP = 2  # voxel step (mm) of the smooth template fields: ventricle field, head depth
 
 
@@ -91,17 +92,13 @@ class DemoTemplate:
 
     gm: np.ndarray  # grey-matter probability in [0, 1]
     wm: np.ndarray  # white-matter probability in [0, 1]
-    brain: np.ndarray  # 1 inside the template's brain mask (T1 > 0), else 0; CSF = brain - gm - wm
-    ventricles: np.ndarray  # 2 mm grid: lateral-ventricle mask smoothed (sigma _VENTRICLE_SIGMA_MM), max |grad| = 1 / mm
-    head_depth: np.ndarray  # 2 mm grid: mm outside the closed brain outline (0 inside): where skull and scalp go
+    ventricles: np.ndarray  # 2 mm grid: smoothed ventricle mask, max |gradient| 1 per mm (see demo_template)
+    head_depth: np.ndarray  # 2 mm grid: mm outside the brain's rounded outline (0 inside): where skull and scalp go
+    tissue_depth_mm: float  # no grey or white matter lies deeper than this in head_depth
     slab: tuple[float, float]  # voxel z of the lowest / highest level where the lateral ventricles are seen
     slab_mni_mm: tuple[float, float]  # the same levels as MNI z coordinates (mm)
     center: tuple[float, float, float]  # voxel (x, y) centre of the brain's outline at mid-slab, and mid-slab z
     brain_length_mm: float  # anterior-posterior length of the brain at mid-slab
-
-    @property
-    def csf(self) -> np.ndarray:
-        return np.clip(self.brain - self.gm - self.wm, 0, 1)
 
 
 def _read_mni(kind: str):
@@ -151,6 +148,7 @@ def demo_template() -> DemoTemplate:
     """
     import nibabel as nib
     from scipy import ndimage
+    from skimage.morphology import convex_hull_image
 
     vols = {}
     for kind in MNI_FILES:
@@ -161,6 +159,10 @@ def demo_template() -> DemoTemplate:
     brain = (vols["t1"] > 0).astype(np.float32)
     gm, wm = vols["gm"] * brain, vols["wm"] * brain
     csf = np.clip(brain - gm - wm, 0, 1)
+    # An average of 152 brains has blurred tissue borders; a single scan's are sharp. Steepen the white
+    # matter and CSF fractions around 0.5 (grey matter takes the rest), which also deepens the sulci.
+    wm, csf = (np.clip((p - 0.5) * _SHARPEN + 0.5, 0, 1) * brain for p in (wm, csf))
+    gm = np.clip(brain - wm - csf, 0, 1)
 
     # Ventricles found on the 2 mm grid, then refined to the 1 mm CSF voxels they cover.
     s = _FIELD_STEP
@@ -189,25 +191,30 @@ def demo_template() -> DemoTemplate:
     brain, gm, wm, vent = crop(brain), crop(gm), crop(wm), crop(vent.astype(np.float32))
     z_lo, z_hi = z_lo - lo[2], z_hi - lo[2]
 
-    # The ventricle field: a smoothed mask whose gradient points into the ventricles (mm units, max 1).
+    # The ventricle field: the ventricle mask smoothed (Gaussian, sigma = _VENTRICLE_SIGMA_MM), scaled so
+    # that its gradient, which points into the ventricles, is at most 1 (per mm). Sampling the template
+    # from p + a * grad f(p) moves the walls out by up to a mm; every point samples from nearer the
+    # ventricle's middle, never past it, while a < 1.2 sigma (for a thin ventricle f'' <= 1.65 / sigma).
     field = ndimage.gaussian_filter(vent, _VENTRICLE_SIGMA_MM)[::s, ::s, ::s]
-    field /= np.sqrt(sum(g ** 2 for g in np.gradient(field, float(s)))).max()
-    # The skull follows the brain's outline without its notches and wrinkles: a closing with a 16 mm ball
-    # (two distance transforms), smoothed (Gaussian, sigma 6 mm), then the distance outside it (mm), all on
-    # the 2 mm grid.
+    field /= np.sqrt(sum(d ** 2 for d in np.gradient(field, float(s)))).max()
+    # The skull is rounder than the brain: per axial level the convex hull of the brain's outline, then
+    # smoothed across levels (Gaussian, sigma 6 mm); head_depth is the distance outside it (mm). All on
+    # the 2 mm grid. CSF fills the room between the brain and the hull.
     brain2 = brain[::s, ::s, ::s] > 0.5
-    closed = ndimage.distance_transform_edt(ndimage.distance_transform_edt(~brain2, sampling=s) <= 16.0,
-                                            sampling=s) > 16.0
-    closed = ndimage.gaussian_filter((closed | brain2).astype(np.float32), 6.0 / s) > 0.5
-    head_depth = ndimage.distance_transform_edt(~closed, sampling=s).astype(np.float32)
+    hull = np.stack([convex_hull_image(brain2[:, :, z]) if brain2[:, :, z].any() else brain2[:, :, z]
+                     for z in range(brain2.shape[2])], axis=2)
+    hull = ndimage.gaussian_filter(hull.astype(np.float32), 6.0 / s) > 0.5
+    head_depth = ndimage.distance_transform_edt(~hull, sampling=s).astype(np.float32)
+    tissue = np.array(np.nonzero(gm + wm > 0), dtype=np.float32)
+    tissue_depth = float(ndimage.map_coordinates(head_depth, tissue / s, order=1).max()) + 0.5
 
     zc = 0.5 * (z_lo + z_hi)
     mid = brain[:, :, int(round(zc))] > 0.5
     xs, ys = np.flatnonzero(mid.any(axis=1)), np.flatnonzero(mid.any(axis=0))
     center = (0.5 * (xs[0] + xs[-1]), 0.5 * (ys[0] + ys[-1]), zc)
-    for v in (gm, wm, brain, field, head_depth):
+    for v in (gm, wm, field, head_depth):
         v.flags.writeable = False
-    return DemoTemplate(gm=gm, wm=wm, brain=brain, ventricles=field, head_depth=head_depth,
+    return DemoTemplate(gm=gm, wm=wm, ventricles=field, head_depth=head_depth, tissue_depth_mm=tissue_depth,
                         slab=(float(z_lo), float(z_hi)), slab_mni_mm=slab_mni_mm, center=center,
                         brain_length_mm=float(ys[-1] - ys[0] + 1))
 
@@ -237,6 +244,7 @@ class DemoSubject:
     csf: float  # CSF
     bone: float  # the dark band outside the brain (CSF and skull)
     marrow: float  # diploe, the inner part of the bright ring
+    table: float  # the outer table of the skull, a thin line between marrow and fat, as a fraction of marrow
     fat: float  # scalp fat, the brightest structure
     band_mm: float  # mean thickness of the dark band (outer CSF + skull)
     ring_mm: float  # mean thickness of the bright ring (marrow, outer table, fat, skin)
@@ -250,7 +258,7 @@ class DemoSubject:
         wm = rng.uniform(110, 145)
         return cls(
             age=round(age, 1),
-            ventricle_mm=float(0.3 + 4.2 * atrophy),
+            ventricle_mm=float(min(0.3 + 5.0 * atrophy, 6.0)),  # <= 1.2 sigma: no fold-over (demo_template)
             sulcal_px=float(np.clip(0.3 + 2.2 * atrophy + rng.normal(0, 0.2), 0, 3)),
             rotation_deg=tuple(float(a) for a in rng.uniform(-1, 1, 3) * (3.0, 2.0, 5.0)),
             scale=tuple(float(a) for a in rng.uniform(0.95, 1.05, 3)),
@@ -259,7 +267,8 @@ class DemoSubject:
             gm=float(wm * rng.uniform(0.55, 0.68)),
             csf=float(wm * rng.uniform(0.12, 0.24)),
             bone=float(wm * rng.uniform(0.05, 0.15)),
-            marrow=float(rng.uniform(130, 200)),
+            marrow=float(rng.uniform(110, 190)),
+            table=float(rng.uniform(0.6, 1.0)),
             fat=float(rng.uniform(205, 250)),
             band_mm=float(rng.uniform(4.0, 7.0)),
             ring_mm=float(rng.uniform(6.0, 9.5)),
@@ -335,8 +344,8 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         q[i] += smooth_field((6, 6, 5), 2.0)
     q += center[:, None, None, None]
     fields = np.concatenate([q, smooth_field((4, 4, 3), subject.bias_sd)[None],
-                             (subject.band_mm * np.exp(smooth_field((5, 5, 3), 0.15)))[None],
-                             (subject.ring_mm * np.exp(smooth_field((5, 5, 3), 0.15)))[None]]).astype(np.float32)
+                             (subject.band_mm * np.exp(smooth_field((5, 5, 3), 0.1)))[None],
+                             (subject.ring_mm * np.exp(smooth_field((5, 5, 3), 0.1)))[None]]).astype(np.float32)
     # Which nodes matter: near the head (its depth below band + ring, plus the reach of one cell), and
     # near the ventricles (where their field is not flat).
     s = float(_FIELD_STEP)
@@ -366,9 +375,14 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
             gr, gc = np.gradient(field)  # per pixel; |grad| per mm <= 1, so per pixel <= px
             amount = subject.ventricle_mm / px
             src[(slice(None),) + sub] += amount * (gr * step_r[:, None, None] + gc * step_c[:, None, None]) / px
-        gm = ndimage.map_coordinates(template.gm, src, order=1, output=np.float32)
-        wm = ndimage.map_coordinates(template.wm, src, order=1, output=np.float32)
         head = ndimage.map_coordinates(template.head_depth, coords / s, order=1, output=np.float32, cval=1e3)
+        # The brain lies inside the hull (up to template.tissue_depth_mm outside it, at the hull's smoothed
+        # corners): sample the tissue maps there only, a third fewer points than the whole box.
+        inner = head <= template.tissue_depth_mm
+        pts = src[:, inner]
+        gm, wm = np.zeros_like(head), np.zeros_like(head)
+        gm[inner] = ndimage.map_coordinates(template.gm, pts, order=1, output=np.float32)
+        wm[inner] = ndimage.map_coordinates(template.wm, pts, order=1, output=np.float32)
         # Intracranial = the closed outline plus an outer CSF layer (the first 40 % of the band); CSF fills
         # whatever grey and white matter leave of it.
         csf = np.clip(np.clip((0.4 * band - head) / px + 0.5, 0, 1) - gm - wm, 0, 1)
@@ -382,9 +396,9 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         # Head: skull (dark) from 40 % of the band to its end, then the bright ring; 1-pixel soft edges.
         beyond = head - band  # mm outside the dark band
         skull = np.clip((head - 0.4 * band) / px + 0.5, 0, 1) * np.clip(0.5 - beyond / px, 0, 1)
-        profile = np.interp(beyond / ring, [0.0, 0.3, 0.4, 0.5, 0.85, 1.0],
-                            [subject.marrow, subject.marrow, 0.55 * subject.marrow, subject.fat, subject.fat,
-                             0.7 * subject.fat])
+        profile = np.interp(beyond / ring, [0.0, 0.35, 0.42, 0.5, 0.88, 1.0],
+                            [subject.marrow, subject.marrow, subject.table * subject.marrow, subject.fat,
+                             subject.fat, 0.6 * subject.fat])
         in_ring = np.clip(beyond / px + 0.5, 0, 1) * np.clip((ring - beyond) / px + 0.5, 0, 1)
         x = (x + subject.bone * skull + profile * in_ring) * np.exp(log_gain)
         noise = rng.standard_normal((2,) + x.shape, dtype=np.float32) * sigma
