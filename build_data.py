@@ -234,7 +234,7 @@ class DemoSubject:
     """
 
     age: float
-    ventricle_mm: float  # largest displacement of the lateral-ventricle walls (mm)
+    ventricle_mm: float  # largest outward displacement of the lateral-ventricle walls (mm; < 0: inward)
     sulcal_px: float  # grey dilation radius applied to the CSF map (pixels; fractional part blended)
     rotation_deg: tuple[float, float, float]  # about x (pitch), y (roll), z (in-plane yaw)
     scale: tuple[float, float, float]  # head size per axis
@@ -255,16 +255,17 @@ class DemoSubject:
     def draw(cls, rng: np.random.Generator) -> DemoSubject:
         age = float(rng.uniform(18, 96))
         atrophy = ((age - 18) / 78) ** 1.5 * rng.uniform(0.7, 1.3)
-        wm = rng.uniform(110, 145)
+        wm = rng.uniform(100, 135)
         return cls(
             age=round(age, 1),
-            ventricle_mm=float(min(0.3 + 5.0 * atrophy, 6.0)),  # <= 1.2 sigma: no fold-over (demo_template)
-            sulcal_px=float(np.clip(0.3 + 2.2 * atrophy + rng.normal(0, 0.2), 0, 3)),
+            # The template averages adults of 18 to 44 years: the youngest get slightly smaller ventricles.
+            ventricle_mm=float(min(-1.0 + 6.5 * atrophy, 6.0)),  # <= 1.2 sigma: no fold-over (demo_template)
+            sulcal_px=float(np.clip(2.6 * atrophy + rng.normal(0, 0.2), 0, 3)),
             rotation_deg=tuple(float(a) for a in rng.uniform(-1, 1, 3) * (3.0, 2.0, 5.0)),
             scale=tuple(float(a) for a in rng.uniform(0.95, 1.05, 3)),
             shift_mm=tuple(float(a) for a in rng.normal(0, (2.0, 2.5, 1.0))),
             wm=float(wm),
-            gm=float(wm * rng.uniform(0.55, 0.68)),
+            gm=float(wm * rng.uniform(0.5, 0.64)),
             csf=float(wm * rng.uniform(0.12, 0.24)),
             bone=float(wm * rng.uniform(0.05, 0.15)),
             marrow=float(rng.uniform(110, 190)),
@@ -368,7 +369,7 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         # Ageing 1: sample from points moved towards the ventricles, so that the ventricles grow.
         src = coords.copy()
         vbox = _node_box(vent_nodes[i0:i1 + 1, j0:j1 + 1, k])
-        if vbox is not None and subject.ventricle_mm > 0:
+        if vbox is not None and subject.ventricle_mm != 0:
             (a0, a1), (b0, b1) = vbox
             sub = (slice(a0 * g, a1 * g + 1), slice(b0 * g, b1 * g + 1))
             field = ndimage.map_coordinates(template.ventricles, coords[(slice(None),) + sub] / s, order=1)

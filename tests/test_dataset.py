@@ -377,6 +377,167 @@ def test_cli_demo_writes_tree_and_contact_sheet(tmp_path, capsys):
         assert im.size[0] > 400 and im.size[1] > 200
 
 
+def test_build_data_owns_the_builders_and_dataset_reexports_them():
+    for name in ("make_demo_dataset", "ensure_demo_dataset", "demo_is_complete", "save_demo_contact_sheet",
+                 "prepare_oasis_volumes", "DEFAULT_DEMO_ROOT", "DEMO_DEFAULTS", "DEMO_VERSION"):
+        assert getattr(dataset, name) is getattr(build_data, name)
+    with pytest.raises(AttributeError):
+        dataset.no_such_name  # noqa: B018
+    code = ("import sys, build_data; "
+            "assert not {'tensorflow', 'scipy', 'skimage', 'nibabel', 'PIL'} & set(sys.modules), sorted(sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([sys.executable, str(REPO / "build_data.py"), "demo", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and "--contact-sheet" in run.stdout
+
+
+def test_an_older_demo_version_is_rebuilt_with_a_notice(tmp_path, capsys):
+    root = tmp_path / "demo"
+    params = dict(n_train=1, n_validate=0, n_test=1, slices_per_case=2, image_size=64, seed=0)
+    dataset.ensure_demo_dataset(root, progress=False, **params)
+    meta = json.loads((root / "demo.json").read_text())
+    assert meta["version"] == build_data.DEMO_VERSION >= 2
+    (root / "demo.json").write_text(json.dumps({**meta, "version": 1}))
+    capsys.readouterr()
+    dataset.ensure_demo_dataset(root, progress=False, **params)
+    notice = capsys.readouterr().out.strip()
+    assert notice.count("\n") == 0 and "version 1 is out of date" in notice and str(root) in notice
+    assert json.loads((root / "demo.json").read_text())["version"] == build_data.DEMO_VERSION
+
+
+# The demo imitates the OASIS keras_png_slices (issue 9). These tests measure the PNGs only: a head
+# mask, a radial intensity profile, and dark pixels in the middle of the head, not the generator's insides.
+
+def head_mask(a: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_fill_holes(a > 0)
+
+
+def central(a: np.ndarray, fraction: float) -> np.ndarray:
+    """The head mask shrunk about its box's centre to ``fraction`` of its size (0.75: the brain, no scalp)."""
+    from scipy import ndimage
+
+    head = head_mask(a)
+    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    cy, cx = (rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2
+    yy, xx = np.mgrid[:a.shape[0], :a.shape[1]]
+    shrunk = ndimage.map_coordinates(head.astype(np.uint8), [cy + (yy - cy) / fraction, cx + (xx - cx) / fraction],
+                                     order=0)
+    return (shrunk > 0) & head
+
+
+def radial_profile(a: np.ndarray, depth: int = 40, n_angles: int = 72) -> np.ndarray:
+    """Median over rays from the head's centre of the intensity 0..depth pixels inside the head's edge."""
+    from scipy import ndimage
+
+    head = head_mask(a)
+    cy, cx = ndimage.center_of_mass(head)
+    r = np.arange(0, a.shape[0], 0.5)
+    profiles = []
+    for t in np.linspace(0, 2 * np.pi, n_angles, endpoint=False):
+        inside = ndimage.map_coordinates(head.astype(np.uint8), [cy + r * np.sin(t), cx + r * np.cos(t)], order=0)
+        rr = r[np.flatnonzero(inside)[-1]] - np.arange(depth + 1)  # from the edge inwards
+        profiles.append(ndimage.map_coordinates(a.astype(np.float32), [cy + rr * np.sin(t), cx + rr * np.cos(t)],
+                                                order=1))
+    return np.median(profiles, axis=0)
+
+
+def dark_central_area(a: np.ndarray) -> int:
+    """Pixels darker than half the brain's white-matter level (its 90th percentile) in the central half
+    of the head: the lateral and third ventricles (and any CSF that reaches that far in)."""
+    white = np.percentile(a[central(a, 0.75)], 90)
+    return int(((a < 0.5 * white) & central(a, 0.5)).sum())
+
+
+@pytest.fixture(scope="module")
+def oasis_like(tmp_path_factory):
+    """A default-size demo (256x256, 32 slices) of 6 cases: ``(root, demo.json, {case: (split, (32, 256, 256)
+    uint8 slices)})``."""
+    root = dataset.make_demo_dataset(tmp_path_factory.mktemp("demo") / "like", n_train=4, n_validate=1, n_test=1,
+                                     seed=0, progress=False)
+    meta = json.loads((root / "demo.json").read_text())
+    cases = {}
+    for name, ids in meta["cases"].items():
+        for c in ids:
+            files = [root / SPLIT_DIRS[name] / f"case_{c:03d}_slice_{k}.nii.png" for k in range(32)]
+            cases[c] = name, np.stack([np.asarray(Image.open(f)) for f in files])
+    return root, meta, cases
+
+
+@pytest.fixture(scope="module")
+def ventricle_areas(oasis_like):
+    """``{case: [dark_central_area of slice k for k in 0..31]}``."""
+    return {c: [dark_central_area(a) for a in slices] for c, (_, slices) in oasis_like[2].items()}
+
+
+def test_demo_cases_have_32_oasis_named_slices_in_disjoint_splits(oasis_like):
+    root, meta, cases = oasis_like
+    assert meta["version"] == build_data.DEMO_VERSION and meta["slices_per_case"] == 32
+    ids = [set(meta["cases"][name]) for name in ("train", "validate", "test")]
+    assert [len(i) for i in ids] == [4, 1, 1] and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    for name, folder in SPLIT_DIRS.items():
+        expected = {f"case_{c:03d}_slice_{k}.nii.png" for c in meta["cases"][name] for k in range(32)}
+        assert {p.name for p in (root / folder).iterdir()} == expected
+    for c, (name, slices) in cases.items():
+        assert slices.shape == (32, 256, 256) and slices.dtype == np.uint8
+        assert 18 <= meta["subjects"][str(c)]["age"] <= 96  # each case's draws are recorded
+
+
+def test_demo_slab_is_the_lateral_ventricles_measured_on_the_template(oasis_like, ventricle_areas):
+    lo, hi = oasis_like[1]["slab_mni_z_mm"]  # OASIS: third ventricle / basal ganglia up to the ventricles' bodies
+    assert -8 <= lo <= 10 and 18 <= hi <= 35
+    for c, areas in ventricle_areas.items():
+        assert min(areas) >= 100, (c, areas)  # ventricles in every slice, as in every OASIS slice
+
+
+def test_demo_head_has_a_bright_ring_outside_a_dark_band(oasis_like):
+    for c, (_, slices) in oasis_like[2].items():
+        for k in (0, 16, 31):
+            a = slices[k]
+            brain = a[central(a, 0.75)]
+            p = radial_profile(a)
+            ring = int(np.argmax(p[:15]))  # brightest point near the edge
+            band = ring + int(np.argmin(p[ring:ring + 15]))  # darkest point inside it
+            assert p[ring] >= 1.2 * np.percentile(brain, 90), (c, k, p[:30])  # the scalp is the brightest
+            assert band > ring and p[band] <= 0.5 * np.median(brain), (c, k, p[:30])  # a dark band inside
+            assert p[band:band + 25].max() >= 2 * p[band], (c, k, p[:30])  # and the brain inside that
+            bright = np.flatnonzero(p[:band] >= np.percentile(brain, 90))
+            assert 3 <= bright.size <= 12, (c, k, p[:30])  # a ring a few pixels thick (OASIS: ~5 to 10)
+
+
+def test_demo_ventricles_vary_with_age_at_least_twofold_per_slice(oasis_like, ventricle_areas):
+    meta = oasis_like[1]
+    ids = sorted(ventricle_areas)
+    areas = np.array([ventricle_areas[c] for c in ids])  # (cases, 32)
+    ratio = areas.max(axis=0) / areas.min(axis=0)
+    assert ratio.min() >= 2.0, ratio.round(2)  # at every slice index
+    ages = [meta["subjects"][str(c)]["age"] for c in ids]
+    assert areas[int(np.argmax(ages))].sum() > 1.5 * areas[int(np.argmin(ages))].sum()  # the old have larger ones
+
+
+def test_demo_intensities_and_field_of_view_like_oasis(oasis_like):
+    widths, heights = [], []
+    for c, (_, slices) in oasis_like[2].items():
+        brains = []
+        for a in slices:
+            head = head_mask(a)
+            assert not a[~head].any() and not (a[0].any() or a[-1].any() or a[:, 0].any() or a[:, -1].any())
+            brain = a[central(a, 0.75)]
+            assert np.percentile(brain, 99.9) < 245  # the brain is not saturated...
+            assert a.max() >= 190 and a.max() > np.percentile(brain, 99.9) + 40  # ...the scalp is the brightest
+            brains.append(brain)
+        brain = np.concatenate(brains)
+        assert 60 <= np.median(brain) <= 110 and 95 <= np.percentile(brain, 90) <= 160, c  # OASIS: a dim brain
+        rows, cols = np.flatnonzero(head_mask(slices[16]).any(axis=1)), np.flatnonzero(head_mask(slices[16]).any(axis=0))
+        heights.append((rows[-1] - rows[0] + 1) / 256)
+        widths.append((cols[-1] - cols[0] + 1) / 256)
+    # OASIS: the head spans ~79 % of the width and ~63 % of the height, long axis horizontal.
+    assert 0.74 <= np.mean(widths) <= 0.84 and 0.58 <= np.mean(heights) <= 0.68
+    assert all(w > h for w, h in zip(widths, heights))
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. OASIS-1 volumes
 # ----------------------------------------------------------------------------------------------
