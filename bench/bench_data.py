@@ -9,8 +9,8 @@ to a temporary folder, then times
 * ``tf.data`` (with ``--tf``): the alternative design, ``tf.io.read_file`` + ``tf.io.decode_png`` in a
   ``map(num_parallel_calls=AUTOTUNE)``, batched and gathered into one uint8 array (TensorFlow import excluded).
 
-Content is realistic for PNG compression: demo slices (the MNI template under per-case deformations,
-``dataset._demo_case``) plus per-image Gaussian noise inside the brain, black background, so the files
+Content is realistic for PNG compression: demo slices (synthetic subjects made from the MNI templates,
+``build_data.demo_case``) plus per-image Gaussian noise inside the brain, black background, so the files
 are about as large as OASIS's (~15 KB) rather than near-empty. Both loaders read from the page cache
 (the tree was just written); each is run ``--repeats`` times, alternating, and the best run is reported.
 Images per CPU-second (process time, all threads) are printed too: unlike wall-clock rates they barely
@@ -46,9 +46,10 @@ def write_tree(root: Path, counts: dict[str, int], seed: int, n_base_cases: int 
     """OASIS-layout tree of noisy demo slices; ``counts`` images per split, 32 slices per case."""
     from PIL import Image
 
-    vol = dataset._mni_template()
-    levels = dataset._axial_levels(vol)
-    bases = np.concatenate([dataset._demo_case(vol, levels, SLICES_PER_CASE, 256, np.random.default_rng([seed, c]))
+    import build_data
+
+    template = build_data.demo_template()
+    bases = np.concatenate([build_data.demo_case(template, seed, c, SLICES_PER_CASE, 256)[1]
                             for c in range(n_base_cases)])  # (n_base_cases * 32, 256, 256) uint8
 
     jobs = []
