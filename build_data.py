@@ -48,6 +48,8 @@ _SCALP_MARGIN_MM = 24.0  # room around the brain in the template crop for the sy
 _VENTRICLE_SIGMA_MM = 5.0  # smoothing of the ventricle mask whose gradient drives the ventricle expansion
 _SHARPEN = 1.6  # slope of the tissue-fraction sharpening at 0.5 (1 = the template as it is)
 _FIELD_STEP = 2  # voxel step (mm) of the smooth template fields: ventricle field, head depth
+_BAND_MM = (4.0, 7.0)  # range of the dark band's mean thickness (outer CSF + skull) per subject
+_RING_MM = (6.0, 9.5)  # range of the bright ring's mean thickness (marrow, outer table, fat, skin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,8 +231,11 @@ class DemoSubject:
     """The random draws that make one demo case (all saved in ``demo.json``). Intensities are 0..255.
 
     ``age`` (uniform 18..96 years, OASIS-1's range) drives the ageing-like anatomy: with ``atrophy`` =
-    ``((age - 18) / 78) ** 1.5`` times a per-subject factor, the ventricle walls move out by up to
-    ``ventricle_mm`` and the CSF of the sulci and around the brain widens by ``sulcal_px``.
+    ``((age - 18) / 78) ** 1.5`` times a per-subject factor in [0.7, 1.3], the ventricle walls move by
+    ``ventricle_mm`` = -1 + 6.5 atrophy (at most 6 mm; slightly inwards for the youngest, since the
+    template already averages young adults) and the CSF of the sulci and around the brain widens by
+    ``sulcal_px`` ~ 2.6 atrophy pixels. On the default set this makes the ventricles' area at one
+    slice index vary about 2.5- to 3-fold between cases, growing with age.
     """
 
     age: float
@@ -271,8 +276,8 @@ class DemoSubject:
             marrow=float(rng.uniform(110, 190)),
             table=float(rng.uniform(0.6, 1.0)),
             fat=float(rng.uniform(205, 250)),
-            band_mm=float(rng.uniform(4.0, 7.0)),
-            ring_mm=float(rng.uniform(6.0, 9.5)),
+            band_mm=float(rng.uniform(*_BAND_MM)),
+            ring_mm=float(rng.uniform(*_RING_MM)),
             snr=float(rng.uniform(18, 35)),
             bias_sd=float(rng.uniform(0.03, 0.08)),
         )
@@ -281,7 +286,7 @@ class DemoSubject:
 def _pixel_mm(template: DemoTemplate, image_size: int) -> float:
     """Pixel size that makes an average head (brain + dark band + bright ring) span HEAD_LENGTH_FRACTION
     of the image width, as the OASIS slices do."""
-    head_mm = template.brain_length_mm + 2 * (5.5 + 7.75)
+    head_mm = template.brain_length_mm + 2 * (np.mean(_BAND_MM) + np.mean(_RING_MM))
     return head_mm / (HEAD_LENGTH_FRACTION * image_size)
 
 
@@ -300,18 +305,19 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
     * slab: ``n_slices`` levels evenly spaced over the template's lateral ventricles
       (``template.slab``), so slice 0 is near the third ventricle and the last reaches the ventricles'
       bodies; each subject's tilt and shift move it a little;
-    * anatomy: the MNI grey / white matter / CSF maps under a per-subject affine (rotation, scale per
-      axis, shift) and a smooth elastic warp (6x6x5 control grid, ~2 mm, cubic). Ageing moves the
+    * anatomy: the MNI grey / white matter / CSF maps (borders sharpened, as in one scan rather than an
+      average of 152) under a per-subject affine (rotation, scale per axis, shift) and a smooth elastic
+      warp (6x6x5 control grid, ~2 mm, cubic). Ageing moves the
       ventricle walls outwards by up to ``ventricle_mm`` (each point samples the template from a point
       moved along the gradient of the smoothed ventricle mask) and widens the CSF of the sulci and
       around the brain by a grey dilation of the CSF map (``sulcal_px``), grey and white matter
       shrinking to make room;
-    * head: outside the brain's smoothed, closed outline, a dark band (outer CSF, then skull) and a
-      bright ring (marrow, a thin darker outer table, scalp fat, skin), their thicknesses varying
-      smoothly around the head;
+    * head: outside the brain's rounded outline (per level its convex hull, smoothed across levels), a
+      dark band (outer CSF, then skull; 4-7 mm) and a bright ring (marrow, a thin darker outer table,
+      scalp fat, skin; 6-9.5 mm), their thicknesses varying smoothly around the head;
     * intensity: ``GM * gm + WM * wm + CSF * csf`` with per-subject levels (a dim brain; the scalp fat
       is the brightest), a smooth multiplicative bias field, Rician noise (the magnitude of the signal
-      plus complex Gaussian noise) at ``snr``; outside the head exactly 0;
+      plus complex Gaussian noise) at ``snr`` (white matter / sigma, 18-35); outside the head exactly 0;
     * view: the average head spans ``HEAD_LENGTH_FRACTION`` (79 %) of the width; rows run along the
       subject's x (right at the bottom), columns from anterior to posterior, so the face points left.
 
