@@ -73,17 +73,16 @@ def build_judge(config: JudgeConfig):
 
     Stride-2 3x3 convolutions halve the image until it is at most 4x4 (five at 128x128); the
     flattened map keeps where things are (slice position is mostly the brain's outline and size,
-    which a global average would blur). A small random shift during training only (a layer that
-    is the identity at inference) keeps it from keying on exact pixel positions. The Dense layer
-    named ``features`` is the penultimate layer.
+    which a global average would blur). No augmentation layer: Keras' random layers default to
+    ``training=True`` when the model is called directly, which would make ``judge(x)`` random.
+    The Dense layer named ``features`` is the penultimate layer.
     """
     import keras
     from keras import layers
 
     c = config
     inputs = keras.Input((c.image_size, c.image_size, 1), name="image")
-    x = layers.RandomTranslation(0.04, 0.04, fill_mode="constant", seed=c.seed, name="shift")(inputs)
-    side, width, k = c.image_size, c.filters, 0
+    x, side, width, k = inputs, c.image_size, c.filters, 0
     while side > 4:
         x = layers.Conv2D(width, 3, strides=2, padding="same", activation="relu", name=f"conv{k}")(x)
         side, k = (side + 1) // 2, k + 1
@@ -131,7 +130,12 @@ def train_judge(train, validate=None, config: JudgeConfig | None = None, callbac
     """
     import keras
 
+    import dataset
+
     config = config or JudgeConfig()
+    for split in (train, validate):
+        if split is not None and not isinstance(split, dataset.Split):
+            raise TypeError(f"the judge trains only on real slices (a dataset.Split), got {type(split).__name__}")
     for name, split in (("train", train), ("validate", validate)):
         if split is not None and len(split) and int(np.max(split.slice_indices)) >= config.num_slices:
             raise ValueError(f"judge: the {name} split has slice index {int(np.max(split.slice_indices))}, "
@@ -140,7 +144,8 @@ def train_judge(train, validate=None, config: JudgeConfig | None = None, callbac
     model = build_judge(config)
     val = judge_dataset(validate, config.batch_size) if validate is not None and len(validate) else None
     model.fit(judge_dataset(train, config.batch_size, shuffle=True, seed=config.seed), validation_data=val,
-              epochs=config.epochs, callbacks=list(callbacks), verbose=verbose)
+              epochs=config.epochs, callbacks=list(callbacks), verbose=verbose,
+              shuffle=False)  # the tf.data pipeline shuffles
     return model
 
 

@@ -234,3 +234,68 @@ def test_precision_recall_equal_explicit_knn_balls():
     assert evaluation.precision_recall(real, real, k=k) == (1.0, 1.0)
     with pytest.raises(ValueError, match="more than k"):
         evaluation.precision_recall(real, fake[:3], k=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The judge: trained on real slices only, reloadable
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_splits(tmp_path_factory):
+    """The 32x32 conftest tree read as dataset Splits (16 train, 4 validate, 4 test slices)."""
+    import dataset
+    from conftest import write_tree
+
+    return dataset.read_oasis(write_tree(tmp_path_factory.mktemp("judge") / "oasis"), image_size=32)
+
+
+def test_judge_trains_only_on_the_real_slices_it_is_given(real_splits, monkeypatch):
+    import keras
+
+    import judge
+
+    seen = {}
+    original_fit = keras.Model.fit
+
+    def recording_fit(self, x=None, y=None, validation_data=None, **kwargs):
+        # Everything fit will iterate: training batches, and the validation batches it scores.
+        seen["train"] = [(np.asarray(a), np.asarray(b)) for a, b in x]
+        seen["validate"] = [(np.asarray(a), np.asarray(b)) for a, b in validation_data]
+        return original_fit(self, x, y, validation_data=validation_data, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    train, val = real_splits["train"], real_splits["validate"]
+    config = judge.JudgeConfig(image_size=32, num_slices=4, filters=4, feature_dim=8, epochs=1, batch_size=5)
+    judge.train_judge(train, val, config)
+    for name, split in (("train", train), ("validate", val)):
+        images = np.concatenate([a for a, _ in seen[name]])
+        labels = np.concatenate([b for _, b in seen[name]])
+        # Exactly the split's real slices (as pixel / 255) with their parsed slice positions, nothing else.
+        order = np.lexsort((labels, images.reshape(len(images), -1).sum(1)))
+        expected = split.float()
+        ref = np.lexsort((split.slice_indices, expected.reshape(len(expected), -1).sum(1)))
+        np.testing.assert_array_equal(images[order], expected[ref])
+        np.testing.assert_array_equal(labels[order], split.slice_indices[ref])
+    # Anything but a dataset Split (e.g. an array of generated images) is refused.
+    with pytest.raises(TypeError, match="only on real slices"):
+        judge.train_judge(train.float(), None, config)
+
+
+def test_judge_keras_round_trip_and_outputs(real_splits, tmp_path):
+    import keras
+
+    import judge
+
+    config = judge.JudgeConfig(image_size=32, num_slices=4, filters=4, feature_dim=8, epochs=2, batch_size=8)
+    model = judge.train_judge(real_splits["train"], None, config)
+    x = real_splits["test"].float()
+    model.save(tmp_path / "judge.keras")
+    loaded = keras.models.load_model(tmp_path / "judge.keras")          # stock layers: no custom objects
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    feats, slices = judge.judge_outputs(loaded, real_splits["test"].images, batch_size=3)   # uint8 in
+    assert feats.shape == (4, 8) and slices.shape == (4,)
+    np.testing.assert_array_equal(slices, np.argmax(np.asarray(model(x)), -1))
+    penultimate = keras.Model(model.input, model.get_layer("features").output)
+    np.testing.assert_allclose(feats, np.asarray(penultimate(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="num_slices"):
+        judge.train_judge(real_splits["train"], None, judge.JudgeConfig(image_size=32, num_slices=2, epochs=1))
