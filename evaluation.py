@@ -469,7 +469,7 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
-def score_samples(samples, splits, pick=None, requested=None, judge=None, seed: int = 0,
+def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=None, seed: int = 0,
                   progress: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every generation metric of ``samples`` against a run's real splits.
 
@@ -480,6 +480,10 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, seed: 
             :func:`reference_pick`); a conditioned prior is usually asked for their positions.
         requested: int ``(N,)`` slice positions a conditioned prior was asked for, or None.
         judge: the run's judge (``judge.keras``) or None to skip the judge's metrics.
+        vqvae: the run's VQ-VAE, or None; given, the validation subset's reconstructions are
+            scored like samples (sharpness, and with a judge Frechet distance and precision /
+            recall): the best a prior can do through this decoder, which separates what the
+            VQ-VAE loses from what the prior gets wrong.
         seed: seeds the choice of pairs for diversity and of the validation subset.
     Returns:
         ``(metrics, details)``. ``metrics`` (JSON-ready floats):
@@ -495,7 +499,8 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, seed: 
           perfect generator reaches, with the same number of images) the validation subset vs
           test; precision / recall (k = 3) of samples and of the validation subset against test;
           the judge's own median slice error on real test slices; with ``requested`` also the
-          slice agreement, median |judge's slice - requested slice| over the samples.
+          slice agreement, median |judge's slice - requested slice| over the samples;
+        * with a VQ-VAE: the same for reconstructions of the validation subset (``*_reconstructions``).
 
         ``details``: per-sample arrays ``realism``, ``nearest_test`` (index of the best test
         slice), ``memorisation``, ``interior_realism``, ``sharpness``, and with a judge
@@ -539,6 +544,10 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, seed: 
     metrics["sharpness_ratio"] = _ratio(metrics["sharpness_samples"], metrics["sharpness_real_test"])
     details = {"realism": realism, "nearest_test": nearest, "memorisation": memo, "interior_realism": interior,
                "sharpness": sharp}
+    recon = None
+    if vqvae is not None:
+        _, recon = reconstruct(vqvae, val_images)
+        metrics["sharpness_reconstructions"] = float(np.nanmean(sharpness(recon)))
     if judge is not None:
         from judge import judge_outputs
 
@@ -553,6 +562,12 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, seed: 
         if min(len(f_test), len(f_samples), len(f_val)) > k:
             metrics["judge_precision"], metrics["judge_recall"] = precision_recall(f_test, f_samples, k)
             metrics["judge_precision_validate"], metrics["judge_recall_validate"] = precision_recall(f_test, f_val, k)
+        if recon is not None:
+            f_recon, _ = judge_outputs(judge, recon)
+            metrics["judge_frechet_reconstructions_vs_test"] = frechet_distance(f_recon, f_test)
+            if min(len(f_test), len(f_recon)) > k:
+                metrics["judge_precision_reconstructions"], metrics["judge_recall_reconstructions"] = (
+                    precision_recall(f_test, f_recon, k))
         metrics["judge_slice_error_real_test"] = float(np.median(np.abs(slice_test - test.slice_indices)))
         if requested is not None:
             requested = np.broadcast_to(np.asarray(requested), (n,))

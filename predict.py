@@ -146,7 +146,8 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     (``evaluation.reference_pick``), so the samples follow the test split's distribution of depths.
     The metrics are those of ``evaluation.score_samples`` (realism, memorisation, interior realism,
     sharpness, diversity and, with the run's ``judge.keras``, Frechet distance, precision / recall
-    and slice agreement) plus the prior's NLL of the test codes in bits per code and per slice.
+    and slice agreement; validation reconstructions scored alike as the decoder's ceiling) plus
+    the prior's NLL of the test codes in bits per code and per slice.
     """
     import dataset
     import evaluation
@@ -170,7 +171,7 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     codes, samples = generate(run, num, temperature=temperature, seed=seed, condition=condition,
                               batch_size=batch_size)
     scores, details = evaluation.score_samples(samples, splits, pick=pick, requested=condition, judge=judge,
-                                               seed=seed)
+                                               vqvae=run.vqvae, seed=seed)
     metrics = {"num_samples": num, "temperature": temperature, "seed": seed, **scores}
     test_codes = evaluation.encode_images(run.vqvae, test.images)
     nll = evaluation.prior_nll(run.prior, test_codes,

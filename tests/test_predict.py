@@ -197,6 +197,12 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
     assert m["judge_frechet_samples_vs_test"] == pytest.approx(evaluation.frechet_distance(f_s, f_t), rel=1e-4)
     assert m["judge_frechet_validate_vs_test"] == pytest.approx(evaluation.frechet_distance(f_v, f_t), rel=1e-4)
     assert m["slice_agreement_median_abs_error"] == np.median(np.abs(slice_s - requested))
+    # Validation reconstructions (vqvae(x) decodes x's codes) are scored alike: the decoder's ceiling.
+    recon = np.asarray(run.vqvae(val.float(), training=False))
+    f_r, _ = judge.judge_outputs(model, recon)
+    assert m["judge_frechet_reconstructions_vs_test"] == pytest.approx(evaluation.frechet_distance(f_r, f_t),
+                                                                       rel=1e-3)
+    assert m["sharpness_reconstructions"] == pytest.approx(np.nanmean(evaluation.sharpness(recon)), rel=1e-4)
     p, r = evaluation.precision_recall(f_t, f_s, k=3)
     assert (m["judge_precision"], m["judge_recall"]) == (pytest.approx(p), pytest.approx(r))
     p, r = evaluation.precision_recall(f_t, f_v, k=3)
