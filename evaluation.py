@@ -233,8 +233,10 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
     Args:
         prior: a ``PixelCNN`` (logits ``(B, h, w, K)``).
         codes: int ``(N, h, w)``.
-        condition: int ``(N,)`` (or one int for all) slice positions for a conditioned prior; None
-            calls the prior on the codes alone.
+        condition: int ``(N,)`` (or one int for all) slice positions for a conditioned prior. None
+            for an unconditioned prior; for a conditioned one, None means its learned "no
+            condition" slot (``prior.null_condition``, classifier-free guidance), which a prior
+            trained without condition dropout does not have (``ValueError``).
         batch_size: grids per forward pass.
     Returns:
         float32 ``(N, h, w)``: the sparse categorical cross-entropy (from logits) at each position.
@@ -244,6 +246,11 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
     codes = np.asarray(codes).astype(np.int32)
     if codes.ndim != 3:
         raise ValueError(f"code_nll: codes must be (N, h, w), got shape {codes.shape}")
+    if condition is None and getattr(getattr(prior, "config", None), "num_conditions", 0):
+        if not getattr(prior, "has_null_condition", False):
+            raise ValueError("code_nll: this prior is conditioned on slice position and has no 'no condition' "
+                             "slot; pass the slice positions as condition")
+        condition = prior.null_condition
     if condition is not None:
         condition = np.broadcast_to(np.asarray(condition, dtype=np.int32), (len(codes),))
     out = []

@@ -41,9 +41,19 @@ def test_code_nll_is_the_priors_cross_entropy_per_position(small_prior):
     np.testing.assert_allclose(nll, -np.take_along_axis(log_p, codes[..., None], -1)[..., 0], rtol=1e-5)
     prior.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     assert prior.evaluate((codes, slices), codes, verbose=0) == pytest.approx(nll.mean(), rel=1e-5)
+    # A conditioned prior needs its conditions (unless it has a learned "no condition" slot).
+    if not getattr(prior, "has_null_condition", False):
+        with pytest.raises(ValueError, match="pass the slice positions"):
+            evaluation.code_nll(prior, codes)
     # One int condition is broadcast over the grids.
     np.testing.assert_allclose(evaluation.code_nll(prior, codes, 1),
                                evaluation.code_nll(prior, codes, np.ones(5, np.int32)), rtol=1e-6)
+    # An unconditioned prior is called on the codes alone.
+    from modules import PixelCNN, PriorConfig
+
+    plain = PixelCNN(7, PriorConfig(filters=8, num_layers=2, grid_shape=(6, 5)))
+    np.testing.assert_allclose(evaluation.code_nll(plain, codes, batch_size=3),
+                               np.asarray(loss(codes, plain(codes, training=False))), rtol=1e-5, atol=1e-6)
 
 
 def test_prior_nll_bits_per_code_and_per_slice(small_prior):
