@@ -412,8 +412,10 @@ def build_decoder(config: "VQVAEConfig", name: str = "decoder") -> keras.Model:
     """Quantised latents (B, h, w, embedding_dim) -> images (B, h*ds, w*ds, 1) in [0, 1].
 
     Mirror of :func:`build_encoder`: 3x3 conv, residual blocks, then ``log2(downsample)``
-    stride-2 4x4 transposed convs; the last one outputs one channel through a float32 sigmoid
-    (float32 even under ``mixed_float16``).
+    stride-2 4x4 transposed convs; the last one outputs one linear float32 channel (float32 even
+    under ``mixed_float16``). Linear, not sigmoid: on slices that are mostly black background with a
+    dim brain (the OASIS look), a sigmoid output saturates at 0 in the first epoch and its gradient
+    vanishes, so training stalls at a constant image; ``VQVAE`` clips to [0, 1] at inference.
     """
     c = config.channels
     steps = int(round(math.log2(config.downsample)))
@@ -427,7 +429,7 @@ def build_decoder(config: "VQVAEConfig", name: str = "decoder") -> keras.Model:
         x = keras.layers.Conv2DTranspose(filters, 4, strides=2, padding="same",
                                          activation="relu", name=f"up{i}")(x)
     x = keras.layers.Conv2DTranspose(1, 4, strides=2, padding="same", name=f"up{steps - 1}")(x)
-    x = keras.layers.Activation("sigmoid", dtype="float32", name="sigmoid")(x)
+    x = keras.layers.Activation("linear", dtype="float32", name="output")(x)
     return keras.Model(inputs, x, name=name)
 
 
@@ -573,10 +575,15 @@ class VQVAE(keras.Model):
         return self.config.num_embeddings
 
     def call(self, images, training=None):
-        """images (B, H, W, 1) in [0, 1] -> reconstructions (B, H, W, 1) float32 in [0, 1]."""
+        """images (B, H, W, 1) in [0, 1] -> reconstructions (B, H, W, 1) float32.
+
+        In training the decoder's linear output is returned as it is (clipping would cut the
+        gradient where the target is 0 or 1); otherwise it is clipped to [0, 1].
+        """
         z = self.encoder(images, training=training)  # (B, h, w, D)
         q = self.vector_quantizer(z, training=training)  # (B, h, w, D) float32
-        return self.decoder(q, training=training)
+        out = self.decoder(q, training=training)
+        return out if training else ops.clip(out, 0.0, 1.0)
 
     def encode(self, images):
         """images (B, H, W, 1) -> int32 codes (B, h, w)."""
@@ -584,7 +591,7 @@ class VQVAE(keras.Model):
 
     def decode(self, codes):
         """int codes (B, h, w) -> images (B, h*ds, w*ds, 1) float32 in [0, 1]."""
-        return self.decoder(self.vector_quantizer.quantize(codes), training=False)
+        return ops.clip(self.decoder(self.vector_quantizer.quantize(codes), training=False), 0.0, 1.0)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """``recon_weight * MSE + ssim_weight * (1 - SSIM) + vq_loss``; also updates the metrics."""

@@ -248,6 +248,21 @@ def test_vqvae_shapes_names_and_ranges():
     assert _np(VQVAE(TINY, image_size=32, downsample=8).encode(_smooth_images(1, 32))).shape == (1, 4, 4)
 
 
+def test_decoder_output_is_linear_in_training_and_clipped_to_unit_range_otherwise():
+    """A sigmoid output stalled training on dim slices with black background (saturated at 0)."""
+    model = VQVAE(VQVAEConfig(**TINY), num_embeddings=8)
+    x = _smooth_images(2, 16)
+    model(x)
+    out_layer = model.decoder.layers[-1]
+    assert out_layer.get_config()["activation"] == "linear"
+    last_conv = model.decoder.layers[-2]
+    last_conv.bias.assign(np.full(last_conv.bias.shape, 3.0, "float32"))  # pushes outputs above 1
+    raw = _np(model(x, training=True))
+    assert raw.max() > 1.0  # unclipped while training, so the gradient reaches every pixel
+    for out in (_np(model(x)), _np(model.decode(_np(model.encode(x))))):
+        assert out.min() >= 0.0 and out.max() == 1.0
+
+
 def test_keras_save_load_round_trip(tmp_path):
     model = VQVAE(TINY, restart_after=5)
     x = _smooth_images(4, 16)
