@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -152,6 +154,62 @@ def test_mirrored_training_on_two_logical_cpus(oasis_tree, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_data", "prior_without_vqvae", "resume_without_run", "incompatible_resume",
                                   "existing_run", "multiworker_without_tf_config", "bad_epochs"])
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, tmp_path):
+    """Two ``--distribute multiworker`` workers on loopback ports train both stages together.
+
+    Both exit 0; only the chief (worker 0) writes into --out, the other worker's temporary directory
+    is gone afterwards; both end with bit-identical models (the weights digests they print), which
+    are the chief's saved files. ``--restart-after 1`` makes dead-code restarts happen every step,
+    so the restart vectors must be the same on both workers too.
+    """
+    out = tmp_path / "run"
+    ports = [_free_port(), _free_port()]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CONFIG": json.dumps(tf_config)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), "--data", str(oasis_tree), "--out", str(out), *TINY,
+             "--epochs", "1", "--num-samples", "0", "--restart-after", "1", "--distribute", "multiworker"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    chief, other = (r[0] for r in results)
+    assert "this worker is the chief" in chief and "worker done" in other
+    saved = re.compile(r"\[(vqvae|prior)\] saved (\S+) \(weights sha256 ([0-9a-f]{16})\)")
+    assert len(saved.findall(chief)) == 2 and saved.findall(chief) == saved.findall(other)
+
+    for name in ("config.json", "vqvae.keras", "pixelcnn.keras", "metrics.json", "history_vqvae.csv",
+                 "history_prior.csv", "codes.npz", "reconstructions.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert history_epochs(out / "history_vqvae.csv") == [0] and history_epochs(out / "history_prior.csv") == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oasis", "run"]
+    temp = Path(re.search(r"this worker writes to (\S+) \(removed", other).group(1))
+    assert not temp.exists()
+
+    import keras
+
+    import modules  # noqa: F401
+    import train
+
+    digests = {stage: digest for stage, _, digest in saved.findall(chief)}
+    assert train.weights_digest(keras.models.load_model(out / "vqvae.keras")) == digests["vqvae"]
+    assert train.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
+
+
 def test_errors_are_one_line(case, oasis_tree, tmp_path):
     import train
 
