@@ -231,10 +231,13 @@ def resolve_config(args, parser) -> tuple[dict, bool]:
 
     train = cfg["training"]
     for stage in STAGES:
-        epochs = getattr(args, f"{stage}_epochs") or args.epochs
+        # The stage's own flag wins over the shared one, even when it is 0 (then rejected below).
+        epochs = getattr(args, f"{stage}_epochs")
+        epochs = args.epochs if epochs is None else epochs
         if epochs is not None:
             train[f"{stage}_epochs"] = epochs
-        batch = getattr(args, f"{stage}_batch_size") or args.batch_size
+        batch = getattr(args, f"{stage}_batch_size")
+        batch = args.batch_size if batch is None else batch
         if batch is not None:
             train[f"{stage}_batch_size"] = batch
         lr = getattr(args, f"{stage}_lr")

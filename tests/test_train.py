@@ -35,9 +35,19 @@ def history_epochs(path: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path):
+def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path, monkeypatch):
     import train
+    import utils
 
+    config_writes = []
+    save_json = utils.save_json
+
+    def recording_save_json(obj, path):
+        if Path(path).name == "config.json":
+            config_writes.append(json.loads(json.dumps(obj)))
+        return save_json(obj, path)
+
+    monkeypatch.setattr(utils, "save_json", recording_save_json)
     out = tmp_path / "run"
     assert train.main(["--data", oasis_tree, "--out", out, *TINY, "--vqvae-epochs", "2", "--prior-epochs", "2",
                        "--num-samples", "2"]) == 0
@@ -48,7 +58,12 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path):
     assert history_epochs(out / "history_prior.csv") == [0, 1]
     assert any((out / "logs" / "vqvae").rglob("events.out.tfevents*"))
     config = json.loads((out / "config.json").read_text())
+    assert config_writes == [config]  # written once, already complete
     assert config["vqvae"]["num_embeddings"] == 16 and config["vqvae"]["image_size"] == 32
+    from modules import PriorConfig
+
+    # The prior section is exactly a PriorConfig: everything the prior needs, nothing beside it.
+    assert PriorConfig.from_dict(config["prior"]).to_dict() == config["prior"]
     assert config["prior"]["grid_shape"] == [8, 8]
     assert config["prior"]["num_conditions"] == 4          # slices 0..3, conditioned by default
     assert config["data"]["num_images"] == {"train": 16, "validate": 4, "test": 4}
@@ -70,11 +85,19 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path):
     prior = keras.models.load_model(out / "pixelcnn.keras")
     assert tuple(vqvae.grid_shape) == (8, 8) and prior.num_embeddings == 16
 
-    # --stage prior retrains only the prior, reusing the VQ-VAE and the cached codes.
+    assert prior.config == PriorConfig.from_dict(config["prior"])
+
+    # --stage prior retrains only the prior, reusing the VQ-VAE and the cached codes; the user's switch
+    # --no-condition-on-slice becomes num_conditions = 0 in the one config.json this stage writes.
     vq_bytes = (out / "vqvae.keras").read_bytes()
-    assert train.main(["--out", out, "--stage", "prior", "--prior-epochs", "1", "--num-samples", "0"]) == 0
+    config_writes.clear()
+    assert train.main(["--out", out, "--stage", "prior", "--prior-epochs", "1", "--num-samples", "0",
+                       "--no-condition-on-slice"]) == 0
     assert (out / "vqvae.keras").read_bytes() == vq_bytes
     assert history_epochs(out / "history_prior.csv") == [0]
+    config = json.loads((out / "config.json").read_text())
+    assert config_writes == [config] and config["prior"]["num_conditions"] == 0
+    assert keras.models.load_model(out / "pixelcnn.keras").config.num_conditions == 0
 
 
 def test_resume_after_kill_continues_without_duplicate_or_missing_epochs(oasis_tree, tmp_path):
@@ -108,6 +131,53 @@ def test_resume_after_kill_continues_without_duplicate_or_missing_epochs(oasis_t
     import modules  # noqa: F401
 
     assert int(keras.models.load_model(out / "vqvae.keras").optimizer.iterations) == 9 * 4
+
+
+def _one_line_error(argv) -> tuple[int, list[str]]:
+    """Run train.main in-process; return its exit code and its stderr lines."""
+    import contextlib
+    import io
+
+    import train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main([str(a) for a in argv])
+    return code, err.getvalue().strip().splitlines()
+
+
+def test_files_without_slice_numbers_stop_a_conditioned_run_before_training(oasis_tree, tmp_path):
+    train_dir = oasis_tree / "keras_png_slices_train"
+    (train_dir / "case_002_slice_1.nii.png").rename(train_dir / "scan_b.png")
+    (oasis_tree / "keras_png_slices_test" / "case_006_slice_3.nii.png").rename(
+        oasis_tree / "keras_png_slices_test" / "extra.png")
+    out = tmp_path / "run"
+    code, lines = _one_line_error(["--data", oasis_tree, "--out", out, *TINY, "--epochs", "1", "--num-samples", "0"])
+    assert code == 2 and len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("train.py: error: ") and str(train_dir / "scan_b.png") in line
+    assert "2 of 24 files" in line and "case_<id>_slice_<k>.nii.png" in line and "--no-condition-on-slice" in line
+    assert not out.exists()  # nothing was trained or written
+
+
+def test_slice_conditions_come_from_the_training_split_only(oasis_tree, tmp_path):
+    import train
+    from conftest import brain_like
+    from PIL import Image
+
+    out = tmp_path / "run"
+    test_dir = oasis_tree / "keras_png_slices_test"
+    Image.fromarray(brain_like(32, 6, 7), mode="L").save(test_dir / "case_006_slice_7.nii.png")
+    code, lines = _one_line_error(["--data", oasis_tree, "--out", out, *TINY, "--epochs", "1", "--num-samples", "0"])
+    assert code == 2 and len(lines) == 1, lines
+    assert str(test_dir / "case_006_slice_7.nii.png") in lines[0] and "slices 0..3" in lines[0]
+    assert "--no-condition-on-slice" in lines[0] and not out.exists()
+
+    import dataset
+
+    splits = dataset.read_oasis(oasis_tree, image_size=32)
+    splits["test"] = splits["test"].subset(splits["test"].slice_indices < 4)
+    assert train.slice_conditions(splits) == 4
 
 
 def test_checkpoint_discovery_ignores_unfinished_files(tmp_path):
@@ -152,8 +222,6 @@ def test_mirrored_training_on_two_logical_cpus(oasis_tree, tmp_path):
     assert (out / "vqvae.keras").exists()
 
 
-@pytest.mark.parametrize("case", ["missing_data", "prior_without_vqvae", "resume_without_run", "incompatible_resume",
-                                  "existing_run", "multiworker_without_tf_config", "bad_epochs"])
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -210,6 +278,27 @@ def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, t
     assert train.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--vqvae-epochs must be at least 1, got 0"),
+    (["--prior-batch-size", "0"], "--prior-batch-size must be at least 1, got 0"),  # was silently the preset's
+    (["--epochs", "3", "--vqvae-epochs", "0"], "--vqvae-epochs must be at least 1, got 0"),
+    (["--num-samples", "-1"], "--num-samples must be 0 or more, got -1"),
+    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1, got 1.5"),
+    (["--distribute", "ring"], "argument --distribute: invalid choice: 'ring'"),
+    (["--prior-filters", "many"], "argument --prior-filters: invalid int value: 'many'"),
+])
+def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv, message, tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:  # (a missing --data: a flag let through fails fast, not a demo run)
+        train.main(["--data", tmp_path / "nowhere", "--out", tmp_path / "run", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.splitlines()[-1].startswith(f"train.py: error: {message}"), err
+
+
+@pytest.mark.parametrize("case", ["missing_data", "prior_without_vqvae", "resume_without_run", "incompatible_resume",
+                                  "existing_run", "multiworker_without_tf_config", "bad_model_setting"])
 def test_errors_are_one_line(case, oasis_tree, tmp_path):
     import train
 
@@ -223,16 +312,14 @@ def test_errors_are_one_line(case, oasis_tree, tmp_path):
     elif case == "multiworker_without_tf_config":
         os.environ.pop("TF_CONFIG", None)
         argv, expect = ["--data", oasis_tree, "--out", out, *TINY, "--distribute", "multiworker"], "TF_CONFIG"
-    elif case == "bad_epochs":
-        with pytest.raises(SystemExit) as e:
-            train.main(["--out", out, "--epochs", "0"])
-        assert e.value.code == 2
-        return
+    elif case == "bad_model_setting":
+        argv, expect = ["--data", oasis_tree, "--out", out, *TINY, "--prior-kernel-size", "4"], \
+            "bad model setting: PriorConfig.kernel_size must be an odd int >= 3, got 4"
     else:
         out.mkdir()
         (out / "config.json").write_text(json.dumps({
             "preset": "demo", "seed": 0, "data": {"root": str(oasis_tree), "image_size": 32, "val_fraction": 0.2},
-            "vqvae": {"image_size": 32, "num_embeddings": 16}, "prior": {"condition_on_slice": True},
+            "vqvae": {"image_size": 32, "num_embeddings": 16}, "prior": {"num_conditions": 4},
             "training": {"vqvae_epochs": 1, "prior_epochs": 1, "vqvae_batch_size": 4, "prior_batch_size": 4,
                          "vqvae_lr": 1e-3, "prior_lr": 1e-3}}))
         if case == "incompatible_resume":
@@ -251,10 +338,34 @@ def test_errors_are_one_line(case, oasis_tree, tmp_path):
 
 
 def test_help_explains_every_flag():
+    import dataclasses
+
     import train
+    from modules import PriorConfig, VQVAEConfig
 
     text = train.build_parser().format_help()
     for flag in ("--data", "--out", "--stage", "--epochs", "--vqvae-epochs", "--prior-epochs", "--batch-size",
                  "--image-size", "--seed", "--resume", "--preset", "--distribute", "--mixed-precision",
-                 "--num-embeddings", "--embedding-dim", "--downsample", "--prior-gated", "--prior-filters"):
+                 "--num-embeddings", "--embedding-dim", "--downsample", "--prior-gated", "--prior-filters",
+                 "--condition-on-slice", "--no-condition-on-slice", "--verbose"):
         assert flag in text, flag
+    flat = "".join(text.split())  # argparse re-wraps the help
+    # Each config field's flag shows the help written beside the field (dataclasses.field metadata).
+    for cls, prefix, skip in ((VQVAEConfig, "", {"image_size", "seed"}),
+                              (PriorConfig, "prior-", {"grid_shape", "num_conditions"})):
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help metadata"
+            assert f"--{prefix}{f.name.replace('_', '-')}" in flat
+            assert "".join(f.metadata["help"].split()) in flat, f.name
+
+
+def test_scripts_start_without_tensorflow_noise():
+    """A plain ``python train.py --help`` / ``predict.py --help`` prints usage only: no oneDNN, CUDA or absl lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for script in ("train.py", "predict.py"):
+        proc = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
+        assert proc.stderr == "", f"{script}: {proc.stderr}"
