@@ -381,8 +381,9 @@ def quiet_tensorflow(verbose: bool = False) -> None:
     TensorFlow 2.21 writes its start-up notices (oneDNN, "Could not find cuda drivers", CPU
     features, "failed call to cuInit") to stderr from C++ before absl logging is initialised, where
     ``TF_CPP_MIN_LOG_LEVEL`` does not reach them. So the import and the first device query run with
-    file descriptor 2 pointed at ``/dev/null``; after that stderr is back, ``TF_CPP_MIN_LOG_LEVEL``
-    defaults to 2 (C++ errors still show) and TensorFlow's and absl's Python loggers to ERROR.
+    file descriptor 2 pointed at ``/dev/null``; after that stderr is back, ``TF_CPP_MIN_LOG_LEVEL`` is
+    3 (no C++ log lines: on a CPU, Grappler logs "remapper failed" errors it recovers from) and
+    TensorFlow's and absl's Python loggers are at ERROR. Python exceptions are not affected.
     Call before anything imports TensorFlow (the scripts do it first thing); once TensorFlow is
     imported only the logger levels change.
     """
@@ -390,7 +391,7 @@ def quiet_tensorflow(verbose: bool = False) -> None:
         return
     import sys
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if "tensorflow" not in sys.modules:
         sys.stderr.flush()
         saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)

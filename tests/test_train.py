@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -98,6 +99,39 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path, m
     config = json.loads((out / "config.json").read_text())
     assert config_writes == [config] and config["prior"]["num_conditions"] == 0
     assert keras.models.load_model(out / "pixelcnn.keras").config.num_conditions == 0
+
+
+def test_oasis_preset_end_to_end_on_oasis_shaped_data(tmp_path):
+    """The real user's first command, on data shaped like OASIS: 256x256 PNGs, 32 slices per case.
+
+    Everything comes from ``--preset oasis`` (image size 256, down-sampling 8 to a 32x32 grid, 256
+    codes, batch sizes, learning rates, a positional slice-conditioned gated prior, 32 conditions)
+    except what keeps the test short on 2 cores: one epoch per stage, 3 cases (1 train, 1 validate,
+    1 test), and narrow layers (8 VQ-VAE channels instead of 64; a prior of 8 filters x 2 layers
+    instead of 64 x 12). Run as the user runs it, in a fresh process, whose stderr must be empty.
+    """
+    from conftest import write_tree
+
+    data = write_tree(tmp_path / "oasis", size=256, cases={"train": [1], "validate": [2], "test": [3]}, slices=32)
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--preset", "oasis", "--data", str(data),
+                           "--out", str(out), "--epochs", "1", "--channels", "8", "--prior-filters", "8",
+                           "--prior-num-layers", "2", "--num-samples", "2"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr == ""  # no TensorFlow start-up or library noise
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "oasis" and config["data"]["image_size"] == 256
+    assert config["vqvae"]["downsample"] == 8 and config["vqvae"]["num_embeddings"] == 256
+    assert config["prior"]["grid_shape"] == [32, 32] and config["prior"]["num_conditions"] == 32
+    assert config["prior"]["positional"] and config["prior"]["gated"]
+    assert config["training"]["vqvae_batch_size"] == 8 and config["training"]["prior_batch_size"] == 32
+    assert config["data"]["num_images"] == {"train": 32, "validate": 32, "test": 32}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(np.isfinite(metrics[k]) for k in ("test_ssim", "prior_val_nll_bits", "prior_test_nll_bits"))
+    for name in ("vqvae.keras", "pixelcnn.keras", "samples.png", "reconstructions.png", "training_curves.png"):
+        assert (out / name).is_file(), name
 
 
 def test_resume_after_kill_continues_without_duplicate_or_missing_epochs(oasis_tree, tmp_path):
