@@ -271,22 +271,31 @@ def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, t
     so the restart vectors must be the same on both workers too.
     """
     out = tmp_path / "run"
+    logs = tmp_path / "logs"
+    logs.mkdir()
     ports = [_free_port(), _free_port()]
     procs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
                      "task": {"type": "worker", "index": index}}
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CONFIG": json.dumps(tf_config)}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), "--data", str(oasis_tree), "--out", str(out), *TINY,
-             "--epochs", "1", "--num-samples", "0", "--restart-after", "1", "--distribute", "multiworker"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
-    try:
-        results = [p.communicate(timeout=240) for p in procs]
+        with open(logs / f"{index}.out", "w") as stdout, open(logs / f"{index}.err", "w") as stderr:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "train.py"), "--data", str(oasis_tree), "--out", str(out), *TINY,
+                 "--epochs", "1", "--num-samples", "0", "--restart-after", "1", "--distribute", "multiworker"],
+                stdout=stdout, stderr=stderr, env=env, cwd=REPO))
+    deadline = time.time() + 240
+    try:  # a worker that fails leaves the other waiting on its collectives: stop at the first failure
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
+    results = [((logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i in range(2)]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
     chief, other = (r[0] for r in results)
@@ -298,7 +307,7 @@ def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, t
                  "history_prior.csv", "codes.npz", "reconstructions.png", "training_curves.png"):
         assert (out / name).is_file(), name
     assert history_epochs(out / "history_vqvae.csv") == [0] and history_epochs(out / "history_prior.csv") == [0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["oasis", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "oasis", "run"]
     temp = Path(re.search(r"this worker writes to (\S+) \(removed", other).group(1))
     assert not temp.exists()
 
