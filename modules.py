@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -73,6 +73,21 @@ def _cross_replica_sum(x):
     import tensorflow as tf
 
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def _from_first_replica(x):
+    """Replica 0's value of ``x`` on every replica (an all-reduce of ``x`` zeroed elsewhere).
+
+    ``replica_id_in_sync_group`` numbers replicas across all workers, so under a multi-worker
+    strategy every worker gets the same value, not its own first device's.
+    """
+    ctx = _replica_context()
+    if ctx is None:
+        return x
+    import tensorflow as tf
+
+    first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), x.dtype)
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x * first)
 
 
 def _num_replicas() -> int:
@@ -124,9 +139,10 @@ class VectorQuantizer(keras.layers.Layer):
     batch's vectors assigned to code ``k`` (equals K for uniform use, 1 for a single code), and
     ``batch_active_fraction`` = fraction of codes used at least once *in this batch* (not an EMA).
     Under ``tf.distribute`` the counts and EMA sums are all-reduced over replicas first, so the
-    numbers refer to the global batch and every replica applies the same EMA update; the state
-    variables use ``aggregation="only_first_replica"``, so a restarted code takes the first
-    replica's random sample and the replicas stay identical.
+    numbers refer to the global batch and every replica applies the same EMA update; a restarted
+    code takes the random encoder output drawn on the first replica (broadcast by an all-reduce),
+    so replicas stay identical on one machine and across workers. The state variables use
+    ``aggregation="only_first_replica"``, which lets each replica assign them in ``fit``.
 
     ``get_code_indices`` and ``quantize`` are pure lookups (no state changes). ``quantize`` here is
     the codebook lookup, not Keras's int8 weight-quantisation hook of the same name (which this
@@ -317,7 +333,9 @@ class VectorQuantizer(keras.layers.Layer):
             pick = keras.random.randint(
                 (self.num_embeddings,), 0, ops.shape(flat)[0], seed=self.seed_generator
             )
-            samples = ops.take(flat, pick, axis=0)  # (K, D) random encoder outputs
+            # (K, D) random encoder outputs, drawn on the first replica so that all replicas (on
+            # all workers) restart a code to the same vector.
+            samples = _from_first_replica(ops.take(flat, pick, axis=0))
             new_codebook = ops.where(dead[:, None], samples, new_codebook)
             if self.use_ema:
                 cluster_size = ops.where(dead, 1.0, cluster_size)
@@ -440,39 +458,33 @@ def build_decoder(config: "VQVAEConfig", name: str = "decoder") -> keras.Model:
 class VQVAEConfig:
     """Hyper-parameters of :class:`VQVAE` (saved as ``config.json`` beside the weights).
 
-    Attributes:
-        image_size: side of the square training images (H = W).
-        channels: conv filters in the encoder/decoder (the full-resolution conv uses half).
-        num_res_blocks: residual blocks at the latent resolution, in encoder and decoder.
-        res_hidden: channels inside each residual block (None -> ``channels``).
-        downsample: total stride, a power of 2 >= 2; the code grid is ``image_size / downsample``.
-        num_embeddings: codebook size K.
-        embedding_dim: code length D.
-        beta: commitment cost.
-        use_ema: EMA codebook updates instead of the codebook loss.
-        ema_decay: EMA decay.
-        restart_after: restart codes unused for this many training steps (0 = never).
-        recon_weight: weight of the pixel MSE in the training loss.
-        ssim_weight: weight of ``1 - SSIM(x, x_hat)`` in the training loss (Gaussian-window SSIM as
-            in ``tf.image.ssim``). MSE alone favours blur; the structural term keeps edges, as in
-            the SSIM-based losses of image restoration (Zhao et al. 2017). 0 turns it off.
-        seed: seed for the codebook initialiser and the restart sampler.
+    Each field's ``metadata["help"]`` says what it sets; ``train.py --help`` shows it as the flag's
+    help, so the text lives in one place.
     """
 
-    image_size: int = 128
-    channels: int = 32
-    num_res_blocks: int = 2
-    res_hidden: int | None = None
-    downsample: int = 4
-    num_embeddings: int = 128
-    embedding_dim: int = 32
-    beta: float = 0.25
-    use_ema: bool = True
-    ema_decay: float = 0.99
-    restart_after: int = 20
-    recon_weight: float = 1.0
-    ssim_weight: float = 0.0
-    seed: int = 0
+    image_size: int = field(default=128, metadata={"help": "side of the square training images (H = W)"})
+    channels: int = field(default=32, metadata={
+        "help": "conv filters in the encoder/decoder (the full-resolution conv uses half)"})
+    num_res_blocks: int = field(default=2, metadata={
+        "help": "residual blocks at the latent resolution, in encoder and decoder"})
+    res_hidden: int | None = field(default=None, metadata={
+        "help": "channels inside each residual block (default: channels)"})
+    downsample: int = field(default=4, metadata={
+        "help": "total stride, a power of 2 >= 2; the code grid is image_size / downsample on a side"})
+    num_embeddings: int = field(default=128, metadata={"help": "codebook size K"})
+    embedding_dim: int = field(default=32, metadata={"help": "code length D"})
+    beta: float = field(default=0.25, metadata={"help": "commitment cost (van den Oord et al. 2017, eq. 3)"})
+    use_ema: bool = field(default=True, metadata={
+        "help": "update the codebook by exponential moving averages instead of the codebook loss"})
+    ema_decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebook statistics"})
+    restart_after: int = field(default=20, metadata={
+        "help": "re-initialise a code unused for this many training steps to a random encoder output (0: never)"})
+    recon_weight: float = field(default=1.0, metadata={"help": "weight of the pixel MSE in the training loss"})
+    # MSE alone favours blur; the structural term keeps edges, as in the SSIM-based losses of image
+    # restoration (Zhao et al. 2017). Gaussian-window SSIM as in tf.image.ssim.
+    ssim_weight: float = field(default=0.0, metadata={
+        "help": "weight of 1 - SSIM(x, x_hat) in the training loss, which keeps edges that MSE blurs (0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the codebook initialiser and the restart sampler"})
 
     def __post_init__(self):
         ds = int(self.downsample)
@@ -879,29 +891,27 @@ class MaskedResidualBlock(layers.Layer):
 class PriorConfig:
     """Settings of a PixelCNN prior (saved as ``config.json`` beside the weights).
 
-    Attributes:
-        gated: gated PixelCNN (no blind spot) if True, else the plain masked-conv stack.
-        filters: channels of the code embedding and of every layer.
-        num_layers: gated layers (including the first) or plain residual blocks.
-        kernel_size: kernel of the layers after the first (odd, >= 3).
-        first_kernel_size: kernel of the first (mask-A / shifted) layer (odd, >= 3).
-        num_conditions: 0 = unconditioned; else number of condition classes (0..num_conditions-1).
-        grid_shape: ``(h, w)`` of the code grids it is trained on (samplers default to it).
-        dropout: dropout rate inside the layers (training only).
-        positional: learn a bias per grid position in the first layer, so the prior knows where in
-            the slice it is beyond its receptive field (needs ``grid_shape``; the prior then
-            samples only grids of that shape).
+    Everything the prior needs is here: ``num_conditions > 0`` means conditioned on an int in
+    ``[0, num_conditions)`` (the slice position), and ``grid_shape`` is the code grid it is trained
+    on. Each field's ``metadata["help"]`` is the help of its ``train.py`` flag (``--prior-<field>``).
     """
 
-    gated: bool = True
-    filters: int = 48
-    num_layers: int = 6
-    kernel_size: int = 3
-    first_kernel_size: int = 5
-    num_conditions: int = 0
-    grid_shape: tuple | None = None
-    dropout: float = 0.0
-    positional: bool = False
+    gated: bool = field(default=True, metadata={
+        "help": "gated PixelCNN without blind spot (van den Oord et al. 2016); --no-prior-gated: plain masked stack"})
+    filters: int = field(default=48, metadata={"help": "channels of the code embedding and of every layer"})
+    num_layers: int = field(default=6, metadata={"help": "gated layers (including the first) or plain residual blocks"})
+    kernel_size: int = field(default=3, metadata={"help": "kernel of the layers after the first (odd, >= 3)"})
+    first_kernel_size: int = field(default=5, metadata={
+        "help": "kernel of the first (mask-A / shifted) layer (odd, >= 3)"})
+    num_conditions: int = field(default=0, metadata={
+        "help": "0: unconditioned; else the number of condition classes 0..num_conditions-1 (train.py sets it "
+                "from the training split's slice numbers)"})
+    grid_shape: tuple | None = field(default=None, metadata={
+        "help": "(h, w) of the code grids it is trained on (samplers default to it)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout rate inside the layers (training only)"})
+    positional: bool = field(default=False, metadata={
+        "help": "learn a bias per grid position in the first layer, so the prior knows where in the slice it "
+                "is beyond its receptive field (samples only grids of grid_shape)"})
 
     def __post_init__(self):
         for name in ("kernel_size", "first_kernel_size"):

@@ -24,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sampler import sample_codes  # noqa: F401  (public: `from predict import sample_codes`)
+if __name__ == "__main__":  # hide TensorFlow's start-up lines before anything imports it
+    import utils
+
+    utils.quiet_tensorflow(verbose="--verbose" in sys.argv[1:])
+
+from sampler import sample_codes  # noqa: E402,F401  (public: `from predict import sample_codes`)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUN = REPO / "runs" / "demo"
@@ -46,7 +51,7 @@ class Run:
 
     @property
     def conditioned(self) -> bool:
-        return bool(self.config.get("prior", {}).get("condition_on_slice")) and self.prior is not None
+        return self.num_conditions > 0 and self.prior is not None
 
     @property
     def num_conditions(self) -> int:
@@ -209,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", type=Path, default=None, help="output folder (default: a folder in the run directory)")
         sp.add_argument("--batch-size", type=int, default=None,
                         help="samples (or images) processed at once; results do not depend on it (default: all)")
+        sp.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up and library logging (hidden by default)")
 
     def sampling(sp, default_num):
         sp.add_argument("--num", type=int, default=default_num, help=f"number of samples (default: {default_num})")

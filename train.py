@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,24 +59,12 @@ class TrainError(Exception):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def _config_flag_help(cls) -> dict[str, str]:
-    """Help for each dataclass field, read from the ``Attributes:`` section of its docstring."""
-    helps, current = {}, None
-    for line in (cls.__doc__ or "").splitlines():
-        m = re.match(r"^\s{8}(\w+):\s*(.*)$", line)
-        if m:
-            current = m.group(1)
-            helps[current] = m.group(2).strip()
-        elif current and line.startswith(" " * 12) and line.strip():
-            helps[current] += " " + line.strip()
-        elif not line.strip():
-            current = None
-    return helps
-
-
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip: set[str]) -> None:
-    """One flag per config field (``--{prefix}{field}``), typed from the field's default."""
-    helps = _config_flag_help(cls)
+    """One flag per config field (``--{prefix}{field}``), typed from the field's default.
+
+    The help text is the field's ``metadata["help"]`` (``dataclasses.field(metadata=...)``), so it is
+    written once, beside the field it describes.
+    """
     preset_key = "prior_config" if prefix else "vqvae_config"
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -84,7 +73,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip
         flag = "--" + (prefix + f.name).replace("_", "-")
         by_preset = [f"{name} {values[preset_key][f.name]}" for name, values in PRESETS.items()
                      if f.name in values.get(preset_key, {})]
-        text = (helps.get(f.name) or f"{cls.__name__}.{f.name}") + f" (default: {default}" + (
+        text = f.metadata.get("help", f"{cls.__name__}.{f.name}") + f" (default: {default}" + (
             f"; presets: {', '.join(by_preset)})" if by_preset else ")")
         dest = prefix.replace("-", "_") + f.name
         if isinstance(default, bool):
@@ -125,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last completed epoch (optimiser state included)")
     g.add_argument("--num-samples", type=int, default=16, help="samples drawn for the figure at the end (0: none)")
+    g.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow's start-up and library logging (hidden by default)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs for both stages (the two flags below override)")
@@ -152,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(g, VQVAEConfig, "", skip={"image_size", "seed"})
     g = p.add_argument_group("prior (PriorConfig; the flags carry a prior- prefix)")
     g.add_argument("--condition-on-slice", action=argparse.BooleanOptionalAction, default=None,
-                   help="condition the prior on the slice index parsed from file names, so samples can be "
-                        "asked for at a given depth (default: on in both presets)")
+                   help="condition the prior on the slice index parsed from file names "
+                        "(case_<id>_slice_<k>.nii.png), so samples can be asked for at a given depth; sets "
+                        "PriorConfig.num_conditions to the training split's slice count (default: on in both "
+                        "presets; on --stage prior, what the run was trained with)")
     _add_dataclass_flags(g, PriorConfig, "prior-", skip={"grid_shape", "num_conditions"})
     return p
 
@@ -162,8 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 # Configuration: preset <- saved run (on --resume) <- explicit flags
 # ----------------------------------------------------------------------------------------------
 
-def resolve_config(args, parser) -> dict:
-    """Build the run's full config dict from preset, saved config (when resuming) and flags."""
+def resolve_config(args, parser) -> tuple[dict, bool]:
+    """Build the run's config dict from preset, saved config (when resuming) and flags.
+
+    Returns ``(cfg, condition_on_slice)``. Everything but ``cfg["prior"]["num_conditions"]`` is final
+    here (the prior's ``grid_shape`` follows from the VQ-VAE config); the number of slice positions
+    is only known once the data is read, and :func:`slice_conditions` fills it in when
+    ``condition_on_slice`` is true (0 otherwise).
+    """
     from modules import PriorConfig, VQVAEConfig
 
     import utils
@@ -184,6 +183,9 @@ def resolve_config(args, parser) -> dict:
     data_root = args.data.resolve() if args.data else None
     if saved is not None:
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+        # Runs written before PriorConfig carried everything kept the switch beside it.
+        legacy = cfg["prior"].pop("condition_on_slice", None)
+        saved_conditioned = bool(legacy if legacy is not None else cfg["prior"].get("num_conditions"))
     else:
         image_size = args.image_size or preset["image_size"]
         vq = VQVAEConfig(**{"image_size": image_size, "downsample": preset["downsample"], "seed": args.seed,
@@ -193,12 +195,12 @@ def resolve_config(args, parser) -> dict:
             "data": {"root": str(data_root) if data_root else None, "image_size": image_size,
                      "val_fraction": args.val_fraction},
             "vqvae": vq,
-            "prior": {**PriorConfig().to_dict(), **preset.get("prior_config", {}),
-                      "condition_on_slice": preset["condition_on_slice"]},
+            "prior": {**PriorConfig().to_dict(), **preset.get("prior_config", {})},
             "training": {k: preset[k] for k in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size",
                                                   "prior_batch_size", "vqvae_lr", "prior_lr")},
             "seed": args.seed,
         }
+        saved_conditioned = preset["condition_on_slice"]
 
     # Explicit flags: model and data settings, then training settings.
     requested = {"vqvae": {}, "prior": {}, "data": {}}
@@ -210,13 +212,12 @@ def resolve_config(args, parser) -> dict:
         value = getattr(args, "prior_" + f.name, None)
         if value is not None:
             requested["prior"][f.name] = list(value) if isinstance(value, list) else value
-    if args.condition_on_slice is not None:
-        requested["prior"]["condition_on_slice"] = args.condition_on_slice
     if args.image_size is not None:
         requested["vqvae"]["image_size"] = args.image_size
         requested["data"]["image_size"] = args.image_size
     if data_root is not None:
         requested["data"]["root"] = str(data_root)
+    condition_on_slice = saved_conditioned if args.condition_on_slice is None else args.condition_on_slice
 
     if saved is not None:
         # A resumed run (or a prior retrained on a saved VQ-VAE) must not silently change what was trained.
@@ -226,6 +227,8 @@ def resolve_config(args, parser) -> dict:
         clashes = [f"{section}.{key}: saved {cfg[section].get(key)!r}, requested {value!r}"
                    for section, values in frozen.items() for key, value in values.items()
                    if cfg[section].get(key) != value]
+        if "prior" in frozen and condition_on_slice != saved_conditioned:
+            clashes.append(f"condition_on_slice: saved {saved_conditioned}, requested {condition_on_slice}")
         if clashes:
             raise TrainError(f"{saved_path} was made with another config ({'; '.join(clashes)}); "
                              "drop those flags or use a new --out")
@@ -234,10 +237,13 @@ def resolve_config(args, parser) -> dict:
 
     train = cfg["training"]
     for stage in STAGES:
-        epochs = getattr(args, f"{stage}_epochs") or args.epochs
+        # The stage's own flag wins over the shared one, even when it is 0 (then rejected below).
+        epochs = getattr(args, f"{stage}_epochs")
+        epochs = args.epochs if epochs is None else epochs
         if epochs is not None:
             train[f"{stage}_epochs"] = epochs
-        batch = getattr(args, f"{stage}_batch_size") or args.batch_size
+        batch = getattr(args, f"{stage}_batch_size")
+        batch = args.batch_size if batch is None else batch
         if batch is not None:
             train[f"{stage}_batch_size"] = batch
         lr = getattr(args, f"{stage}_lr")
@@ -254,15 +260,58 @@ def resolve_config(args, parser) -> dict:
     if not 0.0 < cfg["data"]["val_fraction"] < 1.0:
         parser.error(f"--val-fraction must be between 0 and 1, got {cfg['data']['val_fraction']}")
 
-    # Validate the model settings now, so a bad flag is one line, not a traceback mid-run.
+    # Validate the model settings now, so a bad flag is one line, not a traceback mid-run. The code
+    # grid follows from the VQ-VAE; the number of slice positions waits for the data.
     try:
-        VQVAEConfig.from_dict(cfg["vqvae"])
-        prior = {k: v for k, v in cfg["prior"].items() if k != "condition_on_slice"}
-        PriorConfig.from_dict({**prior, "grid_shape": prior.get("grid_shape") or (1, 1)})  # grid known later
+        vq = VQVAEConfig.from_dict(cfg["vqvae"])
+        cfg["prior"]["grid_shape"] = list(vq.grid_shape)
+        cfg["prior"]["num_conditions"] = 0
+        PriorConfig.from_dict(cfg["prior"])
     except (TypeError, ValueError) as e:
         raise TrainError(f"bad model setting: {e}") from None
     cfg["out"] = str(out.resolve())
-    return cfg
+    return cfg, bool(condition_on_slice)
+
+
+def slice_conditions(splits) -> int:
+    """Number of slice positions a slice-conditioned prior learns: the training split's ``max + 1``.
+
+    The slice index comes from each file name (``case_<id>_slice_<k>``). A file whose name has none
+    would reach the condition embedding as ``-1`` (silently the last slot), and a validate/test
+    slice past the training range has no embedding at all, so both stop the run here, before any
+    training, with one line naming a file.
+
+    Args:
+        splits: ``{"train", "validate", "test"}`` -> ``dataset.Split``.
+    Raises:
+        TrainError: a file without a slice number, or a validate/test slice outside ``[0, n)``.
+    """
+    def where(name, split, i):
+        folder = split.report.folder if split.report is not None else name
+        return str(Path(folder) / split.names[i])
+
+    unnamed = [(name, split, i) for name, split in splits.items()
+               for i in np.flatnonzero(np.asarray(split.slice_indices) < 0)]
+    if unnamed:
+        total = sum(len(s) for s in splits.values())
+        raise TrainError(
+            f"{where(*unnamed[0])}: no slice number in the file name ({len(unnamed)} of {total} files have "
+            "none); conditioning the prior on slice position needs names like case_<id>_slice_<k>.nii.png: "
+            "rename the files, or pass --no-condition-on-slice")
+    train = np.asarray(splits["train"].slice_indices)
+    if not len(train):
+        raise TrainError("the training split is empty; nothing to train on")
+    n = int(train.max()) + 1
+    for name in ("validate", "test"):
+        split = splits[name]
+        beyond = np.flatnonzero(np.asarray(split.slice_indices) >= n)
+        if len(beyond):
+            i = beyond[0]
+            raise TrainError(
+                f"{where(name, split, i)}: slice {split.slice_indices[i]} is outside the training split's "
+                f"slices 0..{n - 1} ({len(beyond)} {name} files are); a slice-conditioned prior only knows "
+                "positions it was trained on: add those slices to training, or pass --no-condition-on-slice")
+    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,19 +376,21 @@ def truncate_history(csv_path: Path, completed_epochs: int) -> None:
     utils.atomic_write_bytes(csv_path, ("\n".join(kept) + "\n").encode() if completed_epochs else b"")
 
 
-def fit_stage(stage: str, build_model, data, val_data, epochs: int, run_dir: Path, resume: bool, strategy):
+def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: "RunDirs", resume: bool, strategy):
     """Fit one stage with checkpoints, CSV history and TensorBoard; return the trained model.
 
     Args:
         build_model: ``() -> compiled keras.Model``, called inside the strategy scope for a fresh start.
         data, val_data: ``tf.data`` datasets for ``fit``.
+        dirs: a resumed stage restarts from the newest checkpoint in ``dirs.out`` (the chief's, the
+            same on every worker); this process writes its checkpoints, history and logs in ``dirs.write``.
     """
     import keras
 
     AtomicCheckpoint = _atomic_checkpoint_class()
-    ckpt_dir = run_dir / "checkpoints" / stage
-    csv_path = run_dir / f"history_{stage}.csv"
-    done, ckpt = latest_checkpoint(ckpt_dir) if resume else (0, None)
+    ckpt_dir = dirs.write / "checkpoints" / stage
+    csv_path = dirs.write / f"history_{stage}.csv"
+    done, ckpt = latest_checkpoint(dirs.out / "checkpoints" / stage) if resume else (0, None)
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         csv_path.unlink(missing_ok=True)
@@ -353,11 +404,13 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, run_dir: Pat
     if done >= epochs:
         print(f"[{stage}] all {epochs} epochs already done")
         return model
+    if _is_multi_worker(strategy):
+        _patch_keras_for_multi_worker(model)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(str(csv_path), append=True),
         AtomicCheckpoint(ckpt_dir),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs" / stage), write_graph=False),
+        keras.callbacks.TensorBoard(log_dir=str(dirs.write / "logs" / stage), write_graph=False),
     ]
     history = model.fit(data, validation_data=val_data, epochs=epochs, initial_epoch=done, callbacks=callbacks,
                         shuffle=False,  # the tf.data pipeline shuffles
@@ -371,15 +424,30 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, run_dir: Pat
     return model
 
 
-def save_final(model, path: Path) -> None:
-    """Save a final ``.keras`` model atomically."""
+def weights_digest(model) -> str:
+    """SHA-256 (first 16 hex digits) of all of ``model``'s weights, trainable and not, in order.
+
+    Printed when a stage's model is saved, so the workers of a multi-worker run can be seen to hold
+    bit-identical models.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_final(model, path: Path, stage: str) -> None:
+    """Save a final ``.keras`` model atomically and print its weights' digest."""
     tmp = path.with_name(f"tmp_{os.getpid()}_{path.name}")
     model.save(tmp)
     os.replace(tmp, path)
+    print(f"[{stage}] saved {path.name} (weights sha256 {weights_digest(model)})")
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages
+# Devices and workers
 # ----------------------------------------------------------------------------------------------
 
 def make_strategy(cfg: dict):
@@ -392,7 +460,12 @@ def make_strategy(cfg: dict):
         if not os.environ.get("TF_CONFIG"):
             raise TrainError("--distribute multiworker needs the TF_CONFIG environment variable describing "
                              "the cluster; set it on every worker, or use --distribute mirrored")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except (ValueError, KeyError) as e:
+            raise TrainError(f"--distribute multiworker: TF_CONFIG is not a usable cluster description ({e}); "
+                             'expected e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                             '"task": {"type": "worker", "index": 0}}') from None
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         return tf.distribute.MirroredStrategy()
@@ -403,7 +476,107 @@ def make_strategy(cfg: dict):
     return tf.distribute.MirroredStrategy(devices=[d.name for d in cpus])
 
 
-def load_data(cfg: dict):
+def _is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def _patch_keras_for_multi_worker(model) -> None:
+    """Work around two Keras 3 bugs that stop ``model.fit`` under a multi-worker strategy.
+
+    Both are in Keras' TensorFlow trainer (still in Keras 3.15) and hit any model, not only ours;
+    this patches the given model instance only, and ``fit_stage`` calls it only when the strategy
+    spans several workers.
+
+    1. Each step's logs are reduced across workers with ``strategy.reduce("MEAN", v, axis=0)``,
+       which fails on the scalar metric values every model returns: ``Invalid reduction dimension 0
+       for input with 0 dimensions`` (tensorflow/tensorflow#72388). Returning each value with a
+       leading axis of length 1 makes that the plain mean over replicas; ``fit`` sees scalars again.
+    2. Before the first step ``fit`` reads one batch to build the loss and metrics symbolically
+       and first all-reduces it with ``strategy.reduce``, which does not take nested values, so
+       ``(x, y)`` data fail (``Attempt to convert a value (PerReplica...) to a Tensor``). Only shapes
+       and dtypes are needed: this process's own replica of the batch gives them.
+    """
+    import tensorflow as tf
+
+    from keras import tree
+
+    def with_replica_axis(step):
+        def wrapped(data):
+            return {k: tf.expand_dims(v, 0) for k, v in step(data).items()}
+        return wrapped
+
+    model.train_step = with_replica_axis(model.train_step)
+    model.test_step = with_replica_axis(model.test_step)
+
+    strategy = model.distribute_strategy
+
+    def local(v):
+        return strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+
+    def symbolic_build_from_local_batch(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(local, next(it))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = symbolic_build_from_local_batch
+
+
+@dataclasses.dataclass
+class RunDirs:
+    """Where this process reads a run and where it writes it (the Keras/TF multi-worker convention).
+
+    Attributes:
+        out: the run directory (``--out``). Saved state is read from it: ``config.json``, the
+            checkpoints a ``--resume`` restarts from, ``vqvae.keras`` for ``--stage prior``.
+        write: where this process writes: ``out`` on the chief; on any other worker a temporary
+            directory, removed at the end. Every worker must still save its checkpoints and models
+            (saving can read distributed variables, which takes all workers), but only the chief's
+            copies are kept, so a run directory is never written by two processes.
+        is_chief: the chief (``task.type == "chief"``, or worker 0 when the cluster has no chief;
+            the single process of a one-machine run) also evaluates, draws figures and writes
+            ``metrics.json``.
+    """
+
+    out: Path
+    write: Path
+    is_chief: bool = True
+
+    @classmethod
+    def for_strategy(cls, strategy, out: Path) -> "RunDirs":
+        if not _is_multi_worker(strategy):
+            return cls(out, out, True)
+        resolver = strategy.cluster_resolver
+        task_type, task_id = resolver.task_type, resolver.task_id
+        if task_type in (None, "chief") or (task_type == "worker" and task_id == 0
+                                            and "chief" not in resolver.cluster_spec().as_dict()):
+            return cls(out, out, True)
+        return cls(out, Path(tempfile.mkdtemp(prefix=f"train_{task_type}{task_id}_")), False)
+
+
+def _barrier(strategy) -> None:
+    """Wait until every worker got here (an all-reduce of a constant); a no-op on one worker.
+
+    Every worker reads ``--out`` (``resolve_config``) before the chief writes to it, so a worker
+    that starts late never takes the chief's fresh ``config.json`` for an earlier run.
+    """
+    if _is_multi_worker(strategy):
+        import tensorflow as tf
+
+        strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+def load_data(cfg: dict, condition_on_slice: bool):
+    """Read the splits; fill ``cfg["data"]["num_images"]`` and the prior's ``num_conditions``."""
     import dataset
 
     root = cfg["data"]["root"]
@@ -417,6 +590,7 @@ def load_data(cfg: dict):
     except dataset.DatasetError as e:
         raise TrainError(str(e)) from None
     cfg["data"]["num_images"] = {name: len(s) for name, s in splits.items()}
+    cfg["prior"]["num_conditions"] = slice_conditions(splits) if condition_on_slice else 0
     return splits
 
 
@@ -431,7 +605,7 @@ def cosine_schedule(lr: float, epochs: int, num_examples: int, batch_size: int):
     return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
 
 
-def train_vqvae(cfg: dict, splits, run_dir: Path, resume: bool, strategy):
+def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     import keras
 
     import dataset
@@ -448,19 +622,21 @@ def train_vqvae(cfg: dict, splits, run_dir: Path, resume: bool, strategy):
 
     train_ds = dataset.to_dataset(splits["train"], batch, shuffle=True, seed=cfg["seed"])
     val_ds = dataset.to_dataset(splits["validate"], batch, shuffle=False)
-    model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], run_dir, resume, strategy)
-    save_final(model, run_dir / "vqvae.keras")
+    model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], dirs, resume, strategy)
+    save_final(model, dirs.write / "vqvae.keras", "vqvae")
     return model
 
 
-def encode_splits(vqvae, splits, run_dir: Path, batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
-    """Encode every split once; cached in ``codes.npz``, keyed by the VQ-VAE file it came from."""
+def encode_splits(vqvae, splits, run_dir: Path, model_path: Path | None = None,
+                  batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
+    """Encode every split once; cached in ``run_dir/codes.npz``, keyed by the VQ-VAE file it came from
+    (``model_path``, default ``run_dir/vqvae.keras``)."""
     import hashlib
 
     import evaluation
 
     cache = run_dir / "codes.npz"
-    model_path = run_dir / "vqvae.keras"
+    model_path = model_path or run_dir / "vqvae.keras"
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest() if model_path.exists() else ""
     if cache.exists():
         with np.load(cache) as z:
@@ -484,17 +660,18 @@ def prior_inputs(codes: dict, conditioned: bool):
     return (codes["codes"], codes["slices"].astype(np.int32)) if conditioned else codes["codes"]
 
 
-def train_prior(cfg: dict, codes, run_dir: Path, resume: bool, strategy):
+def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
     import keras
 
     from modules import PixelCNN, PriorConfig
 
     t = cfg["training"]
-    conditioned = cfg["prior"]["condition_on_slice"]
-    grid = codes["train"]["codes"].shape[1:]
-    cfg["prior"]["grid_shape"] = list(grid)
-    cfg["prior"]["num_conditions"] = int(max(c["slices"].max() for c in codes.values())) + 1 if conditioned else 0
-    prior_cfg = PriorConfig.from_dict({k: v for k, v in cfg["prior"].items() if k != "condition_on_slice"})
+    prior_cfg = PriorConfig.from_dict(cfg["prior"])
+    conditioned = prior_cfg.num_conditions > 0
+    grid = tuple(codes["train"]["codes"].shape[1:])
+    if grid != prior_cfg.grid_shape:
+        raise TrainError(f"the VQ-VAE's codes are {grid} grids but the prior is configured for {prior_cfg.grid_shape}; "
+                         "the run's config.json does not match its vqvae.keras: retrain both stages in a new --out")
     num_embeddings = cfg["vqvae"]["num_embeddings"]
 
     def build():
@@ -513,8 +690,8 @@ def train_prior(cfg: dict, codes, run_dir: Path, resume: bool, strategy):
     train_ds = (tf.data.Dataset.from_tensor_slices(train).shuffle(len(train[1]), seed=cfg["seed"])
                 .batch(t["prior_batch_size"]).prefetch(tf.data.AUTOTUNE))
     val_ds = tf.data.Dataset.from_tensor_slices(val).batch(t["prior_batch_size"])
-    model = fit_stage("prior", build, train_ds, val_ds, t["prior_epochs"], run_dir, resume, strategy)
-    save_final(model, run_dir / "pixelcnn.keras")
+    model = fit_stage("prior", build, train_ds, val_ds, t["prior_epochs"], dirs, resume, strategy)
+    save_final(model, dirs.write / "pixelcnn.keras", "prior")
     return model
 
 
@@ -608,7 +785,7 @@ def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int) -> Non
     import utils
 
     condition = None
-    if cfg["prior"]["condition_on_slice"]:
+    if cfg["prior"]["num_conditions"] > 0:
         seen = np.unique(codes["train"]["slices"])
         condition = seen[np.linspace(0, len(seen) - 1, num).round().astype(int)]
     t0 = time.time()
@@ -620,9 +797,14 @@ def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int) -> Non
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import utils
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--verbose", action="store_true")
+    utils.quiet_tensorflow(verbose=early.parse_known_args(argv)[0].verbose)  # before TensorFlow starts
     parser = build_parser()
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    args = parser.parse_args(argv)
     if args.virtual_cpus:
         import tensorflow as tf
 
@@ -636,16 +818,17 @@ def main(argv=None) -> int:
 
 
 def run(args, parser) -> int:
-    import json
+    """Train the requested stages, then (on the chief) evaluate, draw the figures and write metrics.
 
+    Every worker of a multi-worker run executes the same training steps (the collectives need them
+    all) and saves into its own ``RunDirs.write``; only the chief's land in ``--out``.
+    """
     import keras
 
     import utils
 
     started = time.time()
-    cfg = resolve_config(args, parser)
-    run_dir = Path(cfg["out"])
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, condition_on_slice = resolve_config(args, parser)
     utils.set_seed(cfg["seed"])
     if cfg["training"]["mixed_precision"]:
         import tensorflow as tf
@@ -655,51 +838,77 @@ def run(args, parser) -> int:
         else:
             print("train.py: notice: --mixed-precision needs a GPU; training in float32 on the CPU")
     strategy = make_strategy(cfg)
+    dirs = RunDirs.for_strategy(strategy, Path(cfg["out"]))
     if cfg["training"]["distribute"] != "none":
-        print(f"[distribute] {cfg['training']['distribute']} over {strategy.num_replicas_in_sync} devices")
-    splits = load_data(cfg)
+        role = "" if cfg["training"]["distribute"] != "multiworker" else (
+            ", this worker is the chief" if dirs.is_chief else f", this worker writes to {dirs.write} (removed at the end)")
+        print(f"[distribute] {cfg['training']['distribute']} over {strategy.num_replicas_in_sync} devices{role}")
+    try:
+        return _run_stages(args, cfg, condition_on_slice, strategy, dirs, started)
+    finally:
+        if not dirs.is_chief:
+            shutil.rmtree(dirs.write, ignore_errors=True)
+
+
+def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDirs, started: float) -> int:
+    import json
+
+    import keras
+
+    import utils
+
+    splits = load_data(cfg, condition_on_slice)  # every check on the data happens before training
     set_judge_config(cfg, splits, args.judge_epochs)
     cfg["versions"] = utils.library_versions()
     print("config:", json.dumps(cfg, indent=2))
-    utils.save_json(cfg, run_dir / "config.json")
+    _barrier(strategy)  # every worker has read --out before the chief writes into it
+    dirs.write.mkdir(parents=True, exist_ok=True)
+    utils.save_json(cfg, dirs.write / "config.json")  # complete: grid shape and slice count are known
 
     num_embeddings = cfg["vqvae"]["num_embeddings"]
     stages = STAGES + (JUDGE,) if args.stage == "all" else (args.stage,)
     timings = {}
     if "vqvae" in stages:
         t0 = time.time()
-        vqvae = train_vqvae(cfg, splits, run_dir, args.resume, strategy)
+        train_vqvae(cfg, splits, dirs, args.resume, strategy)
         timings["vqvae_train_s"] = time.time() - t0
-    metrics_path = run_dir / "metrics.json"
-    metrics = utils.load_json(metrics_path) if metrics_path.exists() else {}
+    metrics_path = dirs.out / "metrics.json"
+    metrics = utils.load_json(metrics_path) if dirs.is_chief and metrics_path.exists() else {}
     if "vqvae" in stages or "prior" in stages:
-        if not (run_dir / "vqvae.keras").exists():
-            raise TrainError(f"{run_dir / 'vqvae.keras'} not found: train the VQ-VAE first (--stage vqvae or all)")
-        vqvae = keras.models.load_model(run_dir / "vqvae.keras")
-        metrics.update(evaluate_vqvae(vqvae, splits["test"], run_dir, num_embeddings))
+        # Reloaded outside the strategy: encoding and evaluation are local to this process.
+        vq_path = (dirs.write if "vqvae" in stages else dirs.out) / "vqvae.keras"
+        if not vq_path.exists():
+            raise TrainError(f"{vq_path} not found: train the VQ-VAE first (--stage vqvae or all)")
+        vqvae = keras.models.load_model(vq_path)
+        if dirs.is_chief:
+            metrics.update(evaluate_vqvae(vqvae, splits["test"], dirs.write, num_embeddings))
 
     if "prior" in stages:
-        codes = encode_splits(vqvae, splits, run_dir)
+        codes = encode_splits(vqvae, splits, dirs.write, model_path=vq_path)
         t0 = time.time()
-        prior = train_prior(cfg, codes, run_dir, args.resume, strategy)
+        train_prior(cfg, codes, dirs, args.resume, strategy)
         timings["prior_train_s"] = time.time() - t0
-        utils.save_json(cfg, run_dir / "config.json")
-        metrics.update(evaluate_prior(prior, codes, cfg["prior"]["condition_on_slice"],
-                                      cfg["training"]["prior_batch_size"]))
-        if args.num_samples:
-            draw_samples(vqvae, prior, cfg, codes, run_dir, args.num_samples)
+        if dirs.is_chief:
+            prior = keras.models.load_model(dirs.write / "pixelcnn.keras")
+            metrics.update(evaluate_prior(prior, codes, cfg["prior"]["num_conditions"] > 0,
+                                          cfg["training"]["prior_batch_size"]))
+            if args.num_samples:
+                draw_samples(vqvae, prior, cfg, codes, dirs.write, args.num_samples)
+    if not dirs.is_chief:  # the judge trains on one device, so on the chief only
+        print(f"worker done; the run directory is the chief's: {dirs.out}")
+        return 0
     if JUDGE in stages:
         t0 = time.time()
-        metrics.update(train_judge_stage(cfg, splits, run_dir, resume=args.resume))
+        metrics.update(train_judge_stage(cfg, splits, dirs.write, resume=args.resume))
         timings["judge_train_s"] = time.time() - t0
-    histories = {s: utils.read_history_csv(run_dir / f"history_{s}.csv") for s in STAGES + (JUDGE,)}
+    histories = {s: utils.read_history_csv(dirs.write / f"history_{s}.csv") for s in STAGES + (JUDGE,)}
     histories = {s: h for s, h in histories.items() if h}
     if histories:
-        utils.plot_training_curves(histories, run_dir / "training_curves.png")
+        utils.plot_training_curves(histories, dirs.write / "training_curves.png")
     metrics.update({k: round(v, 1) for k, v in timings.items()}, wall_s=round(time.time() - started, 1))
     utils.save_json(metrics, metrics_path)
     print("metrics:", json.dumps(metrics, indent=2))
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {dirs.out}")
     return 0
 
 

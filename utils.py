@@ -262,3 +262,39 @@ def plot_image_rows(rows: Sequence[tuple[str, Any]], path: str | os.PathLike, ti
         axes[r, 0].set_ylabel(label, fontsize=8)
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+def quiet_tensorflow(verbose: bool = False) -> None:
+    """Start TensorFlow without its start-up log lines on the console, unless ``verbose``.
+
+    TensorFlow 2.21 writes its start-up notices (oneDNN, "Could not find cuda drivers", CPU
+    features, "failed call to cuInit") to stderr from C++ before absl logging is initialised, where
+    ``TF_CPP_MIN_LOG_LEVEL`` does not reach them. So the import and the first device query run with
+    file descriptor 2 pointed at ``/dev/null``; after that stderr is back, ``TF_CPP_MIN_LOG_LEVEL`` is
+    3 (no C++ log lines: on a CPU, Grappler logs "remapper failed" errors it recovers from) and
+    TensorFlow's and absl's Python loggers are at ERROR. Python exceptions are not affected.
+    Call before anything imports TensorFlow (the scripts do it first thing); once TensorFlow is
+    imported only the logger levels change.
+    """
+    if verbose:
+        return
+    import sys
+
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if "tensorflow" not in sys.modules:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    import absl.logging
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    absl.logging.set_verbosity(absl.logging.ERROR)

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     from modules import PixelCNN, PriorConfig
 
     cfg = utils.load_json(args.run / "config.json")
-    prior_settings = {k: v for k, v in cfg["prior"].items() if k != "condition_on_slice"}
-    conditioned = cfg["prior"]["condition_on_slice"]
+    prior_settings = {k: v for k, v in cfg["prior"].items() if k != "condition_on_slice"}  # (older runs)
+    conditioned = prior_settings.get("num_conditions", 0) > 0
     batch, lr = cfg["training"]["prior_batch_size"], cfg["training"]["prior_lr"]
     with np.load(args.run / "codes.npz") as z:
         data = {s: (z[f"{s}_codes"], z[f"{s}_slices"].astype(np.int32)) for s in ("train", "validate", "test")}

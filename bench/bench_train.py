@@ -2,6 +2,14 @@
 
     python bench/bench_train.py                       # both presets' models, on this machine
     python bench/bench_train.py --sizes 256 --steps 50 --mixed-precision both   # on a GPU
+    python bench/bench_train.py --prior-ab            # the prior's fit, variants side by side
+
+``--prior-ab`` times the demo preset's prior training step (steps/s and code grids/s) in variants of
+what the field offers to speed it up -- XLA (``compile(jit_compile=True)``), the batch size --
+against the set-up ``train.py`` uses, interleaved in one process (round-robin, median of the rounds)
+so that load from other processes hits every variant alike; ratios are to the first row. It also
+times the input pipeline alone (``train.py``'s, and one that gathers whole shuffled batches from
+cached code arrays), to show whether the pipeline could be the bottleneck.
 
 For each image size the VQ-VAE and the prior are built with the settings the matching preset uses
 (128: demo, 256: oasis), fed OASIS-sized synthetic data (smooth random slices; the prior gets random
@@ -78,6 +86,87 @@ def bench_size(size: int, args, mixed: bool) -> list[tuple[str, float]]:
              f"{prior_cfg.num_layers} layers)", prior_batch / prior_step)]
 
 
+def prior_fit_variants(args) -> None:
+    """Print the demo prior's fit speed under each variant, interleaved, with ratios to train.py's set-up."""
+    import keras
+    import tensorflow as tf
+
+    import train
+    from modules import PixelCNN, PriorConfig, VQVAEConfig
+
+    preset = train.PRESETS["demo"]
+    vq_cfg = VQVAEConfig(**{"image_size": preset["image_size"], "downsample": preset["downsample"],
+                            **preset.get("vqvae_config", {})})
+    h, w = vq_cfg.grid_shape
+    prior_cfg = PriorConfig(**{**preset.get("prior_config", {}), "grid_shape": (h, w), "num_conditions": 32})
+    rng = np.random.default_rng(1)
+    n = 640  # the demo set's 20 training cases x 32 slices
+    codes = rng.integers(0, vq_cfg.num_embeddings, (n, h, w)).astype(np.int32)
+    slices = rng.integers(0, 32, n).astype(np.int32)
+    base_batch, base_lr = preset["prior_batch_size"], preset["prior_lr"]
+
+    def pipeline(batch, kind):
+        """``train.py``'s pipeline ("slices"), or the whole epoch as one shuffled tensor ("cached")."""
+        if kind == "slices":
+            ds = tf.data.Dataset.from_tensor_slices(((codes, slices), codes)).shuffle(n, seed=0).batch(batch)
+            return ds.repeat().prefetch(tf.data.AUTOTUNE)
+        c, s = tf.constant(codes), tf.constant(slices)
+
+        def epoch(_):
+            order = tf.random.shuffle(tf.range(n), seed=0)[: n - n % batch]
+            return tf.data.Dataset.from_tensor_slices(tf.reshape(order, (-1, batch)))
+
+        gather = lambda idx: ((tf.gather(c, idx), tf.gather(s, idx)), tf.gather(c, idx))  # noqa: E731
+        return (tf.data.Dataset.range(1).repeat().flat_map(epoch).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+                .prefetch(tf.data.AUTOTUNE))
+
+    variants = [  # (name, batch, lr, jit_compile)
+        (f"train.py: batch {base_batch}, lr {base_lr:g}, no XLA (Keras 'auto' is off on CPU)", base_batch, base_lr,
+         "auto"),
+        ("+ jit_compile=True (XLA)", base_batch, base_lr, True),
+        (f"batch {2 * base_batch}, lr x sqrt(2)", 2 * base_batch, base_lr * 2 ** 0.5, "auto"),
+        (f"batch {base_batch // 2}, lr / sqrt(2)", base_batch // 2, base_lr / 2 ** 0.5, "auto"),
+    ]
+    # Steps are timed with train_on_batch: one traced step function per model, called round-robin.
+    # (Repeated short fit() calls would time re-tracing; the pipeline is timed on its own below.)
+    models, iterators = [], []
+    for name, batch, lr, jit in variants:
+        keras.utils.set_random_seed(0)
+        model = PixelCNN(vq_cfg.num_embeddings, prior_cfg)
+        model.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=jit,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        it = iter(pipeline(batch, "slices"))
+        for _ in range(args.warmup):  # traces (and XLA-compiles)
+            x, y = next(it)
+            model.train_on_batch(x, y)
+        models.append(model)
+        iterators.append(it)
+    times = [[] for _ in variants]
+    for _ in range(args.rounds):
+        for i, (model, it) in enumerate(zip(models, iterators)):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                x, y = next(it)
+                model.train_on_batch(x, y)
+            times[i].append((time.perf_counter() - start) / args.steps)
+    step_s = [float(np.median(t)) for t in times]
+    width = max(len(v[0]) for v in variants)
+    print(f"prior fit, demo preset ({prior_cfg.filters} filters x {prior_cfg.num_layers} layers, {h}x{w} codes, "
+          f"conditioned, positional); median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print(f"{'variant':<{width}}  {'steps/s':>8}  {'grids/s':>8}  {'grids/s vs row 1':>16}")
+    for (name, batch, *_), s in zip(variants, step_s):
+        print(f"{name:<{width}}  {1 / s:8.2f}  {batch / s:8.1f}  {batch / s / (base_batch / step_s[0]):15.2f}x")
+    for kind in ("slices", "cached"):
+        it = iter(pipeline(base_batch, kind))
+        next(it)
+        start = time.perf_counter()
+        for _ in range(200):
+            next(it)
+        print(f"input pipeline alone ({kind}): {200 / (time.perf_counter() - start):.0f} batches/s "
+              f"(the model takes {1 / step_s[0]:.2f} steps/s)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], choices=sorted(SIZE_PRESET),
@@ -87,9 +176,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="batch size for both stages (default: the preset's)")
     p.add_argument("--mixed-precision", choices=("off", "on", "both"), default="off",
                    help="Keras mixed_float16 policy: off, on, or both side by side (meant for GPUs)")
+    p.add_argument("--prior-ab", action="store_true",
+                   help="instead: the demo prior's fit in speed-up variants side by side (see above)")
+    p.add_argument("--rounds", type=int, default=5, help="--prior-ab: interleaved timing rounds (default: 5)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        p.error("--steps and --warmup must be at least 1")
+    import utils
+
+    utils.quiet_tensorflow()
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        p.error("--steps, --warmup and --rounds must be at least 1")
+    if args.prior_ab:
+        prior_fit_variants(args)
+        return 0
     import tensorflow as tf
 
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")

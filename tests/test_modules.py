@@ -327,8 +327,43 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, sys.argv[1])
     import numpy as np, keras
-    from modules import VQVAE
+    from modules import VQVAE, VectorQuantizer
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    # One EMA step on 2 replicas (4 vectors-grids each) equals one step on one device with the
+    # same global batch of 8: counts and sums are all-reduced before the update.
+    rng = np.random.default_rng(0)
+    K, D = 8, 3
+    z = rng.normal(size=(8, 4, 4, D)).astype("float32")
+    z[:4] += 1.5  # the two halves use the codes differently, so a per-replica update cannot pass
+    init = rng.normal(size=(K, D)).astype("float32")
+
+    def make_vq():
+        vq = VectorQuantizer(K, D, use_ema=True, ema_decay=0.8)
+        vq.build((None, 4, 4, D))
+        vq.embeddings.assign(init)
+        vq.ema_embed_sum.assign(init)
+        return vq
+
+    STATE = ("embeddings", "ema_cluster_size", "ema_embed_sum", "batch_perplexity", "batch_active_fraction")
+    single = make_vq()
+    single(z, training=True)
+    first_half = make_vq()
+    first_half(z[:4], training=True)
+    with strategy.scope():
+        mirrored = make_vq()
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda ctx: z[4 * ctx.replica_id_in_sync_group:4 * (ctx.replica_id_in_sync_group + 1)])
+    strategy.run(lambda x: mirrored(x, training=True), args=(per_replica,))
+    for name in STATE:
+        want = getattr(single, name).numpy()
+        assert not np.allclose(getattr(first_half, name).numpy(), want), name  # the halves differ
+        values = strategy.experimental_local_results(getattr(mirrored, name).value)
+        assert len(values) == 2
+        for got in values:
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not np.allclose(single.embeddings.numpy(), init)  # the step moved the codebook
+
     with strategy.scope():
         model = VQVAE(image_size=16, channels=8, num_res_blocks=1, num_embeddings=16,
                       embedding_dim=4, use_ema=True, restart_after=2)
@@ -337,16 +372,12 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
     hist = model.fit(ds, epochs=2, verbose=0, validation_data=ds).history
     assert np.isfinite(hist["loss"]).all() and "active_codes" in hist, hist
-    vq = model.vector_quantizer
-    for var in (vq.codebook, vq.ema_cluster_size, vq.unused_steps):
-        a, b = strategy.experimental_local_results(var.value)
-        np.testing.assert_array_equal(a.numpy(), b.numpy())  # replicas agree
     print("MIRRORED_OK", strategy.num_replicas_in_sync)
     """
 )
 
 
-def test_fit_under_mirrored_strategy_in_subprocess():
+def test_ema_step_on_two_replicas_equals_one_device_and_fit_runs_mirrored():
     """Two logical CPU devices must be configured before TF starts, hence the subprocess."""
     proc = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT, str(ROOT)],

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -33,9 +36,19 @@ def history_epochs(path: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path):
+def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path, monkeypatch):
     import train
+    import utils
 
+    config_writes = []
+    save_json = utils.save_json
+
+    def recording_save_json(obj, path):
+        if Path(path).name == "config.json":
+            config_writes.append(json.loads(json.dumps(obj)))
+        return save_json(obj, path)
+
+    monkeypatch.setattr(utils, "save_json", recording_save_json)
     out = tmp_path / "run"
     assert train.main(["--data", oasis_tree, "--out", out, *TINY, "--vqvae-epochs", "2", "--prior-epochs", "2",
                        "--num-samples", "2"]) == 0
@@ -46,7 +59,12 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path):
     assert history_epochs(out / "history_prior.csv") == [0, 1]
     assert any((out / "logs" / "vqvae").rglob("events.out.tfevents*"))
     config = json.loads((out / "config.json").read_text())
+    assert config_writes == [config]  # written once, already complete
     assert config["vqvae"]["num_embeddings"] == 16 and config["vqvae"]["image_size"] == 32
+    from modules import PriorConfig
+
+    # The prior section is exactly a PriorConfig: everything the prior needs, nothing beside it.
+    assert PriorConfig.from_dict(config["prior"]).to_dict() == config["prior"]
     assert config["prior"]["grid_shape"] == [8, 8]
     assert config["prior"]["num_conditions"] == 4          # slices 0..3, conditioned by default
     assert config["data"]["num_images"] == {"train": 16, "validate": 4, "test": 4}
@@ -68,11 +86,52 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path):
     prior = keras.models.load_model(out / "pixelcnn.keras")
     assert tuple(vqvae.grid_shape) == (8, 8) and prior.num_embeddings == 16
 
-    # --stage prior retrains only the prior, reusing the VQ-VAE and the cached codes.
+    assert prior.config == PriorConfig.from_dict(config["prior"])
+
+    # --stage prior retrains only the prior, reusing the VQ-VAE and the cached codes; the user's switch
+    # --no-condition-on-slice becomes num_conditions = 0 in the one config.json this stage writes.
     vq_bytes = (out / "vqvae.keras").read_bytes()
-    assert train.main(["--out", out, "--stage", "prior", "--prior-epochs", "1", "--num-samples", "0"]) == 0
+    config_writes.clear()
+    assert train.main(["--out", out, "--stage", "prior", "--prior-epochs", "1", "--num-samples", "0",
+                       "--no-condition-on-slice"]) == 0
     assert (out / "vqvae.keras").read_bytes() == vq_bytes
     assert history_epochs(out / "history_prior.csv") == [0]
+    config = json.loads((out / "config.json").read_text())
+    assert config_writes == [config] and config["prior"]["num_conditions"] == 0
+    assert keras.models.load_model(out / "pixelcnn.keras").config.num_conditions == 0
+
+
+def test_oasis_preset_end_to_end_on_oasis_shaped_data(tmp_path):
+    """The real user's first command, on data shaped like OASIS: 256x256 PNGs, 32 slices per case.
+
+    Everything comes from ``--preset oasis`` (image size 256, down-sampling 8 to a 32x32 grid, 256
+    codes, batch sizes, learning rates, a positional slice-conditioned gated prior, 32 conditions)
+    except what keeps the test short on 2 cores: one epoch per stage, 3 cases (1 train, 1 validate,
+    1 test), and narrow layers (8 VQ-VAE channels instead of 64; a prior of 8 filters x 2 layers
+    instead of 64 x 12). Run as the user runs it, in a fresh process, whose stderr must be empty.
+    """
+    from conftest import write_tree
+
+    data = write_tree(tmp_path / "oasis", size=256, cases={"train": [1], "validate": [2], "test": [3]}, slices=32)
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--preset", "oasis", "--data", str(data),
+                           "--out", str(out), "--epochs", "1", "--channels", "8", "--prior-filters", "8",
+                           "--prior-num-layers", "2", "--num-samples", "2"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr == ""  # no TensorFlow start-up or library noise
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "oasis" and config["data"]["image_size"] == 256
+    assert config["vqvae"]["downsample"] == 8 and config["vqvae"]["num_embeddings"] == 256
+    assert config["prior"]["grid_shape"] == [32, 32] and config["prior"]["num_conditions"] == 32
+    assert config["prior"]["positional"] and config["prior"]["gated"]
+    assert config["training"]["vqvae_batch_size"] == 8 and config["training"]["prior_batch_size"] == 32
+    assert config["data"]["num_images"] == {"train": 32, "validate": 32, "test": 32}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(np.isfinite(metrics[k]) for k in ("test_ssim", "prior_val_nll_bits", "prior_test_nll_bits"))
+    for name in ("vqvae.keras", "pixelcnn.keras", "samples.png", "reconstructions.png", "training_curves.png"):
+        assert (out / name).is_file(), name
 
 
 def test_resume_after_kill_continues_without_duplicate_or_missing_epochs(oasis_tree, tmp_path):
@@ -106,6 +165,53 @@ def test_resume_after_kill_continues_without_duplicate_or_missing_epochs(oasis_t
     import modules  # noqa: F401
 
     assert int(keras.models.load_model(out / "vqvae.keras").optimizer.iterations) == 9 * 4
+
+
+def _one_line_error(argv) -> tuple[int, list[str]]:
+    """Run train.main in-process; return its exit code and its stderr lines."""
+    import contextlib
+    import io
+
+    import train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main([str(a) for a in argv])
+    return code, err.getvalue().strip().splitlines()
+
+
+def test_files_without_slice_numbers_stop_a_conditioned_run_before_training(oasis_tree, tmp_path):
+    train_dir = oasis_tree / "keras_png_slices_train"
+    (train_dir / "case_002_slice_1.nii.png").rename(train_dir / "scan_b.png")
+    (oasis_tree / "keras_png_slices_test" / "case_006_slice_3.nii.png").rename(
+        oasis_tree / "keras_png_slices_test" / "extra.png")
+    out = tmp_path / "run"
+    code, lines = _one_line_error(["--data", oasis_tree, "--out", out, *TINY, "--epochs", "1", "--num-samples", "0"])
+    assert code == 2 and len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("train.py: error: ") and str(train_dir / "scan_b.png") in line
+    assert "2 of 24 files" in line and "case_<id>_slice_<k>.nii.png" in line and "--no-condition-on-slice" in line
+    assert not out.exists()  # nothing was trained or written
+
+
+def test_slice_conditions_come_from_the_training_split_only(oasis_tree, tmp_path):
+    import train
+    from conftest import brain_like
+    from PIL import Image
+
+    out = tmp_path / "run"
+    test_dir = oasis_tree / "keras_png_slices_test"
+    Image.fromarray(brain_like(32, 6, 7), mode="L").save(test_dir / "case_006_slice_7.nii.png")
+    code, lines = _one_line_error(["--data", oasis_tree, "--out", out, *TINY, "--epochs", "1", "--num-samples", "0"])
+    assert code == 2 and len(lines) == 1, lines
+    assert str(test_dir / "case_006_slice_7.nii.png") in lines[0] and "slices 0..3" in lines[0]
+    assert "--no-condition-on-slice" in lines[0] and not out.exists()
+
+    import dataset
+
+    splits = dataset.read_oasis(oasis_tree, image_size=32)
+    splits["test"] = splits["test"].subset(splits["test"].slice_indices < 4)
+    assert train.slice_conditions(splits) == 4
 
 
 def test_checkpoint_discovery_ignores_unfinished_files(tmp_path):
@@ -150,8 +256,92 @@ def test_mirrored_training_on_two_logical_cpus(oasis_tree, tmp_path):
     assert (out / "vqvae.keras").exists()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, tmp_path):
+    """Two ``--distribute multiworker`` workers on loopback ports train both stages together.
+
+    Both exit 0; only the chief (worker 0) writes into --out, the other worker's temporary directory
+    is gone afterwards; both end with bit-identical models (the weights digests they print), which
+    are the chief's saved files. ``--restart-after 1`` makes dead-code restarts happen every step,
+    so the restart vectors must be the same on both workers too.
+    """
+    out = tmp_path / "run"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    ports = [_free_port(), _free_port()]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CONFIG": json.dumps(tf_config)}
+        with open(logs / f"{index}.out", "w") as stdout, open(logs / f"{index}.err", "w") as stderr:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "train.py"), "--data", str(oasis_tree), "--out", str(out), *TINY,
+                 "--epochs", "1", "--num-samples", "0", "--restart-after", "1", "--distribute", "multiworker"],
+                stdout=stdout, stderr=stderr, env=env, cwd=REPO))
+    deadline = time.time() + 240
+    try:  # a worker that fails leaves the other waiting on its collectives: stop at the first failure
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = [((logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i in range(2)]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    chief, other = (r[0] for r in results)
+    assert "this worker is the chief" in chief and "worker done" in other
+    saved = re.compile(r"\[(vqvae|prior)\] saved (\S+) \(weights sha256 ([0-9a-f]{16})\)")
+    assert len(saved.findall(chief)) == 2 and saved.findall(chief) == saved.findall(other)
+
+    for name in ("config.json", "vqvae.keras", "pixelcnn.keras", "metrics.json", "history_vqvae.csv",
+                 "history_prior.csv", "codes.npz", "reconstructions.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert history_epochs(out / "history_vqvae.csv") == [0] and history_epochs(out / "history_prior.csv") == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "oasis", "run"]
+    temp = Path(re.search(r"this worker writes to (\S+) \(removed", other).group(1))
+    assert not temp.exists()
+
+    import keras
+
+    import modules  # noqa: F401
+    import train
+
+    digests = {stage: digest for stage, _, digest in saved.findall(chief)}
+    assert train.weights_digest(keras.models.load_model(out / "vqvae.keras")) == digests["vqvae"]
+    assert train.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--vqvae-epochs must be at least 1, got 0"),
+    (["--prior-batch-size", "0"], "--prior-batch-size must be at least 1, got 0"),  # was silently the preset's
+    (["--epochs", "3", "--vqvae-epochs", "0"], "--vqvae-epochs must be at least 1, got 0"),
+    (["--num-samples", "-1"], "--num-samples must be 0 or more, got -1"),
+    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1, got 1.5"),
+    (["--distribute", "ring"], "argument --distribute: invalid choice: 'ring'"),
+    (["--prior-filters", "many"], "argument --prior-filters: invalid int value: 'many'"),
+])
+def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv, message, tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:  # (a missing --data: a flag let through fails fast, not a demo run)
+        train.main(["--data", tmp_path / "nowhere", "--out", tmp_path / "run", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.splitlines()[-1].startswith(f"train.py: error: {message}"), err
+
+
 @pytest.mark.parametrize("case", ["missing_data", "prior_without_vqvae", "resume_without_run", "incompatible_resume",
-                                  "existing_run", "multiworker_without_tf_config", "bad_epochs"])
+                                  "existing_run", "multiworker_without_tf_config", "bad_model_setting"])
 def test_errors_are_one_line(case, oasis_tree, tmp_path):
     import train
 
@@ -165,16 +355,14 @@ def test_errors_are_one_line(case, oasis_tree, tmp_path):
     elif case == "multiworker_without_tf_config":
         os.environ.pop("TF_CONFIG", None)
         argv, expect = ["--data", oasis_tree, "--out", out, *TINY, "--distribute", "multiworker"], "TF_CONFIG"
-    elif case == "bad_epochs":
-        with pytest.raises(SystemExit) as e:
-            train.main(["--out", out, "--epochs", "0"])
-        assert e.value.code == 2
-        return
+    elif case == "bad_model_setting":
+        argv, expect = ["--data", oasis_tree, "--out", out, *TINY, "--prior-kernel-size", "4"], \
+            "bad model setting: PriorConfig.kernel_size must be an odd int >= 3, got 4"
     else:
         out.mkdir()
         (out / "config.json").write_text(json.dumps({
             "preset": "demo", "seed": 0, "data": {"root": str(oasis_tree), "image_size": 32, "val_fraction": 0.2},
-            "vqvae": {"image_size": 32, "num_embeddings": 16}, "prior": {"condition_on_slice": True},
+            "vqvae": {"image_size": 32, "num_embeddings": 16}, "prior": {"num_conditions": 4},
             "training": {"vqvae_epochs": 1, "prior_epochs": 1, "vqvae_batch_size": 4, "prior_batch_size": 4,
                          "vqvae_lr": 1e-3, "prior_lr": 1e-3}}))
         if case == "incompatible_resume":
@@ -193,10 +381,34 @@ def test_errors_are_one_line(case, oasis_tree, tmp_path):
 
 
 def test_help_explains_every_flag():
+    import dataclasses
+
     import train
+    from modules import PriorConfig, VQVAEConfig
 
     text = train.build_parser().format_help()
     for flag in ("--data", "--out", "--stage", "--epochs", "--vqvae-epochs", "--prior-epochs", "--batch-size",
                  "--image-size", "--seed", "--resume", "--preset", "--distribute", "--mixed-precision",
-                 "--num-embeddings", "--embedding-dim", "--downsample", "--prior-gated", "--prior-filters"):
+                 "--num-embeddings", "--embedding-dim", "--downsample", "--prior-gated", "--prior-filters",
+                 "--condition-on-slice", "--no-condition-on-slice", "--verbose"):
         assert flag in text, flag
+    flat = "".join(text.split())  # argparse re-wraps the help
+    # Each config field's flag shows the help written beside the field (dataclasses.field metadata).
+    for cls, prefix, skip in ((VQVAEConfig, "", {"image_size", "seed"}),
+                              (PriorConfig, "prior-", {"grid_shape", "num_conditions"})):
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help metadata"
+            assert f"--{prefix}{f.name.replace('_', '-')}" in flat
+            assert "".join(f.metadata["help"].split()) in flat, f.name
+
+
+def test_scripts_start_without_tensorflow_noise():
+    """A plain ``python train.py --help`` / ``predict.py --help`` prints usage only: no oneDNN, CUDA or absl lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for script in ("train.py", "predict.py"):
+        proc = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
+        assert proc.stderr == "", f"{script}: {proc.stderr}"
