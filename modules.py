@@ -9,9 +9,12 @@ Contents:
 * :class:`VQVAEConfig` / :class:`VQVAE` -- encoder, vector quantiser and decoder as one
   ``keras.Model`` that trains with ``compile(optimizer=...)`` + ``fit(images)``.
 * :class:`MaskedConv2D`, :class:`GatedPixelCNNBlock`, :class:`MaskedResidualBlock`,
-  :class:`PriorConfig` / :class:`PixelCNN` -- autoregressive priors over the code grid: the plain
-  masked stack (mask A, then mask B) and the gated PixelCNN without a blind spot, optionally
-  conditioned on the slice position. Sampling lives in ``sampler.sample_codes``.
+  :class:`CausalAttentionBlock`, :class:`PriorConfig` / :class:`PixelCNN` -- autoregressive priors
+  over the code grid: the plain masked stack (mask A, then mask B) and the gated PixelCNN without a
+  blind spot, optionally with causal self-attention blocks and conditioned on the slice position
+  (with a "no condition" slot for classifier-free guidance). Each of these layers has an
+  ``init_cache`` / ``step`` pair for incremental generation; sampling lives in
+  ``sampler.sample_codes``.
 
 Every layer and model is registered with ``keras.saving.register_keras_serializable`` under the
 package ``"oasis_vqvae"``, so after ``import modules`` a ``.keras`` file loads with
@@ -629,7 +632,8 @@ class VQVAE(keras.Model):
 #   no blind spot. The first layer shifts its inputs (down for the vertical stack, right for the
 #   horizontal one) so a position never sees its own code.
 #
-# Both embed the codes with a ``keras.layers.Embedding`` and are fully convolutional (any grid).
+# Both embed the codes with a ``keras.layers.Embedding`` and are fully convolutional (any grid);
+# causal self-attention blocks (PixelSNAIL) can be interleaved with either stack.
 # A conditioned prior (``num_conditions > 0``) takes ``(codes, condition)`` with an int condition
 # ``(B,)`` (e.g. the slice index) whose embedding is added as a bias inside every layer.
 # --------------------------------------------------------------------------------------------
