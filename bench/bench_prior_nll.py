@@ -106,8 +106,11 @@ def main(argv=None) -> int:
               .shuffle(len(data["train"][0]), seed=args.seed).batch(batch).prefetch(2))
         budget = Budget()
         start = time.perf_counter()
-        prior.fit(ds, epochs=args.epochs, verbose=2, callbacks=[budget])
+        hist = prior.fit(ds, epochs=args.epochs, verbose=2, callbacks=[budget],
+                         validation_data=(inputs("validate"), data["validate"][0]), validation_batch_size=batch)
         seconds = time.perf_counter() - start
+        curve = " ".join(f"{v / math.log(2):.2f}" for v in hist.history["val_loss"])
+        print(f"{name}: validation bits/code after each epoch: {curve}", flush=True)
         nll = {s: prior.evaluate(inputs(s), data[s][0], batch_size=batch, verbose=0) / math.log(2)
                for s in ("validate", "test")}
         rows.append((name, prior.count_params(), budget.epochs, seconds / budget.epochs, seconds,
