@@ -732,7 +732,7 @@ def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) ->
               f"{config.num_slices} slice positions")
         model = judge.train_judge(splits["train"], splits["validate"], config, verbose=1 if sys.stdout.isatty() else 2,
                                   callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(csv_path))])
-        save_final(model, path)
+        save_final(model, path, "judge")
     _, predicted = judge.judge_outputs(model, splits["test"].images)
     error = np.abs(predicted - splits["test"].slice_indices)
     return {"judge_test_slice_error_median": float(np.median(error)), "judge_test_accuracy": float((error == 0).mean())}
