@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -46,7 +46,8 @@ def _config_from_dict(cls, d: dict[str, Any] | None):
     return cls(**d)
 
 __all__ = ["VectorQuantizer", "ResidualBlock", "VQVAEConfig", "VQVAE", "build_encoder", "build_decoder",
-           "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "PriorConfig", "PixelCNN"]
+           "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "CausalAttentionBlock",
+           "grid_position_encoding", "PriorConfig", "PixelCNN"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,6 +708,39 @@ class MaskedConv2D(layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.filters,)
 
+    # ---- incremental generation (one position at a time, raster order)
+    def init_cache(self, batch_size: int, grid_shape):
+        """Zeros ``(B, h + kh//2, w + 2*(kw//2), C_in)``: this layer's inputs, padded like ``call``."""
+        if self.padding != "same":
+            raise ValueError("MaskedConv2D.step needs padding='same'")
+        (ph, pw), (h, w) = (self.kernel_size[0] // 2, self.kernel_size[1] // 2), grid_shape
+        return ops.zeros((batch_size, h + ph, w + 2 * pw, int(self.kernel.shape[2])), self.compute_dtype)
+
+    def step(self, x, i, j, cache):
+        """Output at ``(i, j)`` from the cached inputs; equals ``call`` on the full grid there.
+
+        Args:
+            x: ``(B, C_in)``, the newest input the output at ``(i, j)`` may see: the input at
+                ``(i, j)`` for mask "B", at the raster position before it for mask "A" (ignored at
+                ``(0, 0)``, which has none).
+            i, j: int scalars (tensors inside a compiled loop).
+            cache: from ``init_cache`` or the previous step.
+        Returns:
+            ``(y (B, filters), cache)``. Only the visible rows ``i-kh//2 .. i`` of the kernel are
+            applied; taps the mask hides are zero, whatever the cache holds there.
+        """
+        ph, pw = self.kernel_size[0] // 2, self.kernel_size[1] // 2
+        b, w, c = ops.shape(x)[0], ops.shape(cache)[2] - 2 * pw, ops.shape(cache)[3]
+        pos = i * w + j
+        if self.mask_type == "A":
+            x = x * ops.cast(pos > 0, x.dtype)
+            pos = pos - 1
+        cache = ops.slice_update(cache, [0, ph + pos // w, pw + pos % w, 0], x[:, None, None, :])
+        window = ops.slice(cache, [0, i, j, 0], [b, ph + 1, self.kernel_size[1], c])
+        kernel = ops.reshape(self.masked_kernel()[: ph + 1], (-1, self.filters))
+        y = ops.matmul(ops.reshape(window, (b, -1)), kernel)
+        return (y + self.bias if self.use_bias else y), cache
+
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size, mask_type=self.mask_type,
@@ -720,6 +754,13 @@ def _gate(x):
     """Gated activation ``tanh(a) * sigmoid(b)`` over the two channel halves: (..., 2F) -> (..., F)."""
     a, b = ops.split(x, 2, axis=-1)
     return ops.tanh(a) * ops.sigmoid(b)
+
+
+def _pointwise(conv, x):
+    """A built 1x1 ``Conv2D`` applied to vectors: ``(..., C) -> (..., filters)`` (same weights)."""
+    kernel = conv.kernel
+    y = ops.matmul(x, ops.reshape(kernel, (kernel.shape[-2], kernel.shape[-1])))
+    return y + conv.bias if conv.use_bias else y
 
 
 def _check_grid(x, grid_shape) -> None:
@@ -812,6 +853,86 @@ class GatedPixelCNNBlock(layers.Layer):
             h_new = h_new + h
         return v_out, h_new
 
+    # ---- incremental generation (one position at a time, raster order)
+    def init_cache(self, batch_size: int, grid_shape):
+        """Zero caches for sampling a ``grid_shape`` grid (dict of tensors).
+
+        ``inputs``: the vertical stack's inputs, padded as in ``call`` (the first layer's are the
+        embedded codes, padded one more row on top and column on the left for its shift, and also
+        read by its horizontal stack); ``h_in``: this row's horizontal inputs, padded ``p`` on the
+        left; ``link`` and ``v_out``: the current row's vertical-to-horizontal link ``(B, w, 2F)``
+        and vertical output ``(B, w, F)``, computed once per row.
+        """
+        (h, w), f, p = grid_shape, self.filters, self.kernel_size // 2
+        s = 1 if self.first else 0
+        zeros = lambda *shape: ops.zeros(shape, self.compute_dtype)  # noqa: E731
+        cache = {"inputs": zeros(batch_size, h + p + s, w + 2 * p + s, f),
+                 "link": zeros(batch_size, w, 2 * f), "v_out": zeros(batch_size, w, f)}
+        if not self.first:
+            cache["h_in"] = zeros(batch_size, w + p, f)
+        return cache
+
+    def step(self, inputs, i, j, cache, condition=None):
+        """Outputs at ``(i, j)``; equal to ``call`` on the full grid there (inference mode).
+
+        Args:
+            inputs: ``[v_row, h]``: ``v_row`` ``(B, w, F)`` the vertical stack's input for all of
+                row ``i`` (it only depends on rows above, so the whole row is known when the row
+                starts); ``h`` ``(B, F)`` the horizontal input at ``(i, j)``. The first layer reads
+                neither: its input is the embedded code at the raster position before ``(i, j)``,
+                passed as ``h`` (ignored at ``(0, 0)``), and its vertical row comes from the codes
+                it has cached.
+            i, j: int scalars. condition: ``(B,)`` int or None.
+        Returns:
+            ``([v_row_out (B, w, F), h_out (B, F)], cache)``. The vertical row is computed when
+            ``j == 0`` and reused along the row.
+        """
+        v_row, h = inputs
+        p, f, f2 = self.kernel_size // 2, self.filters, 2 * self.filters
+        s = 1 if self.first else 0
+        b, w = ops.shape(h)[0], ops.shape(cache["link"])[1]
+        cache = dict(cache)
+        if self.first:  # store the newest code embedding: the one at the position before (i, j)
+            pos = i * w + j - 1
+            x = h * ops.cast(pos >= 0, h.dtype)
+            cache["inputs"] = ops.slice_update(cache["inputs"], [0, p + 1 + pos // w, p + 1 + pos % w, 0],
+                                               x[:, None, None, :])
+        else:  # rewriting the same row along it is harmless
+            cache["inputs"] = ops.slice_update(cache["inputs"], [0, p + i, p, 0], v_row[:, None])
+        v_cond = self.cond_v(condition)[:, None, :] if condition is not None and not self.last else None
+
+        def new_row():
+            window = ops.slice(cache["inputs"], [0, i, s, 0], [b, p + 1, w + 2 * p, f])
+            v_pre = ops.conv(window, self.v_conv.kernel, padding="valid")[:, 0] + self.v_conv.bias
+            link = _pointwise(self.v_to_h, v_pre)
+            if self.last:
+                return cache["v_out"], link
+            if v_cond is not None:
+                v_pre = v_pre + v_cond
+            if self.position_shape:
+                v_pre = v_pre + ops.take(self.pos_v, i, axis=0)
+            return _gate(v_pre), link
+
+        v_out, link = ops.cond(ops.equal(j, 0), new_row, lambda: (cache["v_out"], cache["link"]))
+        cache["v_out"], cache["link"] = v_out, link
+        if self.first:
+            window = ops.slice(cache["inputs"], [0, p + 1 + i, j, 0], [b, 1, p + 1, f])
+        else:
+            cache["h_in"] = ops.slice_update(cache["h_in"], [0, p + j, 0], h[:, None])
+            window = ops.slice(cache["h_in"], [0, j, 0], [b, p + 1, f])
+        h_pre = (ops.matmul(ops.reshape(window, (b, -1)), ops.reshape(self.h_conv.kernel, (-1, f2)))
+                 + self.h_conv.bias + ops.take(link, j, axis=1))
+        if condition is not None:
+            h_pre = h_pre + self.cond_h(condition)
+        if self.position_shape:
+            h_pre = h_pre + ops.take(ops.take(self.pos_h, i, axis=0), j, axis=0)
+        h_new = _pointwise(self.h_out, _gate(h_pre))
+        if not self.first:
+            h_new = h_new + h
+        if self.last and not self.first:
+            v_out = v_row
+        return [v_out, h_new], cache
+
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size, first=self.first,
@@ -861,10 +982,136 @@ class MaskedResidualBlock(layers.Layer):
         y = self.drop(ops.relu(y), training=training)
         return x + self.out_proj(y)
 
+    # ---- incremental generation (one position at a time, raster order)
+    def init_cache(self, batch_size: int, grid_shape):
+        """The masked conv's input cache (see ``MaskedConv2D.init_cache``)."""
+        return {"masked_conv": self.masked_conv.init_cache(batch_size, grid_shape)}
+
+    def step(self, x, i, j, cache, condition=None):
+        """``x`` ``(B, F)`` at ``(i, j)`` -> ``((B, F), cache)``; equals ``call`` there (inference)."""
+        y, conv_cache = self.masked_conv.step(ops.relu(_pointwise(self.in_proj, x)), i, j,
+                                              cache["masked_conv"])
+        if condition is not None:
+            y = y + self.cond(condition)
+        return x + _pointwise(self.out_proj, ops.relu(y)), {"masked_conv": conv_cache}
+
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size,
                       num_conditions=self.num_conditions, dropout=self.dropout)
+        return config
+
+
+def grid_position_encoding(i, j, channels: int = 16):
+    """Fixed sinusoidal 2-D position features (Vaswani et al. 2017, per axis).
+
+    ``i, j``: float tensors of any (broadcastable) shape -> ``(..., channels)`` holding
+    ``sin / cos`` of ``i`` and of ``j`` at ``channels // 4`` frequencies ``100^(-k / (channels // 4))``
+    (periods ~6 to ~200 grid steps, enough to tell positions of grids up to 64 apart). Fixed, so an
+    attention block works on any grid; the same function serves ``call`` and ``step``.
+    """
+    n = channels // 4
+    freqs = ops.power(100.0, -ops.arange(n, dtype="float32") / n)
+    a = ops.expand_dims(ops.cast(i, "float32"), -1) * freqs
+    b = ops.expand_dims(ops.cast(j, "float32"), -1) * freqs
+    return ops.concatenate([ops.sin(a), ops.cos(a), ops.sin(b), ops.cos(b)], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CausalAttentionBlock(layers.Layer):
+    """Causal multi-head self-attention over the code grid in raster order (PixelSNAIL-style).
+
+    ``x + W_o · dropout(attention)``: queries and keys are projections of ``LayerNorm(x)`` joined
+    with fixed 2-D position features (``grid_position_encoding``), values of ``LayerNorm(x)``; the
+    position at raster index ``p`` attends to every position ``<= p`` (Chen et al. 2018,
+    "PixelSNAIL"; the VQ-VAE-2 top prior). Placed after a layer whose output at ``p`` depends only on
+    codes ``< p`` (the mask-A / shifted first layer comes first in every prior), it keeps the prior
+    strictly causal while every position sees the whole slice above and to its left. Attending to
+    ``p`` itself also means no row of the softmax is empty.
+
+    Args:
+        filters: channels F of the stream (input and output).
+        heads: attention heads. key_dim: query/key/value channels per head.
+        dropout: rate on the attention output before the projection (training only), as PixelSNAIL
+            applies dropout inside its blocks.
+        position_channels: size of the position features (a multiple of 4).
+
+    Call: ``x`` ``(B, H, W, F)`` -> ``(B, H, W, F)``. Memory and time grow as ``(H·W)^2`` per head.
+    """
+
+    def __init__(self, filters, heads=2, key_dim=16, dropout=0.0, position_channels=16, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.heads, self.key_dim = int(filters), int(heads), int(key_dim)
+        self.dropout = float(dropout)
+        self.position_channels = int(position_channels)
+        if self.position_channels % 4 or self.heads < 1 or self.key_dim < 1:
+            raise ValueError("CausalAttentionBlock needs heads >= 1, key_dim >= 1 and position_channels % 4 == 0")
+        d = self.heads * self.key_dim
+        self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
+        self.query = layers.Dense(d, name="query")
+        self.key = layers.Dense(d, name="key")
+        self.value = layers.Dense(d, name="value")
+        self.out_proj = layers.Dense(self.filters, name="out_proj")
+        self.drop = layers.Dropout(self.dropout, name="dropout")
+
+    def build(self, input_shape=None):
+        f, d = self.filters, self.heads * self.key_dim
+        self.norm.build((None, f))
+        self.query.build((None, f + self.position_channels))
+        self.key.build((None, f + self.position_channels))
+        self.value.build((None, f))
+        self.out_proj.build((None, d))
+
+    def _qkv(self, x, pe):
+        """x ``(..., F)``, position features ``(..., P)`` -> q, k, v ``(..., heads, key_dim)``."""
+        xn = self.norm(x)
+        xp = ops.concatenate([xn, ops.cast(pe, xn.dtype)], axis=-1)
+        split = lambda t: ops.reshape(t, ops.shape(t)[:-1] + (self.heads, self.key_dim))  # noqa: E731
+        return split(self.query(xp)), split(self.key(xp)), split(self.value(xn))
+
+    def call(self, x, training=None):
+        b, h, w = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
+        ii, jj = ops.meshgrid(ops.arange(h), ops.arange(w), indexing="ij")
+        pe = ops.broadcast_to(grid_position_encoding(ii, jj, self.position_channels)[None],
+                              (b, h, w, self.position_channels))
+        q, k, v = self._qkv(x, pe)  # (B, H, W, heads, d)
+        flat = lambda t: ops.transpose(ops.reshape(t, (b, h * w, self.heads, self.key_dim)), (0, 2, 1, 3))  # noqa: E731
+        q, k, v = flat(q), flat(k), flat(v)  # (B, heads, N, d)
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.key_dim)
+        n = h * w
+        causal = ops.arange(n)[None, :] <= ops.arange(n)[:, None]  # key index <= query index
+        scores = ops.where(causal, ops.cast(scores, "float32"), float("-inf"))
+        attn = ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)  # (B, heads, N, d)
+        attn = ops.reshape(ops.transpose(attn, (0, 2, 1, 3)), (b, h, w, self.heads * self.key_dim))
+        return x + self.out_proj(self.drop(attn, training=training))
+
+    # ---- incremental generation (one position at a time, raster order)
+    def init_cache(self, batch_size: int, grid_shape):
+        """Key and value caches, each ``(B, heads, h, w, key_dim)`` zeros."""
+        shape = (batch_size, self.heads, *grid_shape, self.key_dim)
+        return {"key": ops.zeros(shape, self.compute_dtype), "value": ops.zeros(shape, self.compute_dtype)}
+
+    def step(self, x, i, j, cache, condition=None):
+        """``x`` ``(B, F)`` at ``(i, j)`` -> ``((B, F), cache)``: stores this position's key and
+        value, attends over the cached ones at raster index ``<= i*w + j`` (KerasHub's
+        ``CachedMultiHeadAttention`` in 2-D); equals ``call`` there (inference)."""
+        b, h, w = ops.shape(x)[0], ops.shape(cache["key"])[2], ops.shape(cache["key"])[3]
+        pe = ops.broadcast_to(grid_position_encoding(i, j, self.position_channels)[None], (b, self.position_channels))
+        q, k, v = self._qkv(x, pe)  # (B, heads, d)
+        cache = {"key": ops.slice_update(cache["key"], [0, 0, i, j, 0], k[:, :, None, None, :]),
+                 "value": ops.slice_update(cache["value"], [0, 0, i, j, 0], v[:, :, None, None, :])}
+        keys = ops.reshape(cache["key"], (b, self.heads, h * w, self.key_dim))
+        values = ops.reshape(cache["value"], (b, self.heads, h * w, self.key_dim))
+        scores = ops.squeeze(ops.matmul(keys, q[..., None]), -1) / math.sqrt(self.key_dim)  # (B, heads, N)
+        visible = ops.arange(h * w) <= i * w + j
+        scores = ops.where(visible, ops.cast(scores, "float32"), float("-inf"))
+        attn = ops.matmul(ops.cast(ops.softmax(scores, axis=-1), values.dtype)[:, :, None, :], values)[:, :, 0]
+        return x + self.out_proj(ops.reshape(attn, (b, self.heads * self.key_dim))), cache
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, heads=self.heads, key_dim=self.key_dim, dropout=self.dropout,
+                      position_channels=self.position_channels)
         return config
 
 
@@ -884,6 +1131,11 @@ class PriorConfig:
         positional: learn a bias per grid position in the first layer, so the prior knows where in
             the slice it is beyond its receptive field (needs ``grid_shape``; the prior then
             samples only grids of that shape).
+        attention_every: a causal self-attention block (PixelSNAIL) after every N-th layer; 0: none.
+        attention_heads: heads of each attention block.
+        attention_dim: query/key/value channels per attention head.
+        condition_dropout: fraction of training examples whose slice condition is replaced by a
+            learned "no condition" slot (classifier-free guidance; needs num_conditions > 0).
     """
 
     gated: bool = True
@@ -895,6 +1147,13 @@ class PriorConfig:
     grid_shape: tuple | None = None
     dropout: float = 0.0
     positional: bool = False
+    attention_every: int = field(default=0, metadata={
+        "help": "a causal self-attention block (PixelSNAIL) after every N-th layer; 0: none"})
+    attention_heads: int = field(default=2, metadata={"help": "heads of each attention block"})
+    attention_dim: int = field(default=16, metadata={"help": "query/key/value channels per attention head"})
+    condition_dropout: float = field(default=0.0, metadata={
+        "help": "fraction of training examples whose slice condition is replaced by a learned "
+                "'no condition' slot, for classifier-free guidance (needs slice conditioning)"})
 
     def __post_init__(self):
         for name in ("kernel_size", "first_kernel_size"):
@@ -907,6 +1166,11 @@ class PriorConfig:
             raise ValueError(f"PriorConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.positional and self.grid_shape is None:
             raise ValueError("PriorConfig.positional needs grid_shape (the grid whose positions it learns)")
+        if self.attention_every < 0 or self.attention_heads < 1 or self.attention_dim < 1:
+            raise ValueError("PriorConfig needs attention_every >= 0 (0: no attention), attention_heads >= 1 "
+                             "and attention_dim >= 1")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"PriorConfig.condition_dropout must be in [0, 1), got {self.condition_dropout!r}")
         if self.grid_shape is not None:
             self.grid_shape = tuple(int(s) for s in self.grid_shape)
             if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
@@ -935,6 +1199,19 @@ class PixelCNN(keras.Model):
     ``config.num_conditions > 0``. Returns logits ``(B, h, w, K)`` float32 whose value at ``(i, j)``
     depends only on codes before ``(i, j)`` in raster order (and on the condition). Train with
     ``compile(loss=SparseCategoricalCrossentropy(from_logits=True))``; ``fit(codes, codes)``.
+
+    Layout: the input stage (gated: the shifted first gated layer; plain: a mask-A conv with the
+    condition and position biases), then ``num_layers - 1`` gated layers (or ``num_layers`` masked
+    residual blocks), with a ``CausalAttentionBlock`` on the horizontal stream (plain: the stream)
+    after every ``attention_every``-th layer, then a 1x1 head.
+
+    Classifier-free guidance: with ``condition_dropout > 0`` the condition embeddings get one more
+    row, the "no condition" slot ``null_condition`` (= ``num_conditions``); ``fit`` replaces the
+    condition of that fraction of examples by it, and calling with ``condition == null_condition``
+    gives the unconditional prior. Priors saved without ``condition_dropout`` load as before.
+
+    Sampling (``sampler.sample_codes``) uses ``init_cache`` and ``call_with_cache``: one raster
+    position per call, each layer updating its own cache through its ``step`` method.
     """
 
     def __init__(self, num_embeddings: int, config: PriorConfig | dict | None = None, **overrides):
@@ -953,24 +1230,44 @@ class PixelCNN(keras.Model):
         self.num_embeddings = int(num_embeddings)
         self.config = config
         c = config
+        slots = c.num_conditions + (1 if self.has_null_condition else 0)  # embedding rows per condition
         self.embedding = layers.Embedding(self.num_embeddings, c.filters, name="code_embedding")
         if c.gated:
             self.input_block = GatedPixelCNNBlock(c.filters, c.first_kernel_size, first=True,
-                                                  num_conditions=c.num_conditions, dropout=c.dropout,
+                                                  num_conditions=slots, dropout=c.dropout,
                                                   last=c.num_layers == 1, name="gated_0",
                                                   position_shape=c.grid_shape if c.positional else None)
-            self.blocks = [GatedPixelCNNBlock(c.filters, c.kernel_size, num_conditions=c.num_conditions,
+            self.blocks = [GatedPixelCNNBlock(c.filters, c.kernel_size, num_conditions=slots,
                                               dropout=c.dropout, last=i == c.num_layers - 1, name=f"gated_{i}")
                            for i in range(1, c.num_layers)]
         else:
             self.input_conv = MaskedConv2D(c.filters, c.first_kernel_size, "A", name="input_conv")
             if c.num_conditions:
-                self.input_cond = layers.Embedding(c.num_conditions, c.filters, name="input_cond")
-            self.blocks = [MaskedResidualBlock(c.filters, c.kernel_size, c.num_conditions,
+                self.input_cond = layers.Embedding(slots, c.filters, name="input_cond")
+            self.blocks = [MaskedResidualBlock(c.filters, c.kernel_size, slots,
                                                c.dropout, name=f"residual_{i}")
                            for i in range(c.num_layers)]
+        n_attention = c.num_layers // c.attention_every if c.attention_every else 0
+        self.attention_blocks = [CausalAttentionBlock(c.filters, c.attention_heads, c.attention_dim, c.dropout,
+                                                      name=f"attention_{a}") for a in range(n_attention)]
+        if self.has_null_condition:
+            self.condition_seed = keras.random.SeedGenerator(0, name="condition_dropout_seed")
         self.head_hidden = layers.Conv2D(c.filters, 1, name="head_hidden")
         self.head_out = layers.Conv2D(self.num_embeddings, 1, dtype="float32", name="logits")
+
+    @property
+    def has_null_condition(self) -> bool:
+        """True when the prior has the learned "no condition" slot (``condition_dropout > 0``)."""
+        return self.config.num_conditions > 0 and self.config.condition_dropout > 0
+
+    @property
+    def null_condition(self) -> int:
+        """The condition value meaning "no condition" (``num_conditions``); needs the slot."""
+        if not self.has_null_condition:
+            raise ValueError("this prior has no 'no condition' slot: it is unconditioned, or was trained "
+                             "with condition_dropout=0; retrain it with condition_dropout > 0 "
+                             "(e.g. 0.1) to sample without a condition or with guidance")
+        return self.config.num_conditions
 
     def build(self, input_shape=None):
         f = self.config.filters
@@ -984,7 +1281,7 @@ class PixelCNN(keras.Model):
             if self.config.positional:
                 self.position_bias = self.add_weight(shape=(*self.config.grid_shape, f), initializer="zeros",
                                                      name="position_bias")
-        for block in self.blocks:
+        for block in self.blocks + self.attention_blocks:
             block.build()
         self.head_hidden.build((None, None, None, f))
         self.head_out.build((None, None, None, f))
@@ -1007,15 +1304,25 @@ class PixelCNN(keras.Model):
             cond = ops.reshape(ops.cast(cond, "int32"), (-1,))
         return codes, cond
 
+    def _attention_after(self, n: int):
+        """The attention block after layer ``n`` (1-based, counting the gated first layer), or None."""
+        every = self.config.attention_every
+        return self.attention_blocks[n // every - 1] if every and n % every == 0 else None
+
     def call(self, inputs, training=None):
         codes, cond = self._split_inputs(inputs)
+        if cond is not None and training and self.has_null_condition:
+            # classifier-free guidance (Ho & Salimans 2022): drop the condition of some examples
+            drop = keras.random.uniform(ops.shape(cond), seed=self.condition_seed) < self.config.condition_dropout
+            cond = ops.where(drop, self.config.num_conditions, cond)
         extra = [cond] if cond is not None else []
         x = self.embedding(codes)  # (B, h, w, F)
         if self.config.gated:
             v, h = self.input_block([x, x] + extra, training=training)
-            for block in self.blocks:
+            for n, block in enumerate(self.blocks, 2):
+                h = self._attend(n - 1, h, training)
                 v, h = block([v, h] + extra, training=training)
-            out = h
+            out = self._attend(len(self.blocks) + 1, h, training)
         else:
             out = self.input_conv(x)
             if cond is not None:
@@ -1024,10 +1331,75 @@ class PixelCNN(keras.Model):
                 _check_grid(out, self.config.grid_shape)
                 out = out + self.position_bias[None]
             out = ops.relu(out)
-            for block in self.blocks:
-                out = block([out] + extra, training=training)
+            for n, block in enumerate(self.blocks, 1):
+                out = self._attend(n, block([out] + extra, training=training), training)
         hidden = ops.relu(self.head_hidden(ops.relu(out)))
         return self.head_out(hidden)  # (B, h, w, K) float32 logits
+
+    def _attend(self, n, x, training):
+        block = self._attention_after(n)
+        return x if block is None else block(x, training=training)
+
+    # ---- incremental generation: one raster position per call, each layer owning its step
+    def init_cache(self, batch_size: int, grid_shape):
+        """Zero caches of every layer for sampling ``batch_size`` grids of ``grid_shape``.
+
+        A nested structure of tensors (what ``tf.while_loop`` carries); only ``call_with_cache``
+        reads it.
+        """
+        grid_shape = tuple(int(s) for s in grid_shape)
+        first = self.input_block if self.config.gated else self.input_conv
+        return {"input": first.init_cache(batch_size, grid_shape),
+                "blocks": [b.init_cache(batch_size, grid_shape) for b in self.blocks],
+                "attention": [a.init_cache(batch_size, grid_shape) for a in self.attention_blocks]}
+
+    def call_with_cache(self, prev_codes, i, j, cache, condition=None):
+        """Logits at raster position ``(i, j)`` given the codes drawn so far (inference mode).
+
+        Args:
+            prev_codes: int ``(B,)``, the code at the position before ``(i, j)`` in raster order,
+                the newest one the prior may see (ignored at ``(0, 0)``). Call at every position
+                in raster order from ``(0, 0)``: each layer caches what it has been given.
+            i, j: int scalars (tensors inside a compiled loop).
+            cache: from ``init_cache`` or the previous call. condition: ``(B,)`` int or None.
+        Returns:
+            ``(logits (B, K) float32, cache)``, equal (up to float rounding) to
+            ``self(codes)[:, i, j]`` for the full grid holding those codes.
+        """
+        if (condition is None) != (self.config.num_conditions == 0):
+            raise ValueError("call_with_cache: pass condition exactly when the prior is conditioned")
+        if condition is not None:
+            condition = ops.cast(condition, "int32")
+        x = self.embedding(ops.cast(prev_codes, "int32"))  # (B, F)
+        blocks, attention = list(cache["blocks"]), list(cache["attention"])
+
+        def attend(n, x):
+            block = self._attention_after(n)
+            if block is None:
+                return x
+            a = self.attention_blocks.index(block)
+            x, attention[a] = block.step(x, i, j, attention[a])
+            return x
+
+        if self.config.gated:
+            (v, h), first = self.input_block.step([None, x], i, j, cache["input"], condition)
+            for n, block in enumerate(self.blocks):
+                h = attend(n + 1, h)
+                (v, h), blocks[n] = block.step([v, h], i, j, blocks[n], condition)
+            out = attend(len(self.blocks) + 1, h)
+        else:
+            out, first = self.input_conv.step(x, i, j, cache["input"])
+            if condition is not None:
+                out = out + self.input_cond(condition)
+            if self.config.positional:
+                out = out + ops.take(ops.take(self.position_bias, i, axis=0), j, axis=0)
+            out = ops.relu(out)
+            for n, block in enumerate(self.blocks):
+                out, blocks[n] = block.step(out, i, j, blocks[n], condition)
+                out = attend(n + 1, out)
+        hidden = ops.relu(_pointwise(self.head_hidden, ops.relu(out)))
+        logits = ops.cast(_pointwise(self.head_out, hidden), "float32")
+        return logits, {"input": first, "blocks": blocks, "attention": attention}
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,

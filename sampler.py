@@ -3,45 +3,50 @@
 Codes are drawn position by position in raster order from ``softmax(logits / temperature)`` by the
 Gumbel-max trick: ``code = argmax(logits / T + g)`` with Gumbel noise ``g`` drawn up front from a
 NumPy ``Generator`` seeded by ``(seed, sample_index)``. Both methods use the same noise, so they
-return the same codes, and chunking (``batch_size``) does not change any sample.
+return the same codes, and chunking (``batch_size``) does not change any sample. ``top_k`` /
+``top_p`` set the scores outside the kept codes to ``-inf`` before the same Gumbel-max draw;
+classifier-free ``guidance`` mixes the logits of the conditioned and the "no condition" prior.
 
 * ``method="naive"``: the reference (keras.io): one full-grid forward pass of the model per position.
-* ``method="fast"``: caches, for every layer, the activations of the positions already generated and
-  computes only what the new position needs (Ramachandran et al. 2017, "Fast Generation for
-  Convolutional Autoregressive Models"): per position, each masked / horizontal conv reads a small
-  window of its cached input; the gated prior's vertical stack is computed one whole row at a time
-  (it only sees rows above). The whole grid runs in one XLA-compiled ``tf.while_loop``.
+* ``method="fast"``: the prior's ``init_cache`` / ``call_with_cache``: one raster position per call,
+  every layer updating its own cache through its own ``step`` (masked convs keep their inputs,
+  the gated vertical stack one row at a time, attention a key/value cache; Ramachandran et al.
+  2017, "Fast Generation for Convolutional Autoregressive Models"). This module knows nothing of
+  the layers: the whole grid runs in one XLA-compiled ``tf.while_loop`` around ``call_with_cache``.
 
-Exactness: the fast path's logits differ from a full-grid pass by float rounding (~1e-6). Where the
-top-two Gumbel scores of any sample are closer than a tolerance ``tol * (1 + max|logits|) / T``
-(about once in 10^4 positions), the fast loop stops and that one position is decided exactly as the
-naive sampler decides it (a full-grid model call on the same partial grid), then the loop resumes.
-So the two methods agree unless rounding exceeds ``tol`` (1e-4 relative), not merely "usually".
+Exactness: the fast path's logits differ from a full-grid pass by float rounding (~1e-6). Where a
+draw is within a tolerance ``tol * (1 + max|logits|) / T`` of changing (the top-two Gumbel scores,
+or the top-k / top-p cut; about once in 10^4 positions), the fast loop stops and that one position
+is decided exactly as the naive sampler decides it (a full-grid model call on the same partial
+grid), then the loop resumes. So the two methods agree unless rounding exceeds ``tol`` (1e-4
+relative), not merely "usually". To keep that true everywhere, sampling always runs in float32 (a
+prior trained under a ``mixed_float16`` policy is sampled through a float32 copy of its weights),
+and TensorFloat-32 matmuls (on by default on Ampere and later NVIDIA GPUs, ~1e-3 relative error)
+are switched off for the duration of ``sample_codes`` and the user's setting restored after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
-
-try:  # in-place dynamic_update_slice inside the XLA loop (TensorFlow's public wrapper lacks it)
-    from tensorflow.compiler.tf2xla.python import xla as _tfxla
-except ImportError:  # pragma: no cover
-    _tfxla = None
 
 __all__ = ["sample_codes", "gumbel_noise"]
 
 _TIE_TOL = 1e-4
 _FAST_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FLOAT32_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Positions the last fast call decided with a full-grid pass (near-ties); diagnostics for tests.
 last_exact_fallbacks = 0
 
 
 # --------------------------------------------------------------------------- arguments and noise
-def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method, batch_size):
+def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method, batch_size,
+                  guidance, top_k, top_p, codes, keep):
     if int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     if not float(temperature) > 0.0:
@@ -50,6 +55,10 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
         raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
     cfg = prior.config
     if grid_shape is None:
         grid_shape = cfg.grid_shape
@@ -65,11 +74,18 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
     if cfg.num_conditions == 0:
         if condition is not None:
             raise ValueError("condition given but the prior is unconditioned (num_conditions=0)")
+        if guidance is not None:
+            raise ValueError("guidance needs a conditioned prior (num_conditions > 0)")
         cond = None
+    elif condition is None:
+        if guidance is not None:
+            raise ValueError("guidance needs condition= (it mixes the conditioned and unconditioned logits)")
+        if not prior.has_null_condition:
+            raise ValueError(f"the prior is conditioned (num_conditions={cfg.num_conditions}) and has no "
+                             "'no condition' slot (trained with condition_dropout=0): pass condition= an "
+                             "int or a sequence of num_samples ints")
+        cond = np.full((n,), prior.null_condition, "int32")
     else:
-        if condition is None:
-            raise ValueError(f"the prior is conditioned (num_conditions={cfg.num_conditions}): "
-                             "pass condition= an int or a sequence of num_samples ints")
         cond = np.asarray(condition)
         if cond.ndim == 0:
             cond = np.full((n,), int(cond))
@@ -80,7 +96,31 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
             raise ValueError(f"condition values must lie in [0, {cfg.num_conditions}), "
                              f"got [{cond.min()}, {cond.max()}]")
         cond = cond.astype("int32")
-    return n, grid_shape, float(temperature), cond, (n if batch_size is None else int(batch_size))
+        if guidance is not None:
+            if not prior.has_null_condition:
+                prior.null_condition  # raises: no unconditional slot to guide against
+            guidance = float(guidance)
+    if keep is None:
+        keep, codes = np.zeros((n, *grid_shape), bool), np.zeros((n, *grid_shape), "int32")
+    else:
+        keep = np.asarray(keep)
+        if keep.shape != (n, *grid_shape) or keep.dtype != bool:
+            raise ValueError(f"keep must be a bool array {(n, *grid_shape)} (samples, grid), "
+                             f"got {keep.dtype} {keep.shape}")
+        if codes is None:
+            raise ValueError("keep given without codes: pass codes= the (N, h, w) ints to keep")
+        codes = np.asarray(codes)
+        if codes.shape != keep.shape or not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must be an int array {keep.shape} like keep, got {codes.dtype} {codes.shape}")
+        kept = codes[keep]
+        if kept.size and (kept.min() < 0 or kept.max() >= prior.num_embeddings):
+            raise ValueError(f"kept codes must lie in [0, {prior.num_embeddings}), got [{kept.min()}, {kept.max()}]")
+        codes = np.where(keep, codes, 0).astype("int32")
+    options = {"top_k": None if top_k is None or top_k >= prior.num_embeddings else int(top_k),
+               "top_p": None if top_p is None or top_p >= 1.0 else float(top_p),
+               "guided": guidance is not None}
+    return (n, grid_shape, float(temperature), cond, (n if batch_size is None else int(batch_size)),
+            guidance, options, codes, keep)
 
 
 def gumbel_noise(seed: int, sample_indices: Sequence[int], grid_shape, num_embeddings: int):
@@ -94,42 +134,149 @@ def gumbel_noise(seed: int, sample_indices: Sequence[int], grid_shape, num_embed
                      .astype("float32") for n in sample_indices])
 
 
-def _select(logits: np.ndarray, noise: np.ndarray, temperature: float) -> np.ndarray:
-    """Gumbel-max draw from softmax(logits / T): (B, K), (B, K) -> (B,) int32."""
-    scores = logits.astype("float32") / np.float32(temperature) + noise
-    return np.argmax(scores, axis=-1).astype("int32")
+def _draw(logits, noise, temperature, top_k=None, top_p=None):
+    """One Gumbel-max draw per row, after the top-k / top-p filters.
+
+    Args: logits, noise ``(B, K)`` float32; temperature a float scalar; ``top_k``: keep the k
+        largest logits; ``top_p``: then keep the fewest most likely codes whose probability (at
+        this temperature) sums to >= p (nucleus sampling, Holtzman et al. 2020).
+    Returns: ``(codes (B,) int32, ambiguous (B,) bool)``: ``ambiguous`` marks rows where a change
+        of the logits by the rounding tolerance could change the draw (near-equal top-two scores,
+        or a filter cut that is nearly a tie); the fast sampler decides those exactly.
+    """
+    z = logits / temperature
+    k_all = logits.shape[-1]
+    thr = _TIE_TOL * (1.0 + tf.reduce_max(tf.abs(logits), -1)) / temperature  # (B,)
+    ambiguous = tf.zeros(tf.shape(logits)[:1], tf.bool)
+    neg_inf = tf.constant(-np.inf, z.dtype)
+    if top_k is not None:
+        top = tf.math.top_k(z, top_k + 1).values
+        cut = top[:, top_k - 1]
+        ambiguous |= top[:, top_k - 1] - top[:, top_k] <= thr
+        z = tf.where(z >= cut[:, None], z, neg_inf)
+    if top_p is not None:
+        srt = tf.sort(z, axis=-1, direction="DESCENDING")
+        before = tf.math.cumsum(tf.nn.softmax(srt, -1), axis=-1, exclusive=True)  # mass of the larger ones
+        inside = before < top_p
+        n_in = tf.reduce_sum(tf.cast(inside, tf.int32), -1)  # >= 1: the first code always stays
+        cut = tf.gather(srt, n_in - 1, batch_dims=1)
+        nxt = tf.gather(srt, tf.minimum(n_in, k_all - 1), batch_dims=1)
+        nxt = tf.where(n_in < k_all, nxt, neg_inf)
+        finite = srt > neg_inf
+        ambiguous |= tf.reduce_any(finite & (tf.abs(before - top_p) <= _TIE_TOL), -1)
+        ambiguous |= cut - nxt <= thr
+        z = tf.where(z >= cut[:, None], z, neg_inf)
+    scores = z + noise
+    if k_all > 1:
+        top2 = tf.math.top_k(scores, 2).values
+        ambiguous |= top2[:, 0] - top2[:, 1] <= thr
+    return tf.argmax(scores, -1, output_type=tf.int32), ambiguous
 
 
-def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int) -> np.ndarray:
+def _mix(logits, guidance):
+    """Guided logits from a 2B batch (conditioned rows, then "no condition" rows): (2B, K) -> (B, K)."""
+    cond, uncond = tf.split(logits, 2, axis=0)
+    return uncond + guidance * (cond - uncond)
+
+
+def _model_inputs(grid, cond, guided, null):
+    """Batch for a full-grid call: the grid (twice, with the null condition second, when guided)."""
+    if cond is None:
+        return grid
+    if guided:
+        return np.concatenate([grid, grid]), np.concatenate([cond, np.full_like(cond, null)])
+    return grid, cond
+
+
+def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int, guidance) -> tf.Tensor:
     """Logits ``(B, K)`` at ``(i, j)`` from one full-grid forward pass (the reference)."""
-    inputs = grid if cond is None else (grid, cond)
-    return np.asarray(prior(inputs, training=False))[:, i, j, :]
+    guided = guidance is not None
+    null = prior.config.num_conditions
+    logits = tf.convert_to_tensor(prior(_model_inputs(grid, cond, guided, null), training=False))[:, i, j, :]
+    return _mix(logits, guidance) if guided else logits
+
+
+def _exact_draw(prior, grid, cond, i, j, noise_ij, temperature, guidance, options, codes, keep):
+    """The code at ``(i, j)`` as the naive sampler decides it (kept codes stay)."""
+    logits = _exact_logits(prior, grid, cond, i, j, guidance)
+    drawn, _ = _draw(logits, tf.constant(noise_ij), tf.constant(temperature, tf.float32),
+                     options["top_k"], options["top_p"])
+    return np.where(keep[:, i, j], codes[:, i, j], drawn.numpy()).astype("int32")
+
+
+# --------------------------------------------------------------------------- precision
+def _float32_prior(prior):
+    """``prior`` if it computes in float32, else a float32 copy holding its current weights.
+
+    A prior built under a ``mixed_float16`` policy computes in float16; sampling it in float32 keeps
+    fast, naive and the near-tie fallback exact and avoids float16/float32 mismatches.
+    """
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in prior._flatten_layers()):
+        return prior
+    copy = _FLOAT32_COPIES.get(prior)
+    if copy is None:
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+        try:
+            copy = prior.__class__.from_config(prior.get_config())
+            copy.build()
+        finally:
+            keras.config.set_dtype_policy(policy)
+        _FLOAT32_COPIES[prior] = copy
+    copy.set_weights(prior.get_weights())
+    return copy
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """TensorFloat-32 off inside (its ~1e-3 matmul error would void the 1e-4 tie tolerance)."""
+    enabled = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(enabled)
 
 
 # --------------------------------------------------------------------------- public entry point
 def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 1.0,
                  seed: int | None = None, condition=None, method: str = "fast",
-                 batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+                 batch_size: int | None = None, progress: bool = False, *,
+                 guidance: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 codes=None, keep=None) -> np.ndarray:
     """Draw code grids from a PixelCNN prior, position by position in raster order.
 
     Args:
-        prior: a ``PixelCNN`` (plain or gated, conditioned or not).
+        prior: a ``PixelCNN`` (plain or gated, with or without attention, conditioned or not).
         num_samples: number of grids N >= 1.
-        grid_shape: ``(h, w)``; defaults to ``prior.config.grid_shape``. Any size works.
+        grid_shape: ``(h, w)``; defaults to ``prior.config.grid_shape``. Any size works (a
+            positional prior only takes its own).
         temperature: T > 0; codes are drawn from ``softmax(logits / T)`` (never argmax of logits).
         seed: int for reproducible codes (None: fresh entropy).
         condition: None for an unconditioned prior; for a conditioned one an int (all samples) or
-            a sequence of N ints in ``[0, num_conditions)``.
+            a sequence of N ints in ``[0, num_conditions)``, or None to sample unconditionally
+            through the "no condition" slot (priors trained with ``condition_dropout > 0``).
         method: "fast" (cached incremental, XLA) or "naive" (one full forward pass per position).
             Both give the same codes for the same weights and seed.
         batch_size: samples per chunk (None: all at once); does not change the codes.
         progress: show a tqdm progress bar over samples (advances chunk by chunk).
+        guidance: classifier-free guidance scale s (Ho & Salimans 2022): draw from
+            ``uncond + s * (cond - uncond)`` logits (s = 1: the conditioned prior; needs
+            ``condition`` and a prior with the "no condition" slot). Costs twice the batch.
+        top_k: draw only among the k most likely codes at each position.
+        top_p: draw only among the fewest most likely codes whose probability (at temperature T,
+            after top_k) sums to >= top_p.
+        codes, keep: int ``(N, h, w)`` and bool ``(N, h, w)``: where ``keep`` is True the sample
+            takes the given code instead of a draw; every other position is drawn in raster
+            order given all earlier codes, kept or drawn (completion, anomaly healing).
+            ``keep=None``: nothing kept.
 
     Returns:
         int32 array ``(N, h, w)`` with values in ``[0, num_embeddings)``.
     """
-    n, (h, w), temperature, cond, chunk = _resolve_args(
-        prior, num_samples, grid_shape, temperature, condition, method, batch_size)
+    n, (h, w), temperature, cond, chunk, guidance, options, codes, keep = _resolve_args(
+        prior, num_samples, grid_shape, temperature, condition, method, batch_size,
+        guidance, top_k, top_p, codes, keep)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2 ** 63))
     k = prior.num_embeddings
@@ -138,229 +285,96 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
     last_exact_fallbacks = 0
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc=f"sampling {h}x{w} codes ({method})", unit="sample", disable=not progress)
-    for start in range(0, n, chunk):
-        idx = np.arange(start, min(start + chunk, n))
-        noise = gumbel_noise(seed, idx, (h, w), k)
-        c = None if cond is None else cond[idx]
-        run = _sample_naive if method == "naive" else _sample_fast
-        out[idx] = run(prior, noise, temperature, c)
-        bar.update(len(idx))
-    bar.close()
+    with _no_tf32():
+        model = _float32_prior(prior)
+        bar = tqdm(total=n, desc=f"sampling {h}x{w} codes ({method})", unit="sample", disable=not progress)
+        for start in range(0, n, chunk):
+            idx = np.arange(start, min(start + chunk, n))
+            noise = gumbel_noise(seed, idx, (h, w), k)
+            c = None if cond is None else cond[idx]
+            run = _sample_naive if method == "naive" else _sample_fast
+            out[idx] = run(model, noise, temperature, c, guidance, options, codes[idx], keep[idx])
+            bar.update(len(idx))
+        bar.close()
     return out
 
 
-def _sample_naive(prior, noise, temperature, cond):
+def _sample_naive(prior, noise, temperature, cond, guidance, options, codes, keep):
     b, h, w, _ = noise.shape
     grid = np.zeros((b, h, w), dtype="int32")
     for i in range(h):
         for j in range(w):
-            logits = _exact_logits(prior, grid, cond, i, j)
-            grid[:, i, j] = _select(logits, noise[:, i, j], temperature)
+            grid[:, i, j] = _exact_draw(prior, grid, cond, i, j, noise[:, i, j], temperature, guidance,
+                                        options, codes, keep)
     return grid
 
 
-def _sample_fast(prior, noise, temperature, cond):
+def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep):
     global last_exact_fallbacks
-    b, h, w, k = noise.shape
-    fns = _FAST_FNS.get(prior)
-    if fns is None:
-        fns = _FAST_FNS[prior] = _build_fast_fn(prior)
-    init_state, fn = fns
-    cond_t = tf.zeros((b,), tf.int32) if cond is None else tf.constant(cond, tf.int32)
-    noise_t = tf.constant(noise)
-    temp_t = tf.constant(temperature, tf.float32)
-    state = init_state(b, h, w)
-    pos, forced = 0, np.zeros((b,), "int32")
-    use_forced = False
+    b, h, w, _ = noise.shape
+    key = tuple(sorted(options.items()))
+    fns = _FAST_FNS.setdefault(prior, {})
+    if key not in fns:
+        fns[key] = _build_fast_fn(prior, **options)
+    run = fns[key]
+    guided = options["guided"]
+    rows = 2 * b if guided else b
+    if cond is None:
+        cond_t = None
+    else:
+        cond_t = tf.constant(_model_inputs(codes, cond, guided, prior.config.num_conditions)[1], tf.int32)
+    args = (tf.constant(noise), tf.constant(temperature, tf.float32),
+            tf.constant(1.0 if guidance is None else guidance, tf.float32),
+            tf.constant(keep), tf.constant(codes))
+    state = (tf.zeros((b, h, w), tf.int32), tf.zeros((rows,), tf.int32), prior.init_cache(rows, (h, w)))
+    pos = 0
     while pos < h * w:
-        pos_t, state = fn(noise_t, temp_t, cond_t, tf.constant(pos, tf.int32),
-                          tf.constant(forced), tf.constant(use_forced), state)
+        pos_t, state = run(*args, cond_t, tf.constant(pos, tf.int32), state)
         pos = int(pos_t)
         if pos < h * w:  # near-tie: decide this position exactly as the naive sampler does
             i, j = divmod(pos, w)
             grid = state[0].numpy()  # codes before pos, zeros from pos on: the naive grid
-            forced = _select(_exact_logits(prior, grid, cond, i, j), noise[:, i, j], temperature)
-            use_forced = True
+            code = _exact_draw(prior, grid, cond, i, j, noise[:, i, j], temperature, guidance, options,
+                               codes, keep)
+            grid[:, i, j] = code
+            prev = np.concatenate([code, code]) if guided else code
+            state = (tf.constant(grid), tf.constant(prev), state[2])
+            pos += 1
             last_exact_fallbacks += 1
     return state[0].numpy()
 
 
-# --------------------------------------------------------------------------- fast XLA loop
-def _dyn_slice(x, starts, sizes):
-    return tf.slice(x, tf.stack(starts), sizes)
+def _build_fast_fn(prior, top_k, top_p, guided):
+    """One XLA-compiled loop over raster positions from ``pos0`` until the end or a near-tie.
 
-
-def _dyn_update(x, update, starts):
-    starts = tf.stack([tf.cast(s, tf.int32) for s in starts])
-    if _tfxla is not None:
-        return _tfxla.dynamic_update_slice(x, update, starts)
-    idx = tf.reshape(tf.stack(tf.meshgrid(*[s + tf.range(d) for s, d in  # pragma: no cover
-                                            zip(tf.unstack(starts), update.shape)],
-                                          indexing="ij"), -1), (-1, len(update.shape)))
-    return tf.tensor_scatter_nd_update(x, idx, tf.reshape(update, (-1,)))
-
-
-def _gate(x):
-    a, g = tf.split(x, 2, axis=-1)
-    return tf.tanh(a) * tf.sigmoid(g)
-
-
-def _dense(layer, x):
-    """A 1x1 Conv2D applied to ``(B, C)`` vectors."""
-    kern = tf.convert_to_tensor(layer.kernel)
-    return tf.matmul(x, tf.reshape(kern, (kern.shape[-2], kern.shape[-1]))) + layer.bias
-
-
-def _flat_kernel(kernel, rows=None):
-    """``(kh, kw, C, O)`` (optionally only its first ``rows`` rows) -> ``(kh*kw*C, O)``."""
-    kernel = tf.convert_to_tensor(kernel)
-    if rows is not None:
-        kernel = kernel[:rows]
-    return tf.reshape(kernel, (-1, kernel.shape[-1]))
-
-
-def _build_fast_fn(prior):
-    """One XLA-compiled function: runs the raster loop from ``pos0`` until the end or a near-tie.
-
-    ``state = (codes (B,h,w) int32, caches...)``; the caches hold, zero-padded, every layer input
-    that a windowed conv reads. A near-tie position gets code 0 (what the naive grid holds there)
-    and the loop returns its index; the caller decides it exactly and calls again with it forced.
+    ``state = (codes (B, h, w) int32, previous code (rows,) int32, the prior's cache)`` with
+    ``rows = 2B`` when guided (conditioned rows, then "no condition" rows, drawing the same code).
+    Returns ``(stop position, state)``: at a near-tie the caches already hold that position's step
+    and its code is 0 (what the naive grid holds there); the caller decides it and resumes after it.
     """
-    cfg = prior.config
-    gated = cfg.gated
-    p1, p = cfg.first_kernel_size // 2, cfg.kernel_size // 2
-    pad = p1 + 1  # covers every window and the first layer's one-position shift
-    emb_layer = prior.embedding
-    blocks = ([prior.input_block] + list(prior.blocks)) if gated else list(prior.blocks)
-    conditioned = cfg.num_conditions > 0
-
-    def head(x):
-        return _dense(prior.head_out, tf.nn.relu(_dense(prior.head_hidden, tf.nn.relu(x))))
-
-    def init_state(b, h, w):
-        f = cfg.filters
-        codes = tf.zeros((b, h, w), tf.int32)
-        e_cache = tf.zeros((b, h + pad, w + 2 * pad, f))  # embedded codes, zero padded
-        if gated:
-            caches = [tf.zeros((b, h + pad, w + 2 * pad, f)) for _ in blocks[:-1]]  # v outputs
-            caches += [tf.zeros((b, w + pad, f)) for _ in blocks[:-1]]  # h stack, current row
-            caches += [tf.zeros((b, w, 2 * f)) for _ in blocks]  # v->h links, current row
-        else:  # inputs of the masked convs
-            caches = [tf.zeros((b, h + pad, w + 2 * pad, blk.in_proj.filters)) for blk in blocks]
-        return (codes, e_cache, *caches)
 
     @tf.function(jit_compile=True)  # traced once per (batch, h, w)
-    def run(noise, temperature, cond, pos0, forced, use_forced, state):
-        b, h, w, k = noise.shape
-        f = cfg.filters
-        emb = tf.convert_to_tensor(emb_layer.embeddings)
-        codes, e_cache, caches = state[0], state[1], list(state[2:])
+    def run(noise, temperature, guidance, keep, given, cond, pos0, state):
+        b, h, w, _ = noise.shape
 
-        if gated:
-            n_l = len(blocks)
-            v_k = [_flat_kernel(blk.h_conv.kernel) for blk in blocks]
-            cv = [blk.cond_v(cond) if conditioned and not blk.last else 0.0 for blk in blocks]
-            ch = [blk.cond_h(cond) if conditioned else 0.0 for blk in blocks]
-        else:
-            first_k = _flat_kernel(prior.input_conv.masked_kernel(), p1 + 1)
-            mask_k = [_flat_kernel(blk.masked_conv.masked_kernel(), p + 1) for blk in blocks]
-            c_in = prior.input_cond(cond) if conditioned else 0.0
-            c_blk = [blk.cond(cond) if conditioned else 0.0 for blk in blocks]
+        def body(pos, stop, codes, prev, cache):
+            i, j = pos // w, pos % w
+            logits, cache = prior.call_with_cache(prev, i, j, cache, cond)
+            if guided:
+                logits = _mix(logits, guidance)
+            code, ambiguous = _draw(logits, noise[:, i, j], temperature, top_k, top_p)
+            kept = keep[:, i, j]
+            code = tf.where(kept, given[:, i, j], code)
+            tie = tf.reduce_any(ambiguous & ~kept)
+            code = tf.where(tie, tf.zeros_like(code), code)
+            codes = tf.tensor_scatter_nd_update(
+                codes, tf.stack([tf.range(b), tf.fill([b], i), tf.fill([b], j)], -1), code)
+            prev = tf.concat([code, code], 0) if guided else code
+            return tf.where(tie, pos, pos + 1), tie, codes, prev, cache
 
-        def vertical_row(i, e_cache, caches):
-            """Gated vertical stack for all of row i (sees rows < i only)."""
-            v_caches = caches[:n_l - 1]
-            new_v, new_links = [], []
-            for l, blk in enumerate(blocks):
-                q = p1 if l == 0 else p
-                if l == 0:  # shifted input: embedded rows i-1-q .. i-1
-                    win = _dyn_slice(e_cache, [0, pad + i - 1 - q, pad - q, 0], [b, q + 1, w + 2 * q, f])
-                else:
-                    win = _dyn_slice(new_v[l - 1], [0, pad + i - q, pad - q, 0],
-                                     [b, q + 1, w + 2 * q, f])
-                v_pre = tf.nn.conv2d(win, blk.v_conv.kernel, 1, "VALID") + blk.v_conv.bias
-                v_pre = v_pre[:, 0]  # (B, w, 2F)
-                new_links.append(tf.reshape(_dense(blk.v_to_h, tf.reshape(v_pre, (-1, 2 * f))),
-                                            (b, w, 2 * f)))
-                if l < n_l - 1:
-                    cvl = cv[l][:, None, :] if conditioned else 0.0
-                    if l == 0 and cfg.positional:
-                        cvl = cvl + tf.gather(tf.convert_to_tensor(blk.pos_v), i)  # (w, 2F) of row i
-                    v_out = _gate(v_pre + cvl)
-                    new_v.append(_dyn_update(v_caches[l], v_out[:, None], [0, pad + i, pad, 0]))
-            return new_v + caches[n_l - 1:2 * (n_l - 1)] + new_links
+        pos, _, codes, prev, cache = tf.while_loop(
+            lambda pos, stop, *_: tf.logical_and(pos < h * w, tf.logical_not(stop)), body,
+            (pos0, tf.constant(False), *state))
+        return pos, (codes, prev, cache)
 
-        def logits_at(i, j, e_cache, caches):
-            if gated:
-                h_rows, links = caches[n_l - 1:2 * (n_l - 1)], caches[2 * (n_l - 1):]
-                x = None
-                for l, blk in enumerate(blocks):
-                    if l == 0:  # shifted: embedded columns j-1-p1 .. j-1 of row i
-                        win = _dyn_slice(e_cache, [0, pad + i, pad + j - 1 - p1, 0], [b, 1, p1 + 1, f])
-                    else:
-                        win = _dyn_slice(h_rows[l - 1], [0, pad + j - p, 0], [b, p + 1, f])
-                    link = _dyn_slice(links[l], [0, j, 0], [b, 1, 2 * f])[:, 0]
-                    h_pre = (tf.matmul(tf.reshape(win, (b, -1)), v_k[l]) + blk.h_conv.bias + link
-                             + ch[l])
-                    if l == 0 and cfg.positional:
-                        h_pre = h_pre + tf.gather_nd(tf.convert_to_tensor(blk.pos_h), [i, j])
-                    h_new = _dense(blk.h_out, _gate(h_pre))
-                    x = h_new if l == 0 else x + h_new
-                    if l < n_l - 1:
-                        h_rows[l] = _dyn_update(h_rows[l], x[:, None], [0, pad + j, 0])
-                caches = caches[:n_l - 1] + h_rows + links
-            else:
-                win = _dyn_slice(e_cache, [0, pad + i - p1, pad + j - p1, 0], [b, p1 + 1, 2 * p1 + 1, f])
-                x = tf.matmul(tf.reshape(win, (b, -1)), first_k) + prior.input_conv.bias + c_in
-                if cfg.positional:
-                    x = x + tf.gather_nd(tf.convert_to_tensor(prior.position_bias), [i, j])
-                x = tf.nn.relu(x)
-                caches = list(caches)
-                for l, blk in enumerate(blocks):
-                    y = tf.nn.relu(_dense(blk.in_proj, x))
-                    caches[l] = _dyn_update(caches[l], y[:, None, None], [0, pad + i, pad + j, 0])
-                    win = _dyn_slice(caches[l], [0, pad + i - p, pad + j - p, 0],
-                                     [b, p + 1, 2 * p + 1, y.shape[-1]])
-                    y = tf.matmul(tf.reshape(win, (b, -1)), mask_k[l]) + blk.masked_conv.bias
-                    y = tf.nn.relu(y + c_blk[l])
-                    x = x + _dense(blk.out_proj, y)
-            return head(x), caches
-
-        def step(i, j, first, codes, e_cache, caches):
-            """Logits at (i, j), Gumbel-max draw (or forced / near-tie), caches updated."""
-            logits, caches = logits_at(i, j, e_cache, caches)
-            g = _dyn_slice(noise, [0, i, j, 0], [b, 1, 1, k])[:, 0, 0]
-            scores = logits / temperature + g
-            top2 = tf.math.top_k(scores, 2).values
-            thr = _TIE_TOL * (1.0 + tf.reduce_max(tf.abs(logits), -1)) / temperature
-            is_forced = tf.logical_and(first, use_forced)
-            tie = tf.logical_and(tf.reduce_any(top2[:, 0] - top2[:, 1] <= thr),
-                                 tf.logical_not(is_forced))
-            code = tf.where(is_forced, forced, tf.argmax(scores, -1, output_type=tf.int32))
-            code = tf.where(tie, tf.zeros_like(code), code)  # the naive grid holds 0 there
-            codes = _dyn_update(codes, code[:, None, None], [0, i, j])
-            e_cache = _dyn_update(e_cache, tf.gather(emb, code)[:, None, None],
-                                  [0, pad + i, pad + j, 0])
-            return tie, codes, e_cache, caches
-
-        def row_body(i, j0, stop, first, codes, e_cache, *caches):
-            caches = list(caches)
-            if gated:  # the vertical stack of row i only needs rows < i (recomputing is harmless)
-                caches = vertical_row(i, e_cache, caches)
-
-            def col_body(j, stop, first, codes, e_cache, *caches):
-                tie, codes, e_cache, caches = step(i, j, first, codes, e_cache, list(caches))
-                return (tf.where(tie, j, j + 1), tie, tf.constant(False), codes, e_cache, *caches)
-
-            out = tf.while_loop(lambda j, stop, *_: tf.logical_and(j < w, tf.logical_not(stop)),
-                                col_body, (j0, stop, first, codes, e_cache, *caches))
-            j, stop = out[0], out[1]
-            return (tf.where(stop, i, i + 1), tf.where(stop, j, 0), stop, out[2], *out[3:])
-
-        out = tf.while_loop(lambda i, j0, stop, *_: tf.logical_and(i < h, tf.logical_not(stop)),
-                            row_body, (pos0 // w, pos0 % w, tf.constant(False), tf.constant(True),
-                                       codes, e_cache, *caches))
-        return out[0] * w + out[1], tuple(out[4:])
-
-    return init_state, run
+    return run
