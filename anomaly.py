@@ -175,7 +175,8 @@ class Healing:
     Attributes:
         codes: int32 ``(N, h, w)``, the input slices' codes.
         nll: float32 ``(N, h, w)``, each input code's NLL under the prior (nats).
-        resampled: bool ``(N, h, w)``, ``nll > threshold``: the codes the prior redrew.
+        resampled: bool ``(N, h, w)``, the codes the prior redrew: ``nll > threshold`` after one
+            round, plus the codes above it given the healed context after later rounds.
         healed_codes: int32 ``(N, h, w)``; equal to ``codes`` wherever ``resampled`` is False.
         healed: float32 ``(N, H, W, 1)``, the decoded healed codes.
         anomaly_map: float32 ``(N, H, W)``, smoothed ``|input - healed|`` inside the resampled
@@ -195,8 +196,16 @@ class Healing:
 
 
 def heal(vqvae, prior, images, threshold: float, condition=None, seed: int = 0, temperature: float = 1.0,
-         sigma: float | None = None, batch_size: int | None = None, progress: bool = False) -> Healing:
+         sigma: float | None = None, rounds: int = 1, batch_size: int | None = None,
+         progress: bool = False) -> Healing:
     """Resample the codes the prior finds unlikely, decode, and map where the slice changed.
+
+    With ``rounds > 1`` the healed grid is scored again: a kept code whose NLL, given the redrawn
+    codes before it, is now above the threshold joins the redrawn set, and the whole set is drawn
+    again given the kept codes; this stops early when no code joins. The NLL of a code is taken
+    given the codes before it in raster order, so inside a lesion only its first codes look
+    unlikely (later ones follow a lesion-like context); rescoring after the first codes are healed
+    exposes the rest (a cheap stand-in for the several orderings of Pinaya et al. 2022).
 
     Args:
         images: float32 ``(N, H, W, 1)`` in [0, 1].
@@ -206,6 +215,7 @@ def heal(vqvae, prior, images, threshold: float, condition=None, seed: int = 0, 
         seed: sampling seed; the same seed gives the same healed codes (for any ``batch_size``).
         temperature: sampling temperature of the resampled codes.
         sigma: Gaussian smoothing of the residual, in pixels (default: half a code's width).
+        rounds: scoring / redrawing rounds (1: redraw exactly the codes with ``nll > threshold``).
         batch_size: slices sampled at once (None: all); results do not depend on it.
         progress: show the sampler's progress bar.
     Returns:
@@ -214,10 +224,20 @@ def heal(vqvae, prior, images, threshold: float, condition=None, seed: int = 0, 
     x = evaluation._as_float_images(images)
     codes, nll = nll_map(vqvae, prior, x, condition)
     cond = _condition(condition, len(codes))
-    resampled = nll > threshold
-    healed_codes = sample_codes(prior, len(codes), grid_shape=codes.shape[1:], temperature=temperature,
-                                seed=seed, condition=cond, batch_size=batch_size, progress=progress,
-                                codes=codes, keep=~resampled)
+    if int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    resampled, healed_codes, scores = np.zeros(codes.shape, bool), codes, nll
+    for r in range(int(rounds)):
+        new = (scores > threshold) & ~resampled
+        if r > 0 and not new.any():
+            break
+        resampled |= new
+        round_seed = seed if r == 0 else int(np.random.default_rng([seed, r]).integers(2 ** 31))
+        healed_codes = sample_codes(prior, len(codes), grid_shape=codes.shape[1:], temperature=temperature,
+                                    seed=round_seed, condition=cond, batch_size=batch_size, progress=progress,
+                                    codes=codes, keep=~resampled)
+        if r + 1 < rounds:
+            scores = evaluation.code_nll(prior, healed_codes, cond)
     healed = evaluation.decode_codes(vqvae, healed_codes)
     sigma = _default_sigma(x, codes.shape[1:]) if sigma is None else sigma
     region = upsample_codes(resampled, x.shape[1:3])

@@ -90,6 +90,25 @@ def test_healing_above_every_nll_returns_the_input_codes(run, test_slices):
     assert (h.anomaly_map == 0).all() and (h.scores == 0).all()
 
 
+def test_healing_rounds_only_grow_the_redrawn_set(run, test_slices):
+    import anomaly
+    import evaluation
+
+    x, cond, _ = test_slices
+    _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
+    thr = float(np.percentile(nll, 70))
+    one = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1)
+    three = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1, rounds=3)
+    assert (three.resampled >= one.resampled).all() and three.resampled.sum() >= one.resampled.sum()
+    np.testing.assert_array_equal(three.healed_codes[~three.resampled], three.codes[~three.resampled])
+    # A code joins in round 2 only if it is above the threshold given round 1's healed grid.
+    two = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1, rounds=2)
+    rescored = evaluation.code_nll(run.prior, one.healed_codes, cond)
+    np.testing.assert_array_equal(two.resampled, one.resampled | (rescored > thr))
+    still = anomaly.heal(run.vqvae, run.prior, x, float(nll.max()) + 1e-3, condition=cond, rounds=3)
+    np.testing.assert_array_equal(still.healed_codes, still.codes)
+
+
 def test_same_seed_same_healing_whatever_the_batch(run, test_slices):
     import anomaly
 
