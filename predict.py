@@ -309,6 +309,9 @@ def add_anomaly_parsers(sub, common) -> None:
     a.add_argument("--percentile", type=float, default=None,
                    help="percentile (0-100) of healthy validation code NLL used as the default threshold "
                         "(default: anomaly.DEFAULT_PERCENTILE)")
+    a.add_argument("--rounds", type=int, default=1,
+                   help="scoring / redrawing rounds: after the first, kept codes that are above the threshold "
+                        "given the healed codes are redrawn too (default: 1)")
     a.add_argument("--seed", type=int, default=0, help="sampling seed of the redrawn codes (default: 0)")
     c = sub.add_parser("complete", help="complete slices from their top code rows",
                        description="Keep the first --keep-rows rows of each slice's code grid and draw the other "
@@ -336,6 +339,8 @@ def main(argv=None) -> int:
         _check_positive(parser, "--num", args.num)
     if args.command == "complete":
         _check_positive(parser, "--seeds", args.seeds)
+    if args.command == "anomaly":
+        _check_positive(parser, "--rounds", args.rounds)
     if args.command == "anomaly" and args.percentile is not None and not 0 < args.percentile < 100:
         parser.error(f"--percentile must lie between 0 and 100, got {args.percentile}")
     if args.command != "reconstruct" and args.temperature <= 0:
@@ -465,7 +470,8 @@ def _anomaly_command(args) -> None:
         source = f"{percentile:g}th percentile of the validation code NLL"
     print(f"anomaly: {len(x)} slices, NLL threshold {threshold:.3f} nats ({source})")
     result = anomaly.heal(run.vqvae, run.prior, x, threshold, condition=condition, seed=args.seed,
-                          temperature=args.temperature, batch_size=args.batch_size, progress=True)
+                          temperature=args.temperature, rounds=args.rounds, batch_size=args.batch_size,
+                          progress=True)
     out = Path(args.out or run.path / "anomaly")
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "nll_maps.npy", result.nll)
@@ -480,7 +486,8 @@ def _anomaly_command(args) -> None:
                      "score": float(result.scores[k]), "resampled_fraction": float(result.resampled[k].mean()),
                      "mean_nll_nats": float(result.nll[k].mean())})
     utils.save_json({"threshold_nats": threshold, "threshold_source": source, "seed": args.seed,
-                     "temperature": args.temperature, "score": "mean of the anomaly map", "slices": rows},
+                     "temperature": args.temperature, "rounds": args.rounds, "score": "mean of the anomaly map",
+                     "slices": rows},
                     out / "scores.json")
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
