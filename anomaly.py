@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 import evaluation
-from sampler import sample_codes
 
 __all__ = ["DEFAULT_PERCENTILE", "Healing", "nll_map", "healthy_threshold", "run_threshold", "heal",
            "residual_map", "complete", "upsample_codes", "smooth", "head_mask", "add_synthetic_lesion",
@@ -224,6 +223,8 @@ def heal(vqvae, prior, images, threshold: float, condition=None, seed: int = 0, 
     x = evaluation._as_float_images(images)
     codes, nll = nll_map(vqvae, prior, x, condition)
     cond = _condition(condition, len(codes))
+    from sampler import sample_codes
+
     if int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     resampled, healed_codes, scores = np.zeros(codes.shape, bool), codes, nll
@@ -272,6 +273,8 @@ def complete(vqvae, prior, images, keep_rows: int, condition=None, seeds=(0,), t
     Raises:
         ValueError: ``keep_rows`` outside ``1 .. h - 1``.
     """
+    from sampler import sample_codes
+
     input_codes = evaluation.encode_images(vqvae, images)
     n, h, w = input_codes.shape
     if not 1 <= keep_rows < h:

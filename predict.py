@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_anomaly_parsers(sub, common) -> None:
     """The ``anomaly`` and ``complete`` commands (handlers: :func:`_anomaly_command`, :func:`_complete_command`)."""
+    import anomaly  # light: NumPy only until a function runs
+
     def slices_flags(sp):
         sp.add_argument("--images", type=Path, required=True,
                         help="folder of PNG slices; a slice-conditioned prior reads each slice's position from "
@@ -308,7 +310,7 @@ def add_anomaly_parsers(sub, common) -> None:
                         "percentile of the run's validation code NLL, cached in the run directory)")
     a.add_argument("--percentile", type=float, default=None,
                    help="percentile (0-100) of healthy validation code NLL used as the default threshold "
-                        "(default: anomaly.DEFAULT_PERCENTILE)")
+                        f"(default: {anomaly.DEFAULT_PERCENTILE:g})")
     a.add_argument("--rounds", type=int, default=1,
                    help="scoring / redrawing rounds: after the first, kept codes that are above the threshold "
                         "given the healed codes are redrawn too (default: 1)")
