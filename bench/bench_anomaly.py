@@ -13,7 +13,8 @@ known mask. The lesioned slices and the same slices without lesions are scored b
   with ``--rounds`` rounds of rescoring the healed grid;
 * **VQ-VAE residual** (baseline): the smoothed ``|input - decode(encode(input))|``.
 
-Reported for both, side by side, from this one run: pixel-level AUROC and AUPRC and the best Dice
+Settings (temperature, rounds, percentile) are chosen with ``--split validate`` (lesions in the
+validation slices) and reported on the test split. Reported for both, side by side, from this one run: pixel-level AUROC and AUPRC and the best Dice
 over all thresholds (over the head pixels of all lesioned and clean slices), and slice-level AUROC
 (lesioned vs clean, each slice scored by its map's mean); pixel AUPRC per lesion kind too. Writes
 the figures as JSON (``--out``) and a figure of a few lesion slices with both maps and the
@@ -107,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--percentile", type=float, default=None,
                    help="threshold percentile of validation code NLL (default: anomaly.DEFAULT_PERCENTILE)")
     p.add_argument("--seed", type=int, default=0, help="lesion placement and healing seed (default: 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of redrawn codes (default: 1)")
+    p.add_argument("--split", choices=("test", "validate"), default="test",
+                   help="slices to put lesions in: test (report) or validate (to choose settings; default: test)")
     p.add_argument("--rounds", type=int, default=3,
                    help="also report healing with this many scoring / redrawing rounds (default: 3; 1: only one)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N test slices (quick checks)")
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     data = run.config["data"]
     test = dataset.read_oasis(data["root"], image_size=data["image_size"], val_fraction=data["val_fraction"],
-                              seed=run.config["seed"])["test"]
+                              seed=run.config["seed"])[args.split]
     x = test.images.astype(np.float32) / 255.0
     positions = test.slice_indices.astype(np.int32)
     if args.limit:
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
     heads = np.stack([anomaly.head_mask(img) for img in clean[..., 0]])
     percentile = anomaly.DEFAULT_PERCENTILE if args.percentile is None else args.percentile
     threshold = anomaly.run_threshold(run, percentile)
-    print(f"{len(idx)} of {len(x)} test slices have room for a lesion; lesion pixels: "
+    print(f"{len(idx)} of {len(x)} {args.split} slices have room for a lesion; lesion pixels: "
           f"{100 * masks.sum() / heads.sum():.2f} % of head pixels; NLL threshold {threshold:.3f} nats "
           f"({percentile:g}th percentile of validation code NLL)")
 
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         healings[name] = h = anomaly.heal(run.vqvae, run.prior, both, threshold, rounds=rounds,
                                           condition=None if cond is None else np.r_[cond, cond], seed=args.seed,
-                                          progress=True)
+                                          temperature=args.temperature, progress=True)
         timing[name] = time.perf_counter() - t0
         results[name] = score(h.anomaly_map[:n], h.anomaly_map[n:], masks, heads, kinds)
         resampled[name] = {"lesion codes": float(h.resampled[:n][lesion_codes].mean()),
@@ -170,7 +174,8 @@ def main(argv=None) -> int:
         print(f"{k:<24}" + "".join(f" {results[m][k]:>{max(14, len(m))}.3f}" for m in names))
 
     out = args.out or run.path / "anomaly_bench" / "bench_anomaly.json"
-    utils.save_json({"run": str(run.path), "seed": args.seed, "percentile": percentile, "threshold_nats": threshold,
+    utils.save_json({"run": str(run.path), "split": args.split, "temperature": args.temperature, "seed": args.seed,
+                     "percentile": percentile, "threshold_nats": threshold,
                      "num_lesion_slices": n, "resampled_fraction": resampled, "heal_seconds": timing,
                      "results": results}, out)
     healing = healings[names[-2]]   # the figure shows the last prior-healed variant
