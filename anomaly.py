@@ -220,13 +220,13 @@ def heal(vqvae, prior, images, threshold: float, condition=None, seed: int = 0, 
     Returns:
         a :class:`Healing`.
     """
-    x = evaluation._as_float_images(images)
-    codes, nll = nll_map(vqvae, prior, x, condition)
-    cond = _condition(condition, len(codes))
     from sampler import sample_codes
 
     if int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    x = evaluation._as_float_images(images)
+    codes, nll = nll_map(vqvae, prior, x, condition)
+    cond = _condition(condition, len(codes))
     resampled, healed_codes, scores = np.zeros(codes.shape, bool), codes, nll
     for r in range(int(rounds)):
         new = (scores > threshold) & ~resampled
