@@ -311,9 +311,10 @@ def add_anomaly_parsers(sub, common) -> None:
     a.add_argument("--percentile", type=float, default=None,
                    help="percentile (0-100) of healthy validation code NLL used as the default threshold "
                         f"(default: {anomaly.DEFAULT_PERCENTILE:g})")
-    a.add_argument("--rounds", type=int, default=1,
+    a.add_argument("--rounds", type=int, default=anomaly.DEFAULT_ROUNDS,
                    help="scoring / redrawing rounds: after the first, kept codes that are above the threshold "
-                        "given the healed codes are redrawn too (default: 1)")
+                        f"given the healed codes are redrawn too; 1 redraws exactly the codes above it "
+                        f"(default: {anomaly.DEFAULT_ROUNDS})")
     a.add_argument("--seed", type=int, default=0, help="sampling seed of the redrawn codes (default: 0)")
     c = sub.add_parser("complete", help="complete slices from their top code rows",
                        description="Keep the first --keep-rows rows of each slice's code grid and draw the other "

@@ -9,8 +9,9 @@ known mask. The lesioned slices and the same slices without lesions are scored b
 
 * **prior-healed**: ``anomaly.heal`` -- codes above the run's default NLL threshold (a high
   percentile of its validation slices' code NLL) are redrawn from the prior given the others, and
-  the map is the smoothed ``|input - healed|`` inside the redrawn codes; once (the default) and
-  with ``--rounds`` rounds of rescoring the healed grid;
+  the map is the smoothed ``|input - healed|`` inside the redrawn codes; with one round (the
+  single pass of Pinaya et al.) and with ``--rounds`` rounds of rescoring the healed grid (the
+  default of ``anomaly.heal``);
 * **VQ-VAE residual** (baseline): the smoothed ``|input - decode(encode(input))|``.
 
 Settings (temperature, rounds, percentile) are chosen with ``--split validate`` (lesions in the
@@ -103,6 +104,8 @@ def plot_examples(x, healed, maps_h, maps_r, masks, titles, path: Path, label: s
 
 
 def main(argv=None) -> int:
+    import anomaly
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=REPO / "runs" / "demo", help="a train.py run (default: runs/demo)")
     p.add_argument("--percentile", type=float, default=None,
@@ -111,8 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of redrawn codes (default: 1)")
     p.add_argument("--split", choices=("test", "validate"), default="test",
                    help="slices to put lesions in: test (report) or validate (to choose settings; default: test)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="also report healing with this many scoring / redrawing rounds (default: 3; 1: only one)")
+    p.add_argument("--rounds", type=int, default=anomaly.DEFAULT_ROUNDS,
+                   help="report healing with 1 and with this many scoring / redrawing rounds "
+                        f"(default: anomaly.DEFAULT_ROUNDS = {anomaly.DEFAULT_ROUNDS})")
     p.add_argument("--limit", type=int, default=None, help="use only the first N test slices (quick checks)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON of the figures (default: RUN/anomaly_bench/bench_anomaly.json)")
@@ -120,7 +124,6 @@ def main(argv=None) -> int:
                    help="figure of lesion slices and both maps (default: images/anomaly_examples.png)")
     args = p.parse_args(argv)
 
-    import anomaly
     import dataset
     import predict
     import utils
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     lesion_codes = masks.reshape(n, masks.shape[1] // f, f, masks.shape[2] // f, f).mean(axis=(2, 4)) >= 0.25
     results, healings, timing, resampled = {}, {}, {}, {}
     for rounds in sorted({1, args.rounds}):
-        name = "prior-healed" + ("" if rounds == 1 else f", {rounds} rounds")
+        name = f"prior-healed, {rounds} round{'s' if rounds > 1 else ''}"
         t0 = time.perf_counter()
         healings[name] = h = anomaly.heal(run.vqvae, run.prior, both, threshold, rounds=rounds,
                                           condition=None if cond is None else np.r_[cond, cond], seed=args.seed,

@@ -65,7 +65,7 @@ def test_healing_never_changes_codes_below_the_threshold(run, test_slices):
     x, cond, _ = test_slices
     _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
     threshold = float(np.median(nll))
-    h = anomaly.heal(run.vqvae, run.prior, x, threshold, condition=cond, seed=3)
+    h = anomaly.heal(run.vqvae, run.prior, x, threshold, condition=cond, seed=3, rounds=1)
     np.testing.assert_array_equal(h.resampled, nll > threshold)
     assert 0.3 < h.resampled.mean() < 0.7
     np.testing.assert_array_equal(h.healed_codes[~h.resampled], h.codes[~h.resampled])
@@ -97,7 +97,7 @@ def test_healing_rounds_only_grow_the_redrawn_set(run, test_slices):
     x, cond, _ = test_slices
     _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
     thr = float(np.percentile(nll, 70))
-    one = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1)
+    one = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1, rounds=1)
     three = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1, rounds=3)
     assert (three.resampled >= one.resampled).all() and three.resampled.sum() >= one.resampled.sum()
     np.testing.assert_array_equal(three.healed_codes[~three.resampled], three.codes[~three.resampled])
@@ -204,7 +204,7 @@ def test_anomaly_command_writes_panels_maps_and_scores(tiny_run, test_slices, tm
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", out,
-                            "--threshold", "1.5", "--seed", "2")[0] == 0
+                            "--threshold", "1.5", "--seed", "2", "--rounds", "1")[0] == 0
     names = sorted(p.name for p in folder.iterdir())
     stems = [n.removesuffix(".nii.png") for n in names]
     assert sorted(p.name for p in a.glob("*_anomaly.png")) == sorted(f"{s}_anomaly.png" for s in stems)
