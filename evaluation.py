@@ -1,17 +1,27 @@
 """Every evaluation metric of the tool, computed once, here; ``train.py``, ``predict.py``, the benches
 and the tests all call these functions.
 
+* image similarity: :func:`ssim`, :func:`ms_ssim`, :func:`psnr`, :func:`ssim_matrix` (all pairs);
 * chunked encoding / decoding: :func:`encode_images`, :func:`decode_codes`, :func:`reconstruct`;
-* reconstruction quality: :func:`reconstruction_metrics` (SSIM / PSNR), code usage: :func:`code_usage`;
+* reconstruction quality: :func:`reconstruction_metrics`; the codebook: :func:`code_usage`;
 * the prior: :func:`code_nll` (per-position cross-entropy in nats), :func:`prior_nll` (bits per code
   and bits per slice);
 * generation: realism / memorisation (:func:`nearest_by_ssim`), interior realism on the central half
   (:func:`center_crop`), diversity (:func:`mean_pairwise_ms_ssim`), interior sharpness
-  (:func:`brain_interior_mask`, :func:`interior_sharpness`);
+  (:func:`brain_interior_mask`, :func:`sharpness`);
 * in the judge's feature space (``judge.py``): :func:`frechet_distance` and
-  :func:`precision_recall` (Kynkaanniemi et al. 2019).
+  :func:`precision_recall` (Kynkaanniemi et al. 2019); :func:`score_samples` gathers all of them.
 
 Images are float32 ``(N, H, W, 1)`` in ``[0, 1]``; codes are int ``(N, h, w)``.
+
+Image similarity uses TensorFlow's implementations, one value per image pair as NumPy ``float64``:
+
+* SSIM is ``tf.image.ssim`` -- the Wang et al. (2004) definition with an 11x11 Gaussian window
+  (sigma 1.5), K1 = 0.01, K2 = 0.03, on images in [0, 1] (``max_val=1``). The window shrinks for
+  images smaller than 11 pixels.
+* MS-SSIM is ``tf.image.ssim_multiscale`` with the standard five-scale weights, truncated (and
+  renormalised) to the scales that fit the image.
+* PSNR is ``tf.image.psnr`` in dB with ``max_val=1``.
 """
 
 from __future__ import annotations
@@ -24,6 +34,114 @@ import numpy as np
 import utils
 
 LOG2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image similarity: SSIM, MS-SSIM, PSNR (TensorFlow's definitions)
+# ----------------------------------------------------------------------------------------------
+
+# Standard MS-SSIM weights (Wang, Simoncelli & Bovik 2003), coarsest scale last.
+_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def _ssim_filter_size(height: int, width: int) -> int:
+    return max(1, min(11, height, width))
+
+
+def ssim(a, b, max_val: float = 1.0) -> np.ndarray:
+    """Per-pair SSIM (``tf.image.ssim``, Gaussian window) of two image batches in ``[0, max_val]``.
+
+    Args:
+        a, b: images shaped ``(N, H, W, 1)`` (or anything ``utils.as_image_batch`` accepts), same shape.
+    Returns:
+        ``(N,)`` float64 SSIM values in ``[-1, 1]``.
+    """
+    import tensorflow as tf
+
+    a, b = utils.as_image_batch(a), utils.as_image_batch(b)
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: shapes differ, {a.shape} vs {b.shape}")
+    size = _ssim_filter_size(a.shape[1], a.shape[2])
+    return tf.image.ssim(a, b, max_val=max_val, filter_size=size).numpy().astype(np.float64)
+
+
+def ms_ssim(a, b, max_val: float = 1.0) -> np.ndarray:
+    """Per-pair multi-scale SSIM (``tf.image.ssim_multiscale``), using as many scales as fit.
+
+    Each scale halves the image; a scale is used only while the image is at least as large as the
+    11-pixel window, so 128x128 images use four scales and 256x256 images all five.
+    """
+    import tensorflow as tf
+
+    a, b = utils.as_image_batch(a), utils.as_image_batch(b)
+    if a.shape != b.shape:
+        raise ValueError(f"ms_ssim: shapes differ, {a.shape} vs {b.shape}")
+    side = min(a.shape[1], a.shape[2])
+    scales = 1
+    while scales < len(_MS_SSIM_WEIGHTS) and side // (2 ** scales) >= 11:
+        scales += 1
+    weights = np.asarray(_MS_SSIM_WEIGHTS[:scales], dtype=np.float32)
+    weights = weights / weights.sum()
+    size = _ssim_filter_size(a.shape[1], a.shape[2])
+    out = tf.image.ssim_multiscale(a, b, max_val=max_val, power_factors=weights.tolist(), filter_size=size)
+    return out.numpy().astype(np.float64)
+
+
+def ssim_matrix(a, b, max_val: float = 1.0, chunk: int = 256, desc: str | None = None) -> np.ndarray:
+    """SSIM of every pair ``(a[i], b[j])``: ``(N, M)``, the same values as :func:`ssim` per pair.
+
+    ``a`` and ``b`` are ``(N, H, W, 1)`` / ``(M, H, W, 1)`` float images in [0, 1], or uint8 (read as
+    ``pixel / 255``, converted one chunk at a time).
+
+    Nearest-neighbour searches need N x M SSIMs; computing each pair from scratch filters both
+    images again every time. Here the local means and variances of every image are filtered once
+    and only the cross term is filtered per pair, with the separable Gaussian window applied as
+    two matrix products (``gaussian_band``). ``b`` is processed ``chunk`` images at a time, so
+    memory stays bounded for large reference sets; ``desc`` shows a tqdm bar over ``b``.
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    a = utils.as_image_batch(_as_float_images(a))[..., 0]
+    b = np.asarray(b)  # converted chunk by chunk below: a uint8 reference set never becomes float32 whole
+    if b.ndim == 3:
+        b = b[..., None]
+    if b.ndim != 4 or a.shape[1:] != b.shape[1:3]:
+        raise ValueError(f"ssim_matrix: image shapes differ, {a.shape[1:]} vs {b.shape[1:]}")
+    h, w = a.shape[1:]
+    size = _ssim_filter_size(h, w)
+    gh, gw = tf.constant(utils.gaussian_band(h, size)), tf.constant(utils.gaussian_band(w, size))
+
+    def blur(x):  # (n, H, W) -> (n, H - size + 1, W - size + 1)
+        return tf.einsum("npw,qw->npq", tf.einsum("ph,nhw->npw", gh, x), gw)
+
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    a_t = tf.constant(a)
+    mu_a = blur(a_t)
+    var_a = blur(a_t * a_t) - mu_a ** 2
+    out = np.empty((len(a), len(b)))
+    with tqdm(total=len(b), desc=desc, disable=desc is None, leave=False) as bar:
+        for j in range(0, len(b), chunk):
+            b_t = tf.constant(_as_float_images(b[j:j + chunk])[..., 0])
+            mu_b = blur(b_t)
+            var_b = blur(b_t * b_t) - mu_b ** 2
+            for i in range(len(a)):
+                cov = blur(a_t[i] * b_t) - mu_a[i] * mu_b
+                lum = (2.0 * mu_a[i] * mu_b + c1) / (mu_a[i] ** 2 + mu_b ** 2 + c1)
+                cs = (2.0 * cov + c2) / (var_a[i] + var_b + c2)
+                out[i, j:j + chunk] = tf.reduce_mean(lum * cs, axis=(1, 2)).numpy()
+            bar.update(len(b_t))
+    return out
+
+
+def psnr(a, b, max_val: float = 1.0) -> np.ndarray:
+    """Per-pair PSNR in dB (``tf.image.psnr``); identical images give ``inf``."""
+    import tensorflow as tf
+
+    a, b = utils.as_image_batch(a), utils.as_image_batch(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ, {a.shape} vs {b.shape}")
+    return tf.image.psnr(a, b, max_val=max_val).numpy().astype(np.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,11 +213,10 @@ def reconstruction_metrics(images, recon) -> dict[str, Any]:
     """Per-image SSIM and PSNR of reconstructions, and their means.
 
     Returns:
-        ``{"ssim": (N,), "psnr": (N,), "ssim_mean": float, "psnr_mean": float}`` (``utils.ssim`` /
-        ``utils.psnr``: ``tf.image`` definitions on [0, 1] images).
+        ``{"ssim": (N,), "psnr": (N,), "ssim_mean": float, "psnr_mean": float}``.
     """
-    ssim, psnr = utils.ssim(images, recon), utils.psnr(images, recon)
-    return {"ssim": ssim, "psnr": psnr, "ssim_mean": float(ssim.mean()), "psnr_mean": float(psnr.mean())}
+    s, p = ssim(images, recon), psnr(images, recon)
+    return {"ssim": s, "psnr": p, "ssim_mean": float(s.mean()), "psnr_mean": float(p.mean())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,8 +233,10 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
     Args:
         prior: a ``PixelCNN`` (logits ``(B, h, w, K)``).
         codes: int ``(N, h, w)``.
-        condition: int ``(N,)`` (or one int for all) slice positions for a conditioned prior; None
-            calls the prior on the codes alone.
+        condition: int ``(N,)`` (or one int for all) slice positions for a conditioned prior. None
+            for an unconditioned prior; for a conditioned one, None means its learned "no
+            condition" slot (``prior.null_condition``, classifier-free guidance), which a prior
+            trained without condition dropout does not have (``ValueError``).
         batch_size: grids per forward pass.
     Returns:
         float32 ``(N, h, w)``: the sparse categorical cross-entropy (from logits) at each position.
@@ -127,6 +246,11 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
     codes = np.asarray(codes).astype(np.int32)
     if codes.ndim != 3:
         raise ValueError(f"code_nll: codes must be (N, h, w), got shape {codes.shape}")
+    if condition is None and getattr(getattr(prior, "config", None), "num_conditions", 0):
+        if not getattr(prior, "has_null_condition", False):
+            raise ValueError("code_nll: this prior is conditioned on slice position and has no 'no condition' "
+                             "slot; pass the slice positions as condition")
+        condition = prior.null_condition
     if condition is not None:
         condition = np.broadcast_to(np.asarray(condition, dtype=np.int32), (len(codes),))
     out = []
@@ -150,3 +274,310 @@ def prior_nll(prior, codes, condition=None, batch_size: int = 64) -> dict[str, f
     nll = code_nll(prior, codes, condition, batch_size).astype(np.float64)
     per_slice = nll.sum(axis=(1, 2)) / LOG2
     return {"bits_per_code": float(nll.mean() / LOG2), "bits_per_slice": float(per_slice.mean())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: realism, memorisation, interior realism, diversity
+# ----------------------------------------------------------------------------------------------
+
+def nearest_by_ssim(samples, references, chunk: int = 256, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each sample, the highest SSIM against any reference image and that reference's index.
+
+    Realism is this against the test split, memorisation against the training split (a sample
+    above 0.95 is counted as a copy).
+
+    Args:
+        samples: ``(N, H, W, 1)`` in [0, 1]; references: ``(M, H, W, 1)`` in [0, 1] (or uint8).
+    Returns:
+        ``(best_ssim (N,), best_index (N,))``.
+    """
+    scores = ssim_matrix(samples, references, chunk=chunk, desc=desc)  # (N, M)
+    index = scores.argmax(axis=1)
+    return scores[np.arange(len(scores)), index], index
+
+
+def center_crop(images, fraction: float = 0.5) -> np.ndarray:
+    """The central ``fraction`` of each side of every image: ``(N, H, W, 1) -> (N, h, w, 1)``.
+
+    With ``fraction=0.5`` this is the central half of the height and of the width, where the
+    anatomy is: a best-SSIM search on these crops ("interior realism") cannot be carried by the
+    outline and the black background, which full-image SSIM rewards.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"center_crop: fraction must be in (0, 1], got {fraction}")
+    x = np.asarray(images)
+    h, w = x.shape[1:3]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[:, top:top + ch, left:left + cw]
+
+
+def mean_pairwise_ms_ssim(images, max_pairs: int = 256, seed: int = 0) -> float:
+    """Mean MS-SSIM over unordered pairs of distinct images (lower = more diverse).
+
+    All pairs when there are at most ``max_pairs`` of them; otherwise a seeded uniform sample of
+    ``max_pairs`` pairs (an unbiased estimate: 64 images have 2,016 pairs, and
+    ``tf.image.ssim_multiscale`` takes about 0.05 s a pair on 2 CPU cores at 128x128).
+    """
+    images = _as_float_images(images)
+    i, j = np.triu_indices(len(images), k=1)
+    if len(i) == 0:
+        raise ValueError("diversity needs at least two images")
+    if len(i) > max_pairs:
+        pick = np.random.default_rng(seed).choice(len(i), size=max_pairs, replace=False)
+        i, j = i[pick], j[pick]
+    values = np.concatenate([ms_ssim(images[i[s:s + 64]], images[j[s:s + 64]]) for s in range(0, len(i), 64)])
+    return float(values.mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharpness inside the brain
+# ----------------------------------------------------------------------------------------------
+
+def brain_interior_mask(image, threshold: float = 0.1, margin: int | None = None) -> np.ndarray:
+    """Boolean ``(H, W)`` mask of the head's interior, at least ``margin`` pixels from its outline.
+
+    Steps: foreground = pixels above ``threshold``; a small closing (radius 2 % of the side)
+    bridges thin gaps in a bright scalp ring; holes are filled (the dark skull band, ventricles and
+    CSF inside the head are inside it); the largest connected component is the head (noise specks
+    in a sample are dropped); then every pixel closer than ``margin`` to the outside (Euclidean
+    distance transform) is removed, so the outline -- scalp, skull and the brain edge of a
+    skull-stripped slice -- does not count as texture.
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, 1)`` in [0, 1].
+        threshold: intensity above which a pixel is head rather than background.
+        margin: pixels removed inside the outline (default: 6 % of the shorter side, 8 px at 128).
+    Returns:
+        bool ``(H, W)``; all False when no head is found.
+    """
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    x = np.asarray(image, dtype=np.float32)
+    x = x[..., 0] if x.ndim == 3 else x
+    side = min(x.shape)
+    margin = max(1, round(0.06 * side)) if margin is None else int(margin)
+    radius = max(1, round(0.02 * side))
+    fg = np.pad(x > threshold, radius + 1)  # padded so the closing does not stick to the border
+    fg = ndimage.binary_closing(fg, structure=disk(radius))[radius + 1:-radius - 1, radius + 1:-radius - 1]
+    fg = ndimage.binary_fill_holes(fg)
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return np.zeros_like(fg)
+    head = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    # Distance to the nearest background pixel, the image border counting as background.
+    dist = ndimage.distance_transform_edt(np.pad(head, 1))[1:-1, 1:-1]
+    return dist > margin
+
+
+def sobel_magnitude(images) -> np.ndarray:
+    """Sobel gradient magnitude of each image, ``(N, H, W, 1) -> (N, H, W)`` float64.
+
+    ``skimage.filters.sobel``: ``sqrt((Gx**2 + Gy**2) / 2)`` with the kernels
+    ``[1, 2, 1]^T [1, 0, -1] / 4`` (and transposed), reflected at the border.
+    """
+    from skimage.filters import sobel
+
+    x = utils.as_image_batch(_as_float_images(images))[..., 0].astype(np.float64)
+    return np.stack([sobel(im) for im in x])
+
+
+def sharpness(images, threshold: float = 0.1, margin: int | None = None) -> np.ndarray:
+    """Per image, the mean Sobel gradient magnitude inside the brain, away from its outline.
+
+    Blur lowers it while barely lowering SSIM, so it is reported beside realism: samples' mean
+    over real test slices' mean should be near 1. Each image gets its own
+    :func:`brain_interior_mask`.
+
+    Returns:
+        float64 ``(N,)``; NaN for an image in which no head interior was found.
+    """
+    x = utils.as_image_batch(_as_float_images(images))
+    grads = sobel_magnitude(x)
+    out = np.full(len(x), np.nan)
+    for k in range(len(x)):
+        mask = brain_interior_mask(x[k], threshold, margin)
+        if mask.any():
+            out[k] = grads[k][mask].mean()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature-space metrics (features of the judge, judge.py)
+# ----------------------------------------------------------------------------------------------
+
+def frechet_distance(a, b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (the FID formula).
+
+    ``|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2))``, with sample means and
+    covariances (``np.cov``, N - 1); Heusel et al. 2017 use Inception features, here the judge's.
+    ``S_a S_b`` is similar to the PSD matrix ``S_a^(1/2) S_b S_a^(1/2)``, so the trace of its
+    square root is the sum of the square roots of its (real, non-negative) eigenvalues: exact
+    even when fewer images than feature dimensions make the covariances singular, where
+    ``scipy.linalg.sqrtm`` warns and loses accuracy.
+
+    Args:
+        a: ``(N, D)``; b: ``(M, D)``; N, M >= 2.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"frechet_distance: need (N, D) and (M, D) features with N, M >= 2, got {a.shape}, {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    eig = np.linalg.eigvals(s_a @ s_b).real
+    tr_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()  # rounding can leave tiny negative eigenvalues
+    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2.0 * tr_sqrt
+    return float(max(fd, 0.0))
+
+
+def _kth_neighbour_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each point of ``x`` to its k-th nearest other point of ``x``."""
+    from scipy.spatial.distance import cdist
+
+    return np.sort(cdist(x, x), axis=1)[:, k]  # column 0 is the point itself
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) in a feature space.
+
+    Each set's manifold is the union of balls around its points, each ball reaching the point's
+    k-th nearest neighbour in its own set. Precision: the fraction of ``fake`` points inside the
+    real manifold (samples look real). Recall: the fraction of ``real`` points inside the fake
+    manifold (the samples cover the real variety).
+
+    Args:
+        real: ``(N, D)``; fake: ``(M, D)``; both with more than ``k`` points.
+    Returns:
+        ``(precision, recall)`` in [0, 1].
+    """
+    from scipy.spatial.distance import cdist
+
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision_recall: need more than k={k} points in each set, got {len(real)} and {len(fake)}")
+    d = cdist(fake, real)  # (M, N)
+    precision = (d <= _kth_neighbour_radii(real, k)[None, :]).any(axis=1).mean()
+    recall = (d <= _kth_neighbour_radii(fake, k)[:, None]).any(axis=0).mean()
+    return float(precision), float(recall)
+
+
+# ----------------------------------------------------------------------------------------------
+# All generation metrics of a set of samples
+# ----------------------------------------------------------------------------------------------
+
+def reference_pick(num_test: int, num: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``min(num, num_test)`` distinct test slices, seeded: the real slices whose positions
+    a conditioned prior is asked for, and the real set that sample diversity is compared with."""
+    return np.random.default_rng(seed).choice(num_test, size=min(num, num_test), replace=False)
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=None, seed: int = 0,
+                  progress: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every generation metric of ``samples`` against a run's real splits.
+
+    Args:
+        samples: float ``(N, H, W, 1)`` in [0, 1], N >= 2.
+        splits: ``{"train", "validate", "test"} -> dataset.Split`` (uint8 slices + slice indices).
+        pick: indices into the test split of the real slices to compare diversity with (default
+            :func:`reference_pick`); a conditioned prior is usually asked for their positions.
+        requested: int ``(N,)`` slice positions a conditioned prior was asked for, or None.
+        judge: the run's judge (``judge.keras``) or None to skip the judge's metrics.
+        vqvae: the run's VQ-VAE, or None; given, the validation subset's reconstructions are
+            scored like samples (sharpness, and with a judge Frechet distance and precision /
+            recall): the best a prior can do through this decoder, which separates what the
+            VQ-VAE loses from what the prior gets wrong.
+        seed: seeds the choice of pairs for diversity and of the validation subset.
+    Returns:
+        ``(metrics, details)``. ``metrics`` (JSON-ready floats):
+
+        * realism: best SSIM of each sample against the test split -- mean, fraction above 0.6;
+        * memorisation: the same against the training split -- mean, copies (> 0.95);
+        * interior realism: the same search on the central half (:func:`center_crop`) against
+          test crops, for the samples and for ``min(N, |validate|)`` seeded validation slices
+          (the level real unseen slices reach), and samples / real;
+        * sharpness: mean :func:`sharpness` of samples and of all test slices, and their ratio;
+        * diversity: mean pairwise MS-SSIM of samples and of the ``pick`` test slices;
+        * with a judge: Frechet distance of its features, samples vs test and (the floor a
+          perfect generator reaches, with the same number of images) the validation subset vs
+          test; precision / recall (k = 3) of samples and of the validation subset against test;
+          the judge's own median slice error on real test slices; with ``requested`` also the
+          slice agreement, median |judge's slice - requested slice| over the samples;
+        * with a VQ-VAE: the same for reconstructions of the validation subset (``*_reconstructions``).
+
+        ``details``: per-sample arrays ``realism``, ``nearest_test`` (index of the best test
+        slice), ``memorisation``, ``interior_realism``, ``sharpness``, and with a judge
+        ``judge_slice``.
+    """
+    samples = utils.as_image_batch(_as_float_images(samples))
+    test, train, val = splits["test"], splits["train"], splits["validate"]
+    n = len(samples)
+    if n < 2:
+        raise ValueError("score_samples: needs at least two samples (diversity compares pairs)")
+    if len(val) < 2 or len(test) < 2:
+        raise ValueError(f"score_samples: needs at least two validate and two test slices, got {len(val)} and {len(test)}")
+    pick = reference_pick(len(test), n, seed) if pick is None else np.asarray(pick)
+    val_pick = np.random.default_rng([seed, 1]).choice(len(val), size=min(n, len(val)), replace=False)
+    val_images = _as_float_images(val.images[val_pick])
+
+    def desc(text):
+        return text if progress else None
+
+    realism, nearest = nearest_by_ssim(samples, test.images, desc=desc("realism (vs test)"))
+    memo, _ = nearest_by_ssim(samples, train.images, desc=desc("memorisation (vs train)"))
+    test_crops = center_crop(test.images)  # uint8, converted chunk by chunk
+    interior, _ = nearest_by_ssim(center_crop(samples), test_crops, desc=desc("interior realism"))
+    interior_real, _ = nearest_by_ssim(center_crop(val_images), test_crops, desc=desc("interior realism, validate"))
+    sharp, sharp_real = sharpness(samples), sharpness(test.images)
+    metrics: dict[str, Any] = {
+        "num_samples": n,
+        "realism_ssim_mean": float(realism.mean()),
+        "realism_fraction_above_0.6": float((realism > 0.6).mean()),
+        "memorisation_ssim_mean": float(memo.mean()),
+        "memorisation_copies_above_0.95": int((memo > 0.95).sum()),
+        "interior_realism_samples": float(interior.mean()),
+        "interior_realism_real_validate": float(interior_real.mean()),
+        "sharpness_samples": float(np.nanmean(sharp)),
+        "sharpness_real_test": float(np.nanmean(sharp_real)),
+        "diversity_ms_ssim_samples": mean_pairwise_ms_ssim(samples, seed=seed),
+        "diversity_ms_ssim_real_test": mean_pairwise_ms_ssim(test.images[pick], seed=seed),
+    }
+    metrics["interior_realism_ratio"] = _ratio(metrics["interior_realism_samples"],
+                                               metrics["interior_realism_real_validate"])
+    metrics["sharpness_ratio"] = _ratio(metrics["sharpness_samples"], metrics["sharpness_real_test"])
+    details = {"realism": realism, "nearest_test": nearest, "memorisation": memo, "interior_realism": interior,
+               "sharpness": sharp}
+    recon = None
+    if vqvae is not None:
+        _, recon = reconstruct(vqvae, val_images)
+        metrics["sharpness_reconstructions"] = float(np.nanmean(sharpness(recon)))
+    if judge is not None:
+        from judge import judge_outputs
+
+        f_samples, slice_samples = judge_outputs(judge, samples)
+        f_test, slice_test = judge_outputs(judge, test.images)
+        f_val, _ = judge_outputs(judge, val_images)
+        metrics["judge_frechet_samples_vs_test"] = frechet_distance(f_samples, f_test)
+        metrics["judge_frechet_validate_vs_test"] = frechet_distance(f_val, f_test)
+        metrics["judge_frechet_ratio"] = _ratio(metrics["judge_frechet_samples_vs_test"],
+                                                metrics["judge_frechet_validate_vs_test"])
+        k = 3
+        if min(len(f_test), len(f_samples), len(f_val)) > k:
+            metrics["judge_precision"], metrics["judge_recall"] = precision_recall(f_test, f_samples, k)
+            metrics["judge_precision_validate"], metrics["judge_recall_validate"] = precision_recall(f_test, f_val, k)
+        if recon is not None:
+            f_recon, _ = judge_outputs(judge, recon)
+            metrics["judge_frechet_reconstructions_vs_test"] = frechet_distance(f_recon, f_test)
+            if min(len(f_test), len(f_recon)) > k:
+                metrics["judge_precision_reconstructions"], metrics["judge_recall_reconstructions"] = (
+                    precision_recall(f_test, f_recon, k))
+        metrics["judge_slice_error_real_test"] = float(np.median(np.abs(slice_test - test.slice_indices)))
+        if requested is not None:
+            requested = np.broadcast_to(np.asarray(requested), (n,))
+            metrics["slice_agreement_median_abs_error"] = float(np.median(np.abs(slice_samples - requested)))
+        details["judge_slice"] = slice_samples
+    return metrics, details

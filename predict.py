@@ -3,7 +3,7 @@
     python predict.py                                   # 16 samples from the demo run (runs/demo)
     python predict.py --run runs/oasis --num 64 --temperature 0.9 --slice 20
     python predict.py reconstruct --images some/pngs/   # originals beside reconstructions, SSIM/PSNR
-    python predict.py evaluate --num 64                 # realism, memorisation, diversity, NLL
+    python predict.py evaluate --num 64                 # realism, sharpness, diversity, judge, NLL
     python predict.py anomaly --images some/pngs/       # NLL maps, healed slices, anomaly maps, scores
     python predict.py complete --images some/pngs/ --keep-rows 12 --seeds 3   # prior fills the rest
 
@@ -20,7 +20,6 @@ there, never from constants. In a notebook::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +107,9 @@ def generate(run: Run, num: int, temperature: float = 1.0, seed: int | None = No
     """
     codes = sample_codes(run.prior, num, temperature=temperature, seed=seed, condition=condition,
                          batch_size=batch_size, progress=progress)
-    decode_batch = batch_size or 32
-    images = np.concatenate([np.asarray(run.vqvae.decode(codes[i:i + decode_batch]))
-                             for i in range(0, num, decode_batch)])
-    return codes, images.astype(np.float32)
+    import evaluation
+
+    return codes, evaluation.decode_codes(run.vqvae, codes, batch_size or 32)
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
@@ -126,59 +124,35 @@ def _spread_slices(run: Run, num: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation (every metric is computed in evaluation.py)
 # ----------------------------------------------------------------------------------------------
 
-def nearest_by_ssim(samples: np.ndarray, references: np.ndarray, chunk: int = 256,
-                    desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """For each sample, the highest SSIM against any reference image and that reference's index.
+def load_judge(run: Run):
+    """The run's judge (``judge.keras``), or None with a notice when the run has none."""
+    import keras
 
-    Args:
-        samples: ``(N, H, W, 1)`` in [0, 1]; references: ``(M, H, W, 1)`` in [0, 1].
-    Returns:
-        ``(best_ssim (N,), best_index (N,))``.
-    """
-    import utils
-
-    scores = utils.ssim_matrix(samples, references, chunk=chunk, desc=desc)  # (N, M)
-    index = scores.argmax(axis=1)
-    return scores[np.arange(len(samples)), index], index
-
-
-def mean_pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 256, seed: int = 0) -> float:
-    """Mean MS-SSIM over unordered pairs of distinct images (lower = more diverse).
-
-    All pairs when there are at most ``max_pairs`` of them; otherwise a seeded uniform sample of
-    ``max_pairs`` pairs (an unbiased estimate: 64 images have 2,016 pairs, and
-    ``tf.image.ssim_multiscale`` takes about 0.05 s a pair on 2 CPU cores at 128x128).
-    """
-    import utils
-
-    i, j = np.triu_indices(len(images), k=1)
-    if len(i) == 0:
-        raise PredictError("diversity needs at least two images")
-    if len(i) > max_pairs:
-        pick = np.random.default_rng(seed).choice(len(i), size=max_pairs, replace=False)
-        i, j = i[pick], j[pick]
-    values = np.concatenate([utils.ms_ssim(images[i[s:s + 64]], images[j[s:s + 64]])
-                             for s in range(0, len(i), 64)])
-    return float(values.mean())
+    path = run.path / "judge.keras"
+    if not path.exists():
+        print(f"predict.py: notice: {path} not found, so the judge's metrics (Frechet distance, precision / "
+              f"recall, slice agreement) are skipped; train it with: python train.py --stage judge --out {run.path}",
+              file=sys.stderr)
+        return None
+    return keras.models.load_model(path)
 
 
 def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
              out_dir: Path | None = None) -> dict:
-    """Generate ``num`` samples and judge them against the run's data; write JSON and a figure.
+    """Generate ``num`` samples, score them against the run's data; write JSON and figures.
 
-    Metrics:
-        realism: each sample's best SSIM against the test split; mean, and fraction above 0.6.
-        memorisation: each sample's best SSIM against the training split; count above 0.95 (copies).
-        diversity: mean pairwise MS-SSIM among samples, beside the same for ``num`` real test slices
-            (over at most 256 seeded random pairs each).
-        prior NLL of the test codes, in bits per code.
-    A conditioned prior is sampled at the slice positions of randomly chosen test slices, so the
-    samples follow the test split's distribution of depths.
+    A conditioned prior is sampled at the slice positions of ``num`` randomly chosen test slices
+    (``evaluation.reference_pick``), so the samples follow the test split's distribution of depths.
+    The metrics are those of ``evaluation.score_samples`` (realism, memorisation, interior realism,
+    sharpness, diversity and, with the run's ``judge.keras``, Frechet distance, precision / recall
+    and slice agreement; validation reconstructions scored alike as the decoder's ceiling) plus
+    the prior's NLL of the test codes in bits per code and per slice.
     """
     import dataset
+    import evaluation
     import utils
 
     out_dir = Path(out_dir or run.path / "evaluation")
@@ -189,52 +163,33 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
                                     val_fraction=data["val_fraction"], seed=run.config["seed"])
     except dataset.DatasetError as e:
         raise PredictError(str(e)) from None
-    test = splits["test"].images.astype(np.float32) / 255.0
-    train = splits["train"].images.astype(np.float32) / 255.0
-    rng = np.random.default_rng(seed)
-    real_pick = rng.choice(len(test), size=min(num, len(test)), replace=False)
-    condition = splits["test"].slice_indices[real_pick].astype(np.int32) if run.conditioned else None
-    if condition is not None and len(condition) < num:
-        condition = np.resize(condition, num)
+    test = splits["test"]
+    pick = evaluation.reference_pick(len(test), num, seed)
+    condition = None
+    if run.conditioned:
+        condition = np.resize(test.slice_indices[pick].astype(np.int32), num)
+    judge = load_judge(run)
 
     codes, samples = generate(run, num, temperature=temperature, seed=seed, condition=condition,
                               batch_size=batch_size)
-    realism, nearest_test = nearest_by_ssim(samples, test, desc="realism (vs test)")
-    memo, _ = nearest_by_ssim(samples, train, desc="memorisation (vs train)")
-    metrics = {
-        "num_samples": num, "temperature": temperature, "seed": seed,
-        "realism_ssim_mean": float(realism.mean()),
-        "realism_fraction_above_0.6": float((realism > 0.6).mean()),
-        "memorisation_ssim_mean": float(memo.mean()),
-        "memorisation_copies_above_0.95": int((memo > 0.95).sum()),
-        "diversity_ms_ssim_samples": mean_pairwise_ms_ssim(samples),
-        "diversity_ms_ssim_real_test": mean_pairwise_ms_ssim(test[real_pick]),
-    }
-    metrics["prior_test_nll_bits"] = prior_nll_bits(run, splits["test"])
+    scores, details = evaluation.score_samples(samples, splits, pick=pick, requested=condition, judge=judge,
+                                               vqvae=run.vqvae, seed=seed)
+    metrics = {"num_samples": num, "temperature": temperature, "seed": seed, **scores}
+    test_codes = evaluation.encode_images(run.vqvae, test.images)
+    nll = evaluation.prior_nll(run.prior, test_codes,
+                               test.slice_indices.astype(np.int32) if run.conditioned else None)
+    metrics["prior_test_nll_bits"] = nll["bits_per_code"]
+    metrics["prior_test_nll_bits_per_slice"] = nll["bits_per_slice"]
     utils.save_json(metrics, out_dir / "generation_metrics.json")
     show = np.arange(min(8, num))
+    nearest = details["nearest_test"]
     utils.plot_image_rows(
-        [("sample", samples[show]), ("nearest test", test[nearest_test[show]])],
+        [("sample", samples[show]), ("nearest test", test.subset(nearest[show]).float())],
         out_dir / "samples_vs_nearest.png",
         titles=[[f"slice {condition[k]}" if condition is not None else f"#{k}" for k in show],
-                [f"SSIM {realism[k]:.2f}" for k in show]])
+                [f"SSIM {details['realism'][k]:.2f}" for k in show]])
     utils.save_image_grid(samples[:min(num, 16)], out_dir / "samples_grid.png", ncols=8)
     return metrics
-
-
-def prior_nll_bits(run: Run, split) -> float:
-    """The prior's mean negative log-likelihood of the split's codes, in bits per code."""
-    import keras
-
-    x = split.images.astype(np.float32) / 255.0
-    codes = np.concatenate([np.asarray(run.vqvae.encode(x[i:i + 64])) for i in range(0, len(x), 64)])
-    inputs = (codes, split.slice_indices.astype(np.int32)) if run.conditioned else codes
-    logits = []
-    for i in range(0, len(codes), 64):
-        batch = (inputs[0][i:i + 64], inputs[1][i:i + 64]) if run.conditioned else inputs[i:i + 64]
-        logits.append(np.asarray(run.prior(batch, training=False)))
-    ce = keras.ops.sparse_categorical_crossentropy(codes, np.concatenate(logits), from_logits=True)
-    return float(np.mean(np.asarray(ce)) / math.log(2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or evaluate generation. Run 'python predict.py COMMAND --help' for each command.",
         epilog="commands:\n  sample       draw codes from the prior, decode them, write PNGs (default)\n"
                "  reconstruct  encode and decode the PNGs in --images, with per-image SSIM / PSNR\n"
-               "  evaluate     realism, memorisation, diversity and NLL of generated samples\n"
+               "  evaluate     realism, sharpness, diversity, judge metrics and NLL of generated samples\n"
                "  anomaly      per-code NLL maps, healed slices and anomaly maps of the PNGs in --images\n"
                "  complete     keep the top --keep-rows code rows of each slice in --images, sample the rest")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -277,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--images", type=Path, required=True, help="folder of PNG slices to reconstruct")
     e = sub.add_parser("evaluate", help="judge generated samples",
-                       description="Write generation_metrics.json and a figure of samples beside their nearest test slices.")
+                       description="Write generation_metrics.json (realism, memorisation, interior realism, sharpness, "
+                                   "diversity, the judge's Frechet distance, precision / recall and slice "
+                                   "agreement, prior NLL) and a figure of samples beside their nearest test slices.")
     common(e)
     sampling(e, 64)
     add_anomaly_parsers(sub, common)
@@ -340,6 +297,8 @@ def main(argv=None) -> int:
     _check_positive(parser, "--batch-size", args.batch_size)
     if args.command in ("sample", "evaluate"):
         _check_positive(parser, "--num", args.num)
+        if args.command == "evaluate" and args.num < 2:
+            parser.error(f"--num must be at least 2 for evaluate (diversity compares pairs of samples), got {args.num}")
     if args.command == "complete":
         _check_positive(parser, "--seeds", args.seeds)
     if args.command == "anomaly":
@@ -380,6 +339,7 @@ def _run_command(args) -> int:
         print(f"wrote {args.num} samples and samples_grid.png to {out}")
     elif args.command == "reconstruct":
         import dataset
+        import evaluation
 
         run = load_run(args.run, need_prior=False)
         try:
@@ -387,13 +347,13 @@ def _run_command(args) -> int:
                                           return_info=True)
         except dataset.DatasetError as e:
             raise PredictError(str(e)) from None
-        batch = args.batch_size or 32
-        recon = np.concatenate([np.asarray(run.vqvae(x[i:i + batch], training=False)) for i in range(0, len(x), batch)])
-        ssim, psnr = utils.ssim(x, recon), utils.psnr(x, recon)
+        _, recon = evaluation.reconstruct(run.vqvae, x, args.batch_size or 32)
+        scores = evaluation.reconstruction_metrics(x, recon)
+        ssim, psnr = scores["ssim"], scores["psnr"]
         out = Path(args.out or run.path / "reconstructions")
         out.mkdir(parents=True, exist_ok=True)
         rows = [{"file": name, "ssim": float(s), "psnr": float(p)} for name, s, p in zip(info.names, ssim, psnr)]
-        utils.save_json({"mean_ssim": float(ssim.mean()), "mean_psnr": float(psnr.mean()), "images": rows},
+        utils.save_json({"mean_ssim": scores["ssim_mean"], "mean_psnr": scores["psnr_mean"], "images": rows},
                         out / "reconstruction_metrics.json")
         for start in range(0, len(x), 8):
             sl = slice(start, start + 8)

@@ -26,6 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent
 STAGES = ("vqvae", "prior")
+JUDGE = "judge"  # the independent judge of samples (judge.py): trained after the prior, on real slices only
 
 # Presets give defaults; any flag given on the command line wins. "oasis" follows the seed
 # project's set-up at 256x256 (Adam, batch 8 for the VQ-VAE; Adam at 3e-4, batch 32 and sparse
@@ -112,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the demo set under data/oasis_demo, built on first use")
     g.add_argument("--out", type=Path, default=None,
                    help="run directory for models, logs, metrics and figures (default: runs/<preset>)")
-    g.add_argument("--stage", choices=("all",) + STAGES, default="all",
-                   help="all: both stages; vqvae: only stage 1; prior: only stage 2, on the run's trained VQ-VAE")
+    g.add_argument("--stage", choices=("all",) + STAGES + (JUDGE,), default="all",
+                   help="all: both stages, then the judge; vqvae: only stage 1; prior: only stage 2, on the run's "
+                        "trained VQ-VAE; judge: only the judge of samples (a slice-position CNN on the real "
+                        "training slices), for an existing run")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="default settings to start from (see below)")
     g.add_argument("--image-size", type=int, default=None, help="train on square images of this side (resized on load)")
     g.add_argument("--val-fraction", type=float, default=0.2,
@@ -139,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(or the --virtual-cpus devices); multiworker: MultiWorkerMirroredStrategy from TF_CONFIG")
     g.add_argument("--virtual-cpus", type=int, default=0,
                    help="split the CPU into this many logical devices (to try --distribute mirrored without GPUs)")
+    g.add_argument("--judge-epochs", type=int, default=None,
+                   help="epochs of the judge, the small CNN that learns slice position from real training slices "
+                        "and scores samples in predict.py evaluate (default: 10; 0: no judge)")
     g.add_argument("--mixed-precision", action="store_true",
                    help="use Keras' mixed_float16 policy (on a GPU; ignored with a notice on a CPU)")
 
@@ -167,10 +173,10 @@ def resolve_config(args, parser) -> dict:
     saved = utils.load_json(saved_path) if saved_path.exists() else None
     if args.resume and saved is None:
         raise TrainError(f"--resume: {saved_path} not found; start a new run without --resume")
-    if args.stage == "prior" and saved is None:
-        raise TrainError(f"--stage prior: {out} holds no trained run (no config.json); "
+    if args.stage in ("prior", JUDGE) and saved is None:
+        raise TrainError(f"--stage {args.stage}: {out} holds no trained run (no config.json); "
                          "train the VQ-VAE first with --stage vqvae or --stage all")
-    if saved is not None and not args.resume and args.stage != "prior":
+    if saved is not None and not args.resume and args.stage not in ("prior", JUDGE):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it, --stage prior to "
                          "retrain its prior, or --out to start a new run elsewhere")
 
@@ -243,6 +249,8 @@ def resolve_config(args, parser) -> dict:
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {train[key]}")
     if args.num_samples < 0:
         parser.error(f"--num-samples must be 0 or more, got {args.num_samples}")
+    if args.judge_epochs is not None and args.judge_epochs < 0:
+        parser.error(f"--judge-epochs must be 0 or more, got {args.judge_epochs}")
     if not 0.0 < cfg["data"]["val_fraction"] < 1.0:
         parser.error(f"--val-fraction must be between 0 and 1, got {cfg['data']['val_fraction']}")
 
@@ -449,6 +457,8 @@ def encode_splits(vqvae, splits, run_dir: Path, batch_size: int = 64) -> dict[st
     """Encode every split once; cached in ``codes.npz``, keyed by the VQ-VAE file it came from."""
     import hashlib
 
+    import evaluation
+
     cache = run_dir / "codes.npz"
     model_path = run_dir / "vqvae.keras"
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest() if model_path.exists() else ""
@@ -459,11 +469,8 @@ def encode_splits(vqvae, splits, run_dir: Path, batch_size: int = 64) -> dict[st
                 return {s: {"codes": z[f"{s}_codes"], "slices": z[f"{s}_slices"]} for s in splits}
     out, arrays = {}, {"vqvae_sha256": np.asarray(digest)}
     for name, split in splits.items():
-        codes = []
-        for start in range(0, len(split), batch_size):
-            x = split.images[start:start + batch_size].astype(np.float32) / 255.0
-            codes.append(np.asarray(vqvae.encode(x)))
-        out[name] = {"codes": np.concatenate(codes).astype(np.int32), "slices": np.asarray(split.slice_indices)}
+        out[name] = {"codes": evaluation.encode_images(vqvae, split.images, batch_size),
+                     "slices": np.asarray(split.slice_indices)}
         arrays[f"{name}_codes"] = out[name]["codes"]
         arrays[f"{name}_slices"] = out[name]["slices"]
         print(f"[prior] encoded {name}: {out[name]['codes'].shape}")
@@ -511,19 +518,63 @@ def train_prior(cfg: dict, codes, run_dir: Path, resume: bool, strategy):
     return model
 
 
+def set_judge_config(cfg: dict, splits, epochs: int | None) -> None:
+    """``cfg["judge"]``: the judge's ``JudgeConfig`` (kept from a saved run; ``--judge-epochs`` wins),
+    classifying as many slice positions as the data has."""
+    from judge import JudgeConfig
+
+    judge = cfg.setdefault("judge", JudgeConfig(image_size=cfg["data"]["image_size"], seed=cfg["seed"]).to_dict())
+    if epochs is not None:
+        judge["epochs"] = epochs
+    judge["num_slices"] = int(max(np.max(s.slice_indices) for s in splits.values() if len(s))) + 1
+
+
+def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) -> dict:
+    """Fit the judge on the real training slices (``judge.train_judge`` takes only real splits: it
+    never sees a sample), save ``judge.keras`` and report its slice error on the test split.
+
+    It trains in seconds on one device, so it has no per-epoch checkpoints: ``--resume`` keeps a
+    finished ``judge.keras`` and otherwise trains it again from the start.
+    """
+    import keras
+
+    import judge
+
+    config = judge.JudgeConfig.from_dict(cfg["judge"])
+    path = run_dir / "judge.keras"
+    if config.epochs == 0:
+        print("[judge] --judge-epochs 0: no judge")
+        return {}
+    if resume and path.exists():
+        print(f"[judge] keeping {path}")
+        model = keras.models.load_model(path)
+    else:
+        csv_path = run_dir / "history_judge.csv"
+        csv_path.unlink(missing_ok=True)
+        print(f"[judge] {config.epochs} epochs on {len(splits['train'])} real training slices, "
+              f"{config.num_slices} slice positions")
+        model = judge.train_judge(splits["train"], splits["validate"], config, verbose=1 if sys.stdout.isatty() else 2,
+                                  callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(csv_path))])
+        save_final(model, path)
+    _, predicted = judge.judge_outputs(model, splits["test"].images)
+    error = np.abs(predicted - splits["test"].slice_indices)
+    return {"judge_test_slice_error_median": float(np.median(error)), "judge_test_accuracy": float((error == 0).mean())}
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation and figures
 # ----------------------------------------------------------------------------------------------
 
 def evaluate_vqvae(vqvae, split, run_dir: Path, num_embeddings: int, batch_size: int = 32) -> dict:
+    """Test-split reconstruction SSIM / PSNR and code usage (``evaluation``), and their figures."""
+    import evaluation
     import utils
 
-    x = split.images.astype(np.float32) / 255.0
-    # Encode once; the reconstruction is the decoded codes (what vqvae(x) computes at inference).
-    codes = np.concatenate([np.asarray(vqvae.encode(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
-    recon = np.concatenate([np.asarray(vqvae.decode(codes[i:i + batch_size])) for i in range(0, len(x), batch_size)])
-    ssim, psnr = utils.ssim(x, recon), utils.psnr(x, recon)
-    usage = utils.code_usage(codes, num_embeddings)
+    x = split.float()
+    codes, recon = evaluation.reconstruct(vqvae, x, batch_size)  # encoded once; codes reused for usage
+    scores = evaluation.reconstruction_metrics(x, recon)
+    ssim = scores["ssim"]
+    usage = evaluation.code_usage(codes, num_embeddings)
     # Figures: a spread of test slices beside their reconstructions, the code grids, code usage.
     pick = np.linspace(0, len(x) - 1, min(8, len(x))).round().astype(int)
     utils.plot_image_rows(
@@ -532,21 +583,27 @@ def evaluate_vqvae(vqvae, split, run_dir: Path, num_embeddings: int, batch_size:
                 [f"SSIM {ssim[i]:.3f}" for i in pick]])
     utils.plot_image_rows([("slice", x[pick]), ("codes", codes[pick])], run_dir / "code_grids.png",
                           cmaps=["gray", "nipy_spectral"])
-    utils.plot_codebook_usage(usage["counts"], run_dir / "codebook_usage.png", title="test-split codes")
-    return {"test_ssim": float(ssim.mean()), "test_psnr": float(psnr.mean()),
+    utils.plot_codebook_usage(usage, run_dir / "codebook_usage.png", title="test-split codes")
+    return {"test_ssim": scores["ssim_mean"], "test_psnr": scores["psnr_mean"],
             "codebook_perplexity": usage["perplexity"], "active_codes": usage["active_codes"]}
 
 
 def evaluate_prior(prior, codes, conditioned: bool, batch_size: int) -> dict:
+    """The prior's NLL of the validate and test codes, in bits per code and bits per slice."""
+    import evaluation
+
     out = {}
     for split in ("validate", "test"):
-        x = prior_inputs(codes[split], conditioned)
-        nll = prior.evaluate(x, codes[split]["codes"], batch_size=batch_size, verbose=0, return_dict=True)["loss"]
-        out[f"prior_{'val' if split == 'validate' else split}_nll_bits"] = float(nll / math.log(2))
+        condition = codes[split]["slices"].astype(np.int32) if conditioned else None
+        nll = evaluation.prior_nll(prior, codes[split]["codes"], condition, batch_size)
+        name = "val" if split == "validate" else split
+        out[f"prior_{name}_nll_bits"] = nll["bits_per_code"]
+        out[f"prior_{name}_nll_bits_per_slice"] = nll["bits_per_slice"]
     return out
 
 
 def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int) -> None:
+    import evaluation
     import sampler
     import utils
 
@@ -556,7 +613,7 @@ def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int) -> Non
         condition = seen[np.linspace(0, len(seen) - 1, num).round().astype(int)]
     t0 = time.time()
     sampled = sampler.sample_codes(prior, num, seed=cfg["seed"], condition=condition)
-    images = np.asarray(vqvae.decode(sampled))
+    images = evaluation.decode_codes(vqvae, sampled)
     titles = [f"slice {c}" for c in condition] if condition is not None else None
     utils.save_image_grid(images, run_dir / "samples.png", titles=titles,
                           suptitle=f"{num} samples from the prior ({time.time() - t0:.1f} s)")
@@ -601,23 +658,25 @@ def run(args, parser) -> int:
     if cfg["training"]["distribute"] != "none":
         print(f"[distribute] {cfg['training']['distribute']} over {strategy.num_replicas_in_sync} devices")
     splits = load_data(cfg)
+    set_judge_config(cfg, splits, args.judge_epochs)
     cfg["versions"] = utils.library_versions()
     print("config:", json.dumps(cfg, indent=2))
     utils.save_json(cfg, run_dir / "config.json")
 
     num_embeddings = cfg["vqvae"]["num_embeddings"]
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES + (JUDGE,) if args.stage == "all" else (args.stage,)
     timings = {}
     if "vqvae" in stages:
         t0 = time.time()
         vqvae = train_vqvae(cfg, splits, run_dir, args.resume, strategy)
         timings["vqvae_train_s"] = time.time() - t0
-    if not (run_dir / "vqvae.keras").exists():
-        raise TrainError(f"{run_dir / 'vqvae.keras'} not found: train the VQ-VAE first (--stage vqvae or all)")
-    vqvae = keras.models.load_model(run_dir / "vqvae.keras")
     metrics_path = run_dir / "metrics.json"
     metrics = utils.load_json(metrics_path) if metrics_path.exists() else {}
-    metrics.update(evaluate_vqvae(vqvae, splits["test"], run_dir, num_embeddings))
+    if "vqvae" in stages or "prior" in stages:
+        if not (run_dir / "vqvae.keras").exists():
+            raise TrainError(f"{run_dir / 'vqvae.keras'} not found: train the VQ-VAE first (--stage vqvae or all)")
+        vqvae = keras.models.load_model(run_dir / "vqvae.keras")
+        metrics.update(evaluate_vqvae(vqvae, splits["test"], run_dir, num_embeddings))
 
     if "prior" in stages:
         codes = encode_splits(vqvae, splits, run_dir)
@@ -629,7 +688,11 @@ def run(args, parser) -> int:
                                       cfg["training"]["prior_batch_size"]))
         if args.num_samples:
             draw_samples(vqvae, prior, cfg, codes, run_dir, args.num_samples)
-    histories = {s: utils.read_history_csv(run_dir / f"history_{s}.csv") for s in STAGES}
+    if JUDGE in stages:
+        t0 = time.time()
+        metrics.update(train_judge_stage(cfg, splits, run_dir, resume=args.resume))
+        timings["judge_train_s"] = time.time() - t0
+    histories = {s: utils.read_history_csv(run_dir / f"history_{s}.csv") for s in STAGES + (JUDGE,)}
     histories = {s: h for s, h in histories.items() if h}
     if histories:
         utils.plot_training_curves(histories, run_dir / "training_curves.png")

@@ -1,15 +1,7 @@
-"""Small helpers shared by the scripts: seeding, image grids, image-quality metrics, JSON files.
+"""Small helpers shared by the scripts: seeding, image batches, image grids and plots, JSON files.
 
-Image metrics use TensorFlow's implementations:
-
-* SSIM is ``tf.image.ssim`` -- the Wang et al. (2004) definition with an 11x11 Gaussian window
-  (sigma 1.5), K1 = 0.01, K2 = 0.03, on images in [0, 1] (``max_val=1``). The window shrinks for
-  images smaller than 11 pixels.
-* MS-SSIM is ``tf.image.ssim_multiscale`` with the standard five-scale weights, truncated (and
-  renormalised) to the scales that fit the image.
-* PSNR is ``tf.image.psnr`` in dB with ``max_val=1``.
-
-Each metric returns one value per image pair, as a NumPy ``float64`` array of shape ``(N,)``.
+The metrics (SSIM, PSNR, MS-SSIM, code usage, NLL, realism, sharpness, ...) live in ``evaluation.py``;
+``gaussian_band`` stays here because the VQ-VAE's SSIM loss (``modules.py``) uses it too.
 """
 
 from __future__ import annotations
@@ -23,9 +15,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# Standard MS-SSIM weights (Wang, Simoncelli & Bovik 2003), coarsest scale last.
-_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and the Keras/TensorFlow backends in one call."""
@@ -34,7 +23,7 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(int(seed))
 
 
-def _as_batch(images) -> np.ndarray:
+def as_image_batch(images) -> np.ndarray:
     """``(H, W)``, ``(H, W, 1)``, ``(N, H, W)`` or ``(N, H, W, 1)`` -> float32 ``(N, H, W, 1)``."""
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 2:
@@ -46,49 +35,6 @@ def _as_batch(images) -> np.ndarray:
     return x
 
 
-def _ssim_filter_size(height: int, width: int) -> int:
-    return max(1, min(11, height, width))
-
-
-def ssim(a, b, max_val: float = 1.0) -> np.ndarray:
-    """Per-pair SSIM (``tf.image.ssim``, Gaussian window) of two image batches in ``[0, max_val]``.
-
-    Args:
-        a, b: images shaped ``(N, H, W, 1)`` (or anything ``_as_batch`` accepts), same shape.
-    Returns:
-        ``(N,)`` float64 SSIM values in ``[-1, 1]``.
-    """
-    import tensorflow as tf
-
-    a, b = _as_batch(a), _as_batch(b)
-    if a.shape != b.shape:
-        raise ValueError(f"ssim: shapes differ, {a.shape} vs {b.shape}")
-    size = _ssim_filter_size(a.shape[1], a.shape[2])
-    return tf.image.ssim(a, b, max_val=max_val, filter_size=size).numpy().astype(np.float64)
-
-
-def ms_ssim(a, b, max_val: float = 1.0) -> np.ndarray:
-    """Per-pair multi-scale SSIM (``tf.image.ssim_multiscale``), using as many scales as fit.
-
-    Each scale halves the image; a scale is used only while the image is at least as large as the
-    11-pixel window, so 128x128 images use four scales and 256x256 images all five.
-    """
-    import tensorflow as tf
-
-    a, b = _as_batch(a), _as_batch(b)
-    if a.shape != b.shape:
-        raise ValueError(f"ms_ssim: shapes differ, {a.shape} vs {b.shape}")
-    side = min(a.shape[1], a.shape[2])
-    scales = 1
-    while scales < len(_MS_SSIM_WEIGHTS) and side // (2 ** scales) >= 11:
-        scales += 1
-    weights = np.asarray(_MS_SSIM_WEIGHTS[:scales], dtype=np.float32)
-    weights = weights / weights.sum()
-    size = _ssim_filter_size(a.shape[1], a.shape[2])
-    out = tf.image.ssim_multiscale(a, b, max_val=max_val, power_factors=weights.tolist(), filter_size=size)
-    return out.numpy().astype(np.float64)
-
-
 def gaussian_band(n: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
     """``(n - size + 1, n)`` float32 matrix whose rows are the normalised 1-D Gaussian window at each
     valid offset: ``band @ x`` filters ``x`` along one axis as SSIM's window does (valid padding)."""
@@ -98,57 +44,6 @@ def gaussian_band(n: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
     for i in range(n - size + 1):
         band[i, i:i + size] = g / g.sum()
     return band
-
-
-def ssim_matrix(a, b, max_val: float = 1.0, chunk: int = 256, desc: str | None = None) -> np.ndarray:
-    """SSIM of every pair ``(a[i], b[j])``: ``(N, M)``, the same values as :func:`ssim` per pair.
-
-    Nearest-neighbour searches need N x M SSIMs; computing each pair from scratch filters both
-    images again every time. Here the local means and variances of every image are filtered once
-    and only the cross term is filtered per pair, with the separable Gaussian window applied as
-    two matrix products (``gaussian_band``). ``b`` is processed ``chunk`` images at a time, so
-    memory stays bounded for large reference sets; ``desc`` shows a tqdm bar over ``b``.
-    """
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    a, b = _as_batch(a)[..., 0], _as_batch(b)[..., 0]
-    if a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"ssim_matrix: image shapes differ, {a.shape[1:]} vs {b.shape[1:]}")
-    h, w = a.shape[1:]
-    size = _ssim_filter_size(h, w)
-    gh, gw = tf.constant(gaussian_band(h, size)), tf.constant(gaussian_band(w, size))
-
-    def blur(x):  # (n, H, W) -> (n, H - size + 1, W - size + 1)
-        return tf.einsum("npw,qw->npq", tf.einsum("ph,nhw->npw", gh, x), gw)
-
-    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
-    a_t = tf.constant(a)
-    mu_a = blur(a_t)
-    var_a = blur(a_t * a_t) - mu_a ** 2
-    out = np.empty((len(a), len(b)))
-    with tqdm(total=len(b), desc=desc, disable=desc is None, leave=False) as bar:
-        for j in range(0, len(b), chunk):
-            b_t = tf.constant(b[j:j + chunk])
-            mu_b = blur(b_t)
-            var_b = blur(b_t * b_t) - mu_b ** 2
-            for i in range(len(a)):
-                cov = blur(a_t[i] * b_t) - mu_a[i] * mu_b
-                lum = (2.0 * mu_a[i] * mu_b + c1) / (mu_a[i] ** 2 + mu_b ** 2 + c1)
-                cs = (2.0 * cov + c2) / (var_a[i] + var_b + c2)
-                out[i, j:j + chunk] = tf.reduce_mean(lum * cs, axis=(1, 2)).numpy()
-            bar.update(len(b_t))
-    return out
-
-
-def psnr(a, b, max_val: float = 1.0) -> np.ndarray:
-    """Per-pair PSNR in dB (``tf.image.psnr``); identical images give ``inf``."""
-    import tensorflow as tf
-
-    a, b = _as_batch(a), _as_batch(b)
-    if a.shape != b.shape:
-        raise ValueError(f"psnr: shapes differ, {a.shape} vs {b.shape}")
-    return tf.image.psnr(a, b, max_val=max_val).numpy().astype(np.float64)
 
 
 def save_image_grid(
@@ -171,7 +66,7 @@ def save_image_grid(
         The path written.
     """
     plt = _pyplot()
-    x = _as_batch(images)[..., 0]
+    x = as_image_batch(images)[..., 0]
     n = len(x)
     if n == 0:
         raise ValueError("save_image_grid: no images to draw")
@@ -319,20 +214,14 @@ def plot_training_curves(histories: dict[str, dict[str, np.ndarray]], path: str 
     return _save_figure(fig, path)
 
 
-def code_usage(codes, num_embeddings: int) -> dict[str, Any]:
-    """Histogram, perplexity (exp of the entropy of code frequencies) and active fraction of codes."""
-    counts = np.bincount(np.asarray(codes).ravel().astype(np.int64), minlength=num_embeddings)
-    p = counts / max(1, counts.sum())
-    nz = p[p > 0]
-    return {"counts": counts, "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
-            "active_codes": float((counts > 0).mean())}
+def plot_codebook_usage(usage: dict, path: str | os.PathLike, title: str = "codebook usage") -> Path:
+    """Bar chart of how often each code is used, most used first, with perplexity in the title.
 
-
-def plot_codebook_usage(counts, path: str | os.PathLike, title: str = "codebook usage") -> Path:
-    """Bar chart of how often each code is used, most used first, with perplexity in the title."""
+    Args:
+        usage: ``evaluation.code_usage(...)``: ``counts`` (K,), ``perplexity``, ``active_codes``.
+    """
     plt = _pyplot()
-    counts = np.asarray(counts)
-    usage = code_usage(np.repeat(np.arange(len(counts)), counts), len(counts))
+    counts = np.asarray(usage["counts"])
     order = np.argsort(-counts, kind="stable")
     fig, ax = plt.subplots(figsize=(7, 2.8))
     ax.bar(np.arange(len(counts)), counts[order] / max(1, counts.sum()), width=1.0)

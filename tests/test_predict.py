@@ -123,43 +123,9 @@ def test_unconditioned_run_samples_without_slice(unconditioned_run, tmp_path):
     assert np.load(tmp_path / "codes.npy").shape == (2, 8, 8)
 
 
-def test_nearest_by_ssim_matches_brute_force():
-    import predict
-    import utils
-
-    rng = np.random.default_rng(0)
-    refs = rng.random((7, 16, 16, 1)).astype(np.float32)
-    samples = np.concatenate([refs[[4]] * 0.9 + 0.05, rng.random((2, 16, 16, 1)).astype(np.float32)])
-    best, index = predict.nearest_by_ssim(samples, refs, chunk=3)
-    full = np.array([[utils.ssim(s[None], r[None])[0] for r in refs] for s in samples])
-    np.testing.assert_allclose(best, full.max(axis=1), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(index, full.argmax(axis=1))
-    assert index[0] == 4
-
-
-def test_mean_pairwise_ms_ssim_matches_explicit_pairs():
-    import tensorflow as tf
-
-    import predict
-
-    rng = np.random.default_rng(1)
-    images = rng.random((4, 48, 48, 1)).astype(np.float32)
-    images[1] = images[0]                      # one identical pair: MS-SSIM 1
-    # 48 px: scales of 48, 24 and 12 px fit the 11 px window, so three scales, weights renormalised.
-    w = np.array([0.0448, 0.2856, 0.3001]) / (0.0448 + 0.2856 + 0.3001)
-    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
-    direct = [float(tf.image.ssim_multiscale(images[i][None], images[j][None], 1.0, power_factors=w.tolist())[0])
-              for i, j in pairs]
-    assert math.isclose(predict.mean_pairwise_ms_ssim(images), float(np.mean(direct)), rel_tol=1e-5)
-    assert max(direct) == pytest.approx(1.0)
-    # Past max_pairs, a seeded subset of the pairs is averaged.
-    subset = predict.mean_pairwise_ms_ssim(images, max_pairs=3, seed=0)
-    chosen = np.random.default_rng(0).choice(len(pairs), size=3, replace=False)
-    assert subset == pytest.approx(float(np.mean([direct[k] for k in chosen])), rel=1e-5)
-
-
-def test_prior_nll_bits_matches_log_softmax(trained_run):
+def test_prior_nll_matches_log_softmax_and_train_metrics(trained_run):
     import dataset
+    import evaluation
     import predict
 
     run = predict.load_run(trained_run)
@@ -170,11 +136,15 @@ def test_prior_nll_bits_matches_log_softmax(trained_run):
     logits = np.asarray(run.prior((codes, test.slice_indices.astype(np.int32)), training=False)).astype(np.float64)
     log_p = logits - logits.max(-1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(log_p, codes[..., None], -1).mean() / math.log(2)
-    assert predict.prior_nll_bits(run, test) == pytest.approx(nll, rel=1e-5)
-    # Same figure as train.py recorded for the test split.
+    nll = -np.take_along_axis(log_p, codes[..., None], -1)[..., 0] / math.log(2)   # bits, (N, h, w)
+    got = evaluation.prior_nll(run.prior, evaluation.encode_images(run.vqvae, test.images, batch_size=3),
+                               test.slice_indices)
+    assert got["bits_per_code"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert got["bits_per_slice"] == pytest.approx(nll.sum(axis=(1, 2)).mean(), rel=1e-5)
+    # Same figures as train.py recorded for the test split.
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    assert metrics["prior_test_nll_bits"] == pytest.approx(nll, rel=1e-4)
+    assert metrics["prior_test_nll_bits"] == pytest.approx(nll.mean(), rel=1e-4)
+    assert metrics["prior_test_nll_bits_per_slice"] == pytest.approx(nll.sum(axis=(1, 2)).mean(), rel=1e-4)
 
 
 def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
@@ -186,29 +156,90 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
     assert -1 <= m["realism_ssim_mean"] <= 1 and 0 <= m["realism_fraction_above_0.6"] <= 1
     assert m["memorisation_copies_above_0.95"] in range(5)
     assert -1 <= m["diversity_ms_ssim_samples"] <= 1 and -1 <= m["diversity_ms_ssim_real_test"] <= 1
-    assert m["prior_test_nll_bits"] > 0
+    assert m["prior_test_nll_bits"] > 0 and m["prior_test_nll_bits_per_slice"] == pytest.approx(
+        64 * m["prior_test_nll_bits"], rel=1e-5)                         # an 8x8 grid
 
-    # Recompute realism directly from the same samples.
+    # Recompute the metrics directly from the same samples.
     import dataset
+    import evaluation
+    import judge
+    import keras
     import predict
-    import utils
 
     run = predict.load_run(trained_run)
     data = run.config["data"]
-    test = dataset.read_oasis(data["root"], image_size=data["image_size"])["test"]
+    splits = dataset.read_oasis(data["root"], image_size=data["image_size"], seed=run.config["seed"])
+    test, val = splits["test"], splits["validate"]
     pick = np.random.default_rng(3).choice(len(test), size=4, replace=False)
-    _, samples = predict.generate(run, 4, seed=3, condition=test.slice_indices[pick].astype(np.int32),
-                                  progress=False)
+    requested = test.slice_indices[pick].astype(np.int32)
+    _, samples = predict.generate(run, 4, seed=3, condition=requested, progress=False)
     x = test.images.astype(np.float32) / 255.0
-    best = np.array([max(utils.ssim(s[None], r[None])[0] for r in x) for s in samples])
+    best = np.array([max(evaluation.ssim(s[None], r[None])[0] for r in x) for s in samples])
     assert m["realism_ssim_mean"] == pytest.approx(best.mean(), rel=1e-4, abs=1e-5)
     assert m["realism_fraction_above_0.6"] == pytest.approx((best > 0.6).mean())
+    # Interior realism: the same search on the central 16x16; validate has 4 slices, all searched.
+    crop = (slice(None), slice(8, 24), slice(8, 24))
+    inner = np.array([max(evaluation.ssim(s[None], r[None])[0] for r in x[crop]) for s in samples[crop]])
+    inner_val = np.array([max(evaluation.ssim(v[None], r[None])[0] for r in x[crop]) for v in val.float()[crop]])
+    # (float32 filtering on near-flat crops: SSIMs near 0 agree to about 1e-4 absolute)
+    assert m["interior_realism_samples"] == pytest.approx(inner.mean(), rel=1e-4, abs=1e-4)
+    assert m["interior_realism_real_validate"] == pytest.approx(inner_val.mean(), rel=1e-4, abs=1e-4)
+    assert m["interior_realism_ratio"] == pytest.approx(m["interior_realism_samples"]
+                                                        / m["interior_realism_real_validate"], rel=1e-9)
+    sharp, sharp_real = evaluation.sharpness(samples), evaluation.sharpness(x)
+    assert m["sharpness_samples"] == pytest.approx(np.nanmean(sharp), rel=1e-6)
+    assert m["sharpness_ratio"] == pytest.approx(np.nanmean(sharp) / np.nanmean(sharp_real), rel=1e-6)
+    # The judge's metrics, from its features and predictions of the same images.
+    model = keras.models.load_model(trained_run / "judge.keras")
+    f_s, slice_s = judge.judge_outputs(model, samples)
+    f_t, _ = judge.judge_outputs(model, x)
+    f_v, _ = judge.judge_outputs(model, val.float())
+    assert m["judge_frechet_samples_vs_test"] == pytest.approx(evaluation.frechet_distance(f_s, f_t), rel=1e-4)
+    assert m["judge_frechet_validate_vs_test"] == pytest.approx(evaluation.frechet_distance(f_v, f_t), rel=1e-4)
+    assert m["slice_agreement_median_abs_error"] == np.median(np.abs(slice_s - requested))
+    # Validation reconstructions (vqvae(x) decodes x's codes) are scored alike: the decoder's ceiling.
+    recon = np.asarray(run.vqvae(val.float(), training=False))
+    f_r, _ = judge.judge_outputs(model, recon)
+    assert m["judge_frechet_reconstructions_vs_test"] == pytest.approx(evaluation.frechet_distance(f_r, f_t),
+                                                                       rel=1e-3)
+    assert m["sharpness_reconstructions"] == pytest.approx(np.nanmean(evaluation.sharpness(recon)), rel=1e-4)
+    p, r = evaluation.precision_recall(f_t, f_s, k=3)
+    assert (m["judge_precision"], m["judge_recall"]) == (pytest.approx(p), pytest.approx(r))
+    p, r = evaluation.precision_recall(f_t, f_v, k=3)
+    assert (m["judge_precision_validate"], m["judge_recall_validate"]) == (pytest.approx(p), pytest.approx(r))
+
+
+def test_evaluate_without_a_judge_skips_its_metrics_with_a_notice(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "judge.keras").unlink()
+    code, lines = predict_main("evaluate", "--run", run, "--num", "2", "--seed", "0")
+    assert code == 0
+    m = json.loads((run / "evaluation" / "generation_metrics.json").read_text())
+    assert "realism_ssim_mean" in m and not any(k.startswith("judge") for k in m)
+    assert any("judge.keras not found" in line and "--stage judge" in line for line in lines), lines
+
+
+def test_judge_stage_retrains_only_the_judge(trained_run, tmp_path):
+    import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {name: (run / name).read_bytes() for name in ("vqvae.keras", "pixelcnn.keras")}
+    (run / "judge.keras").unlink()
+    assert train.main(["--out", run, "--stage", "judge", "--judge-epochs", "1"]) == 0
+    assert (run / "judge.keras").is_file()
+    assert {name: (run / name).read_bytes() for name in before} == before
+    config = json.loads((run / "config.json").read_text())
+    assert config["judge"]["epochs"] == 1 and config["judge"]["num_slices"] == 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["judge_test_slice_error_median"] <= 3
 
 
 def test_reconstruct_reports_per_image_scores(trained_run, tmp_path):
     import dataset
+    import evaluation
     import predict
-    import utils
 
     images = trained_run.parent / "oasis" / "keras_png_slices_test"
     code, _ = predict_main("reconstruct", "--run", trained_run, "--images", images, "--out", tmp_path)
@@ -217,6 +248,6 @@ def test_reconstruct_reports_per_image_scores(trained_run, tmp_path):
     assert len(report["images"]) == 4 and (tmp_path / "reconstructions_000.png").is_file()
     run = predict.load_run(trained_run, need_prior=False)
     x = dataset.load_images(images, image_size=32)
-    expected = utils.ssim(x, np.asarray(run.vqvae(x, training=False)))
+    expected = evaluation.ssim(x, np.asarray(run.vqvae(x, training=False)))
     np.testing.assert_allclose([r["ssim"] for r in report["images"]], expected, rtol=1e-5)
     assert report["mean_ssim"] == pytest.approx(expected.mean(), rel=1e-5)
