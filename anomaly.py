@@ -36,7 +36,7 @@ import numpy as np
 import evaluation
 
 __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "healthy_threshold", "run_threshold", "heal",
-           "residual_map", "complete", "upsample_codes", "smooth", "head_mask", "add_synthetic_lesion",
+           "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion",
            "detection_metrics", "roc_auc", "average_precision", "best_dice", "plot_healing", "plot_completion"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
@@ -298,18 +298,6 @@ def complete(vqvae, prior, images, keep_rows: int, condition=None, seeds=(0,), t
 # Synthetic lesions (the benchmark's ground truth; also used by the notebook)
 # ----------------------------------------------------------------------------------------------
 
-def head_mask(image, level: float = 0.05) -> np.ndarray:
-    """The head (largest connected region above ``level``, holes filled) of one ``(H, W)`` slice, bool."""
-    from scipy import ndimage
-
-    fg = ndimage.binary_fill_holes(np.asarray(image).squeeze() > level)
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return fg
-    sizes = ndimage.sum(fg, labels, index=np.arange(1, n + 1))
-    return labels == 1 + int(np.argmax(sizes))
-
-
 def add_synthetic_lesion(image, rng: np.random.Generator, radius: float, bright: bool,
                          margin: float = 0.12) -> tuple[np.ndarray, np.ndarray] | None:
     """Paint one lesion-like blob into a slice, well inside the head.
@@ -318,8 +306,9 @@ def add_synthetic_lesion(image, rng: np.random.Generator, radius: float, bright:
     perturbed by low angular harmonics, with a soft edge (a logistic ramp about 1 px wide) and a
     smooth multiplicative texture (+-8 %). Bright lesions are the local tissue plus 0.25-0.4, dark
     ones 0.25-0.5 x the local tissue (0 to 1 intensity scale). The centre is drawn from the points
-    at least ``margin x H + 1.2 x radius`` from the head's outline, so the lesion lies inside the
-    brain even when a scalp ring and skull band surround it.
+    at least ``margin x H + 1.2 x radius`` from the head's outline
+    (``evaluation.brain_interior_mask``), so the lesion lies inside the brain even when a scalp
+    ring and skull band surround it.
 
     Args:
         image: ``(H, W)`` or ``(H, W, 1)`` in [0, 1].
@@ -334,8 +323,7 @@ def add_synthetic_lesion(image, rng: np.random.Generator, radius: float, bright:
     img = x.squeeze()
     size = img.shape[0]
     r = radius * size
-    dist = ndimage.distance_transform_edt(head_mask(img))
-    room = np.argwhere(dist > margin * size + 1.2 * r)
+    room = np.argwhere(evaluation.brain_interior_mask(img, margin=int(np.ceil(margin * size + 1.2 * r))))
     if len(room) == 0:
         return None
     cy, cx = room[rng.integers(len(room))]
@@ -346,7 +334,7 @@ def add_synthetic_lesion(image, rng: np.random.Generator, radius: float, bright:
     theta = np.arctan2(v, u)
     wobble = 1 + sum(rng.uniform(0, 0.12) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4))
     rho = np.sqrt((u / ry) ** 2 + (v / rx) ** 2) / wobble                 # 1 on the outline
-    alpha = 1 / (1 + np.exp(np.clip((rho - 1) * rx, -50, 50)))             # ~1 px ramp across the edge
+    alpha = 1 / (1 + np.exp(np.clip((rho - 1) * ry, -50, 50)))             # a ramp of at most ~1 px
     texture = ndimage.gaussian_filter(rng.standard_normal(img.shape), 1.5)
     texture = 1 + 0.08 * texture / (texture.std() + 1e-8)
     inside = alpha >= 0.5

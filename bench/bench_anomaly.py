@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import dataset
+    import evaluation
     import predict
     import utils
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
         x, positions = x[:args.limit], positions[:args.limit]
     idx, lesioned, masks, kinds = make_lesions(x[..., 0], args.seed)
     clean, cond = x[idx], positions[idx] if run.conditioned else None
-    heads = np.stack([anomaly.head_mask(img) for img in clean[..., 0]])
+    heads = np.stack([evaluation.brain_interior_mask(img, margin=0) for img in clean[..., 0]])  # whole head
     percentile = anomaly.DEFAULT_PERCENTILE if args.percentile is None else args.percentile
     threshold = anomaly.run_threshold(run, percentile)
     print(f"{len(idx)} of {len(x)} {args.split} slices have room for a lesion; lesion pixels: "

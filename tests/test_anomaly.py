@@ -260,3 +260,26 @@ def test_errors_are_one_line(case, tiny_run, test_slices, tmp_path):
         assert "rename" in lines[0] and "--slice" in lines[0]
         assert predict_main("anomaly", "--run", tiny_run, "--images", images, "--threshold", "1", "--slice", "2",
                             "--out", tmp_path / "out")[0] == 0
+
+
+# ------------------------------------------------------------------------------------ synthetic lesions
+def test_synthetic_lesion_is_inside_the_head_soft_edged_and_seeded():
+    import anomaly
+    import evaluation
+    from conftest import brain_like
+
+    img = brain_like(64, case=1, slice_index=4).astype(np.float32) / 255.0
+    a = anomaly.add_synthetic_lesion(img, np.random.default_rng(3), radius=0.08, bright=False)
+    b = anomaly.add_synthetic_lesion(img, np.random.default_rng(3), radius=0.08, bright=False)
+    assert a is not None and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    lesioned, mask = a
+    assert lesioned.shape == img.shape and mask.dtype == bool and 10 < mask.sum() < 0.1 * img.size
+    assert (mask <= evaluation.brain_interior_mask(img, margin=4)).all()      # well inside the head
+    from scipy import ndimage
+
+    changed = np.abs(lesioned - img) > 0.01      # the logistic edge: under 1 % beyond 4 px from the mask
+    assert not (changed & ~ndimage.binary_dilation(mask, iterations=4)).any()
+    assert lesioned[mask].mean() < 0.6 * img[mask].mean()                       # dark lesion
+    bright = anomaly.add_synthetic_lesion(img, np.random.default_rng(3), radius=0.08, bright=True)
+    assert bright[0][bright[1]].mean() > img[bright[1]].mean() + 0.15
+    assert anomaly.add_synthetic_lesion(img, np.random.default_rng(0), radius=0.45, bright=True) is None
