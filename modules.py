@@ -9,9 +9,12 @@ Contents:
 * :class:`VQVAEConfig` / :class:`VQVAE` -- encoder, vector quantiser and decoder as one
   ``keras.Model`` that trains with ``compile(optimizer=...)`` + ``fit(images)``.
 * :class:`MaskedConv2D`, :class:`GatedPixelCNNBlock`, :class:`MaskedResidualBlock`,
-  :class:`PriorConfig` / :class:`PixelCNN` -- autoregressive priors over the code grid: the plain
-  masked stack (mask A, then mask B) and the gated PixelCNN without a blind spot, optionally
-  conditioned on the slice position. Sampling lives in ``sampler.sample_codes``.
+  :class:`CausalAttentionBlock`, :class:`PriorConfig` / :class:`PixelCNN` -- autoregressive priors
+  over the code grid: the plain masked stack (mask A, then mask B) and the gated PixelCNN without a
+  blind spot, optionally with causal self-attention blocks and conditioned on the slice position
+  (with a "no condition" slot for classifier-free guidance). Each of these layers has an
+  ``init_cache`` / ``step`` pair for incremental generation; sampling lives in
+  ``sampler.sample_codes``.
 
 Every layer and model is registered with ``keras.saving.register_keras_serializable`` under the
 package ``"oasis_vqvae"``, so after ``import modules`` a ``.keras`` file loads with
@@ -629,7 +632,8 @@ class VQVAE(keras.Model):
 #   no blind spot. The first layer shifts its inputs (down for the vertical stack, right for the
 #   horizontal one) so a position never sees its own code.
 #
-# Both embed the codes with a ``keras.layers.Embedding`` and are fully convolutional (any grid).
+# Both embed the codes with a ``keras.layers.Embedding`` and are fully convolutional (any grid);
+# causal self-attention blocks (PixelSNAIL) can be interleaved with either stack.
 # A conditioned prior (``num_conditions > 0``) takes ``(codes, condition)`` with an int condition
 # ``(B,)`` (e.g. the slice index) whose embedding is added as a bias inside every layer.
 # --------------------------------------------------------------------------------------------
@@ -1021,13 +1025,15 @@ def grid_position_encoding(i, j, channels: int = 16):
 class CausalAttentionBlock(layers.Layer):
     """Causal multi-head self-attention over the code grid in raster order (PixelSNAIL-style).
 
-    ``x + W_o · dropout(attention)``: queries and keys are projections of ``LayerNorm(x)`` joined
-    with fixed 2-D position features (``grid_position_encoding``), values of ``LayerNorm(x)``; the
-    position at raster index ``p`` attends to every position ``<= p`` (Chen et al. 2018,
-    "PixelSNAIL"; the VQ-VAE-2 top prior). Placed after a layer whose output at ``p`` depends only on
-    codes ``< p`` (the mask-A / shifted first layer comes first in every prior), it keeps the prior
-    strictly causal while every position sees the whole slice above and to its left. Attending to
-    ``p`` itself also means no row of the softmax is empty.
+    ``x + W_o · dropout(attention)``. The query at raster index ``p`` is a projection of
+    ``LayerNorm(x)`` at ``p`` joined with fixed 2-D position features (``grid_position_encoding``);
+    it attends to every key ``q <= p``, whose key and value are projections of ``LayerNorm(x)`` at
+    ``q`` joined with the position features and with the embedded code at ``q - 1`` (Chen et al.
+    2018, "PixelSNAIL", feeds the input to its keys the same way; the VQ-VAE-2 top prior). So every
+    code before ``p`` is one attention step away (no blind spot, whatever the conv stack's reach),
+    and none at or after ``p`` is: placed after the mask-A / shifted first layer (whose output at
+    ``p`` depends only on codes ``< p``), the prior stays strictly causal. Key ``p`` itself is
+    always visible, so no row of the softmax is empty.
 
     Args:
         filters: channels F of the stream (input and output).
@@ -1036,7 +1042,8 @@ class CausalAttentionBlock(layers.Layer):
             applies dropout inside its blocks.
         position_channels: size of the position features (a multiple of 4).
 
-    Call: ``x`` ``(B, H, W, F)`` -> ``(B, H, W, F)``. Memory and time grow as ``(H·W)^2`` per head.
+    Call: ``[x, e]``: the stream ``x`` ``(B, H, W, F)`` and the code embedding ``e`` ``(B, H, W, F)``
+    (unshifted; the block shifts it) -> ``(B, H, W, F)``. Memory and time grow as ``(H·W)^2`` per head.
     """
 
     def __init__(self, filters, heads=2, key_dim=16, dropout=0.0, position_channels=16, **kwargs):
@@ -1058,23 +1065,29 @@ class CausalAttentionBlock(layers.Layer):
         f, d = self.filters, self.heads * self.key_dim
         self.norm.build((None, f))
         self.query.build((None, f + self.position_channels))
-        self.key.build((None, f + self.position_channels))
-        self.value.build((None, f))
+        self.key.build((None, 2 * f + self.position_channels))
+        self.value.build((None, 2 * f + self.position_channels))
         self.out_proj.build((None, d))
 
-    def _qkv(self, x, pe):
-        """x ``(..., F)``, position features ``(..., P)`` -> q, k, v ``(..., heads, key_dim)``."""
+    def _qkv(self, x, e_prev, pe):
+        """x, previous code embedding ``(..., F)``, position features ``(..., P)`` -> q, k, v
+        ``(..., heads, key_dim)``."""
         xn = self.norm(x)
-        xp = ops.concatenate([xn, ops.cast(pe, xn.dtype)], axis=-1)
+        pe = ops.cast(pe, xn.dtype)
+        xp = ops.concatenate([xn, pe], axis=-1)
+        kv = ops.concatenate([xn, ops.cast(e_prev, xn.dtype), pe], axis=-1)
         split = lambda t: ops.reshape(t, ops.shape(t)[:-1] + (self.heads, self.key_dim))  # noqa: E731
-        return split(self.query(xp)), split(self.key(xp)), split(self.value(xn))
+        return split(self.query(xp)), split(self.key(kv)), split(self.value(kv))
 
-    def call(self, x, training=None):
+    def call(self, inputs, training=None):
+        x, e = inputs
         b, h, w = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
         ii, jj = ops.meshgrid(ops.arange(h), ops.arange(w), indexing="ij")
         pe = ops.broadcast_to(grid_position_encoding(ii, jj, self.position_channels)[None],
                               (b, h, w, self.position_channels))
-        q, k, v = self._qkv(x, pe)  # (B, H, W, heads, d)
+        e = ops.reshape(e, (b, h * w, -1))  # shift by one raster position: key q gets code q - 1
+        e_prev = ops.reshape(ops.pad(e, [[0, 0], [1, 0], [0, 0]])[:, :-1], (b, h, w, -1))
+        q, k, v = self._qkv(x, e_prev, pe)  # (B, H, W, heads, d)
         flat = lambda t: ops.transpose(ops.reshape(t, (b, h * w, self.heads, self.key_dim)), (0, 2, 1, 3))  # noqa: E731
         q, k, v = flat(q), flat(k), flat(v)  # (B, heads, N, d)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.key_dim)
@@ -1091,13 +1104,16 @@ class CausalAttentionBlock(layers.Layer):
         shape = (batch_size, self.heads, *grid_shape, self.key_dim)
         return {"key": ops.zeros(shape, self.compute_dtype), "value": ops.zeros(shape, self.compute_dtype)}
 
-    def step(self, x, i, j, cache, condition=None):
-        """``x`` ``(B, F)`` at ``(i, j)`` -> ``((B, F), cache)``: stores this position's key and
-        value, attends over the cached ones at raster index ``<= i*w + j`` (KerasHub's
-        ``CachedMultiHeadAttention`` in 2-D); equals ``call`` there (inference)."""
+    def step(self, inputs, i, j, cache, condition=None):
+        """``[x, e_prev]``: the stream at ``(i, j)`` and the embedded code at the raster position
+        before it (ignored at ``(0, 0)``), each ``(B, F)`` -> ``((B, F), cache)``. Stores this
+        position's key and value and attends over the cached ones at raster index ``<= i*w + j``
+        (KerasHub's ``CachedMultiHeadAttention``, in 2-D); equals ``call`` there (inference)."""
+        x, e_prev = inputs
         b, h, w = ops.shape(x)[0], ops.shape(cache["key"])[2], ops.shape(cache["key"])[3]
+        e_prev = e_prev * ops.cast(i * w + j > 0, e_prev.dtype)
         pe = ops.broadcast_to(grid_position_encoding(i, j, self.position_channels)[None], (b, self.position_channels))
-        q, k, v = self._qkv(x, pe)  # (B, heads, d)
+        q, k, v = self._qkv(x, e_prev, pe)  # (B, heads, d)
         cache = {"key": ops.slice_update(cache["key"], [0, 0, i, j, 0], k[:, :, None, None, :]),
                  "value": ops.slice_update(cache["value"], [0, 0, i, j, 0], v[:, :, None, None, :])}
         keys = ops.reshape(cache["key"], (b, self.heads, h * w, self.key_dim))
@@ -1320,9 +1336,9 @@ class PixelCNN(keras.Model):
         if self.config.gated:
             v, h = self.input_block([x, x] + extra, training=training)
             for n, block in enumerate(self.blocks, 2):
-                h = self._attend(n - 1, h, training)
+                h = self._attend(n - 1, h, x, training)
                 v, h = block([v, h] + extra, training=training)
-            out = self._attend(len(self.blocks) + 1, h, training)
+            out = self._attend(len(self.blocks) + 1, h, x, training)
         else:
             out = self.input_conv(x)
             if cond is not None:
@@ -1332,13 +1348,13 @@ class PixelCNN(keras.Model):
                 out = out + self.position_bias[None]
             out = ops.relu(out)
             for n, block in enumerate(self.blocks, 1):
-                out = self._attend(n, block([out] + extra, training=training), training)
+                out = self._attend(n, block([out] + extra, training=training), x, training)
         hidden = ops.relu(self.head_hidden(ops.relu(out)))
         return self.head_out(hidden)  # (B, h, w, K) float32 logits
 
-    def _attend(self, n, x, training):
+    def _attend(self, n, stream, embedded, training):
         block = self._attention_after(n)
-        return x if block is None else block(x, training=training)
+        return stream if block is None else block([stream, embedded], training=training)
 
     # ---- incremental generation: one raster position per call, each layer owning its step
     def init_cache(self, batch_size: int, grid_shape):
@@ -1373,13 +1389,13 @@ class PixelCNN(keras.Model):
         x = self.embedding(ops.cast(prev_codes, "int32"))  # (B, F)
         blocks, attention = list(cache["blocks"]), list(cache["attention"])
 
-        def attend(n, x):
+        def attend(n, stream):
             block = self._attention_after(n)
             if block is None:
-                return x
-            a = self.attention_blocks.index(block)
-            x, attention[a] = block.step(x, i, j, attention[a])
-            return x
+                return stream
+            a = n // self.config.attention_every - 1
+            stream, attention[a] = block.step([stream, x], i, j, attention[a])
+            return stream
 
         if self.config.gated:
             (v, h), first = self.input_block.step([None, x], i, j, cache["input"], condition)
