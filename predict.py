@@ -4,6 +4,8 @@
     python predict.py --run runs/oasis --num 64 --temperature 0.9 --slice 20
     python predict.py reconstruct --images some/pngs/   # originals beside reconstructions, SSIM/PSNR
     python predict.py evaluate --num 64                 # realism, sharpness, diversity, judge, NLL
+    python predict.py anomaly --images some/pngs/       # NLL maps, healed slices, anomaly maps, scores
+    python predict.py complete --images some/pngs/ --keep-rows 12 --seeds 3   # prior fills the rest
 
 Everything is rebuilt from the run directory that ``train.py`` wrote: its ``config.json``,
 ``vqvae.keras`` and ``pixelcnn.keras``. Grid shape, codebook size and slice conditioning come from
@@ -33,7 +35,7 @@ from sampler import sample_codes  # noqa: E402,F401  (public: `from predict impo
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUN = REPO / "runs" / "demo"
-COMMANDS = ("sample", "reconstruct", "evaluate")
+COMMANDS = ("sample", "reconstruct", "evaluate", "anomaly", "complete")
 
 
 class PredictError(Exception):
@@ -206,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "or evaluate generation. Run 'python predict.py COMMAND --help' for each command.",
         epilog="commands:\n  sample       draw codes from the prior, decode them, write PNGs (default)\n"
                "  reconstruct  encode and decode the PNGs in --images, with per-image SSIM / PSNR\n"
-               "  evaluate     realism, sharpness, diversity, judge metrics and NLL of generated samples")
+               "  evaluate     realism, sharpness, diversity, judge metrics and NLL of generated samples\n"
+               "  anomaly      per-code NLL maps, healed slices and anomaly maps of the PNGs in --images\n"
+               "  complete     keep the top --keep-rows code rows of each slice in --images, sample the rest")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp):
@@ -240,7 +244,50 @@ def build_parser() -> argparse.ArgumentParser:
                                    "agreement, prior NLL) and a figure of samples beside their nearest test slices.")
     common(e)
     sampling(e, 64)
+    add_anomaly_parsers(sub, common)
     return p
+
+
+def add_anomaly_parsers(sub, common) -> None:
+    """The ``anomaly`` and ``complete`` commands (handlers: :func:`_anomaly_command`, :func:`_complete_command`)."""
+    import anomaly  # light: NumPy only until a function runs
+
+    def slices_flags(sp):
+        sp.add_argument("--images", type=Path, required=True,
+                        help="folder of PNG slices; a slice-conditioned prior reads each slice's position from "
+                             "its name (case_<id>_slice_<k>.nii.png)")
+        sp.add_argument("--slice", type=int, default=None,
+                        help="slice position for every image, for a conditioned prior (default: from file names)")
+        sp.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature of the redrawn codes (default: 1)")
+
+    a = sub.add_parser("anomaly", help="anomaly maps: resample the codes the prior finds unlikely",
+                       description="For each slice: the per-code NLL under the prior; codes above --threshold "
+                                   "are resampled in raster order given the kept codes and decoded (the healed "
+                                   "slice); the anomaly map is |input - healed| inside the resampled codes. "
+                                   "Writes a PNG panel per slice, nll_maps.npy, anomaly_maps.npy, healed.npy and "
+                                   "scores.json / scores.csv (slice score: the anomaly map's mean).")
+    common(a)
+    slices_flags(a)
+    a.add_argument("--threshold", type=float, default=None,
+                   help="NLL threshold in nats: codes above it are resampled (default: the --percentile-th "
+                        "percentile of the run's validation code NLL, cached in the run directory)")
+    a.add_argument("--percentile", type=float, default=None,
+                   help="percentile (0-100) of healthy validation code NLL used as the default threshold "
+                        f"(default: {anomaly.DEFAULT_PERCENTILE:g})")
+    a.add_argument("--rounds", type=int, default=anomaly.DEFAULT_ROUNDS,
+                   help="scoring / redrawing rounds: after the first, kept codes that are above the threshold "
+                        f"given the healed codes are redrawn too; 1 redraws exactly the codes above it "
+                        f"(default: {anomaly.DEFAULT_ROUNDS})")
+    a.add_argument("--seed", type=int, default=0, help="sampling seed of the redrawn codes (default: 0)")
+    c = sub.add_parser("complete", help="complete slices from their top code rows",
+                       description="Keep the first --keep-rows rows of each slice's code grid and draw the other "
+                                   "rows from the prior, once per seed; writes a PNG panel per slice and codes.npy.")
+    common(c)
+    slices_flags(c)
+    c.add_argument("--keep-rows", type=int, required=True, help="code rows to keep, 1 to (grid rows - 1)")
+    c.add_argument("--seeds", type=int, default=3, help="completions per slice, seeds --seed .. --seed+N-1 (default: 3)")
+    c.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
 
 
 def _check_positive(parser, name: str, value) -> None:
@@ -259,8 +306,14 @@ def main(argv=None) -> int:
         _check_positive(parser, "--num", args.num)
         if args.command == "evaluate" and args.num < 2:
             parser.error(f"--num must be at least 2 for evaluate (diversity compares pairs of samples), got {args.num}")
-        if args.temperature <= 0:
-            parser.error(f"--temperature must be above 0, got {args.temperature}")
+    if args.command == "complete":
+        _check_positive(parser, "--seeds", args.seeds)
+    if args.command == "anomaly":
+        _check_positive(parser, "--rounds", args.rounds)
+    if args.command == "anomaly" and args.percentile is not None and not 0 < args.percentile < 100:
+        parser.error(f"--percentile must lie between 0 and 100, got {args.percentile}")
+    if args.command != "reconstruct" and args.temperature <= 0:
+        parser.error(f"--temperature must be above 0, got {args.temperature}")
     try:
         return _run_command(args)
     except PredictError as e:
@@ -316,11 +369,124 @@ def _run_command(args) -> int:
                                   titles=[[Path(n).stem for n in info.names[sl]],
                                           [f"SSIM {s:.3f} / {p:.1f} dB" for s, p in zip(ssim[sl], psnr[sl])]])
         print(f"{len(x)} images: mean SSIM {ssim.mean():.4f}, mean PSNR {psnr.mean():.2f} dB; figures in {out}")
+    elif args.command == "anomaly":
+        _anomaly_command(args)
+    elif args.command == "complete":
+        _complete_command(args)
     else:
         run = load_run(args.run)
         metrics = evaluate(run, args.num, args.temperature, args.seed, args.batch_size, args.out)
         print(json.dumps(metrics, indent=2))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Anomaly maps and completion (the functions live in anomaly.py)
+# ----------------------------------------------------------------------------------------------
+
+def load_slices(run: Run, folder: Path, slice_index: int | None = None):
+    """The PNGs of ``folder`` at the run's image size, their names, and their slice positions.
+
+    Returns:
+        ``(images (N, H, W, 1) float32, names, condition)``; ``condition`` is None for an
+        unconditioned prior, else int32 ``(N,)``: ``slice_index`` for all, or parsed from the names.
+    Raises:
+        PredictError: empty or missing folder, names without a position on a conditioned prior,
+            positions the prior does not know.
+    """
+    import dataset
+
+    try:
+        x, info = dataset.load_images(folder, image_size=run.config["vqvae"]["image_size"], return_info=True)
+    except dataset.DatasetError as e:
+        raise PredictError(f"--images: {e}") from None
+    if not run.conditioned:
+        if slice_index is not None:
+            raise PredictError("--slice was given but this run's prior is not conditioned on slice position; "
+                               "drop --slice")
+        return x, info.names, None
+    if slice_index is not None:
+        return x, info.names, _conditions(run, slice_index, len(x))
+    positions = np.asarray(info.slice_indices)
+    unknown = [n for n, k in zip(info.names, positions) if k < 0]
+    if unknown:
+        raise PredictError(f"--images {folder}: {len(unknown)} file(s) have no slice position in their name "
+                           f"(e.g. {unknown[0]}) and this run's prior is conditioned on it: rename them "
+                           "case_<id>_slice_<k>.nii.png, or pass --slice K to use one position for all")
+    bad = [(n, k) for n, k in zip(info.names, positions) if k >= run.num_conditions]
+    if bad:
+        raise PredictError(f"--images {folder}: {bad[0][0]} has slice position {bad[0][1]} but this prior knows "
+                           f"positions 0 to {run.num_conditions - 1}; pass --slice K to override")
+    return x, info.names, positions.astype(np.int32)
+
+
+def _anomaly_command(args) -> None:
+    import csv
+
+    from tqdm import tqdm
+
+    import anomaly
+    import utils
+
+    run = load_run(args.run)
+    x, names, condition = load_slices(run, args.images, args.slice)
+    threshold, source = args.threshold, "--threshold"
+    if threshold is None:
+        percentile = anomaly.DEFAULT_PERCENTILE if args.percentile is None else args.percentile
+        try:
+            threshold = anomaly.run_threshold(run, percentile)
+        except FileNotFoundError as e:
+            raise PredictError(str(e)) from None
+        source = f"{percentile:g}th percentile of the validation code NLL"
+    print(f"anomaly: {len(x)} slices, NLL threshold {threshold:.3f} nats ({source})")
+    result = anomaly.heal(run.vqvae, run.prior, x, threshold, condition=condition, seed=args.seed,
+                          temperature=args.temperature, rounds=args.rounds, batch_size=args.batch_size,
+                          progress=True)
+    out = Path(args.out or run.path / "anomaly")
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "nll_maps.npy", result.nll)
+    np.save(out / "anomaly_maps.npy", result.anomaly_map)
+    np.save(out / "healed.npy", result.healed[..., 0])
+    rows = []
+    for k, name in enumerate(tqdm(names, desc="panels", unit="slice")):
+        stem = name.removesuffix(".png").removesuffix(".nii")
+        anomaly.plot_healing(x[k], result.nll[k], result.healed[k], result.anomaly_map[k], threshold,
+                             title=f"{stem}: score {result.scores[k]:.4f}", path=out / f"{stem}_anomaly.png")
+        rows.append({"file": name, "slice": None if condition is None else int(condition[k]),
+                     "score": float(result.scores[k]), "resampled_fraction": float(result.resampled[k].mean()),
+                     "mean_nll_nats": float(result.nll[k].mean())})
+    utils.save_json({"threshold_nats": threshold, "threshold_source": source, "seed": args.seed,
+                     "temperature": args.temperature, "rounds": args.rounds, "score": "mean of the anomaly map",
+                     "slices": rows},
+                    out / "scores.json")
+    with open(out / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(x)} panels, nll_maps.npy, anomaly_maps.npy, healed.npy, scores.json and scores.csv to {out}")
+
+
+def _complete_command(args) -> None:
+    import anomaly
+
+    run = load_run(args.run)
+    h = int(run.config["prior"]["grid_shape"][0])
+    if not 1 <= args.keep_rows < h:
+        raise PredictError(f"--keep-rows {args.keep_rows} is outside the code grid: this run's grid has {h} rows; "
+                           f"pass 1 to {h - 1}")
+    x, names, condition = load_slices(run, args.images, args.slice)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    _, codes, images = anomaly.complete(run.vqvae, run.prior, x, args.keep_rows, condition=condition, seeds=seeds,
+                                        temperature=args.temperature, batch_size=args.batch_size, progress=True)
+    out = Path(args.out or run.path / "completions")
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "codes.npy", codes)
+    for k, name in enumerate(names):
+        stem = name.removesuffix(".png").removesuffix(".nii")
+        anomaly.plot_completion(x[k], images[:, k], args.keep_rows, h,
+                                title=f"{stem}: first {args.keep_rows} of {h} code rows kept, seeds {seeds[0]}-{seeds[-1]}",
+                                path=out / f"{stem}_completion.png")
+    print(f"wrote {len(x)} completion panels ({len(seeds)} seeds each) and codes.npy (seeds, slices, h, w) to {out}")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,19 @@ def write_tree(root: Path, size: int = 32, cases=None, slices: int = 4, validate
 def oasis_tree(tmp_path) -> Path:
     """A 32x32 OASIS-layout tree: 4 train cases, 1 validate, 1 test, 4 slices each."""
     return write_tree(tmp_path / "oasis")
+
+
+TINY_RUN_FLAGS = ["--image-size", "32", "--downsample", "4", "--channels", "8", "--num-res-blocks", "1",
+                  "--num-embeddings", "16", "--embedding-dim", "4", "--prior-filters", "8", "--prior-num-layers", "2",
+                  "--batch-size", "4", "--vqvae-epochs", "1", "--prior-epochs", "1", "--num-samples", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny two-stage run (32x32 images, 8x8 codes, slice-conditioned prior) shared by the session."""
+    import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    write_tree(root / "oasis")
+    assert train.main(["--data", root / "oasis", "--out", root / "run", *TINY_RUN_FLAGS]) == 0
+    return root / "run"

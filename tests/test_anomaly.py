@@ -1,0 +1,285 @@
+"""anomaly.py and ``predict.py anomaly / complete``: NLL maps, healing, completion, detection metrics, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    import predict
+
+    return predict.load_run(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def test_slices(tiny_run, run):
+    """The tiny run's test split: float images (4, 32, 32, 1), their slice positions (4,) and folder."""
+    import dataset
+
+    folder = tiny_run.parent / "oasis" / "keras_png_slices_test"
+    x, info = dataset.load_images(folder, image_size=32, return_info=True)
+    return x, info.slice_indices.astype(np.int32), folder
+
+
+def predict_main(*argv):
+    import predict
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = predict.main([str(a) for a in argv])
+    return code, [line for line in err.getvalue().strip().splitlines() if line.startswith("predict.py")]
+
+
+def log_softmax(logits):
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# ------------------------------------------------------------------------------------ NLL map and healing
+def test_nll_map_follows_the_grid_and_equals_the_cross_entropy(run, test_slices):
+    import anomaly
+
+    x, cond, _ = test_slices
+    codes, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
+    assert codes.shape == nll.shape == (4, 8, 8) and nll.dtype == np.float32
+    np.testing.assert_array_equal(codes, np.asarray(run.vqvae.encode(x)))
+    logits = np.asarray(run.prior((codes, cond), training=False))
+    direct = -np.take_along_axis(log_softmax(logits), codes[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, direct, rtol=1e-5, atol=1e-5)
+    # The slice position matters to a conditioned prior.
+    _, other = anomaly.nll_map(run.vqvae, run.prior, x, (cond + 1) % run.num_conditions)
+    assert not np.allclose(other, nll)
+
+
+def test_healing_never_changes_codes_below_the_threshold(run, test_slices):
+    import anomaly
+
+    x, cond, _ = test_slices
+    _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
+    threshold = float(np.median(nll))
+    h = anomaly.heal(run.vqvae, run.prior, x, threshold, condition=cond, seed=3, rounds=1)
+    np.testing.assert_array_equal(h.resampled, nll > threshold)
+    assert 0.3 < h.resampled.mean() < 0.7
+    np.testing.assert_array_equal(h.healed_codes[~h.resampled], h.codes[~h.resampled])
+    assert (h.healed_codes[h.resampled] != h.codes[h.resampled]).any()   # the others really are redrawn
+    np.testing.assert_allclose(h.healed, np.asarray(run.vqvae.decode(h.healed_codes)), atol=1e-6)
+    # The map is the smoothed residual inside the resampled codes' 4x4 blocks, exactly 0 outside them.
+    region = np.kron(h.resampled, np.ones((4, 4), bool))
+    assert h.anomaly_map.shape == (4, 32, 32) and (h.anomaly_map[~region] == 0).all()
+    expected = anomaly.smooth(np.abs(x - h.healed)[..., 0], sigma=2.0) * region
+    np.testing.assert_allclose(h.anomaly_map, expected, atol=1e-6)
+    np.testing.assert_allclose(h.scores, h.anomaly_map.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_healing_above_every_nll_returns_the_input_codes(run, test_slices):
+    import anomaly
+
+    x, cond, _ = test_slices
+    _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
+    h = anomaly.heal(run.vqvae, run.prior, x, float(nll.max()) + 1e-3, condition=cond, seed=0)
+    assert not h.resampled.any()
+    np.testing.assert_array_equal(h.healed_codes, h.codes)
+    assert (h.anomaly_map == 0).all() and (h.scores == 0).all()
+
+
+def test_healing_rounds_only_grow_the_redrawn_set(run, test_slices):
+    import anomaly
+    import evaluation
+
+    x, cond, _ = test_slices
+    _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
+    thr = float(np.percentile(nll, 70))
+    one = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1, rounds=1)
+    three = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1, rounds=3)
+    assert (three.resampled >= one.resampled).all() and three.resampled.sum() >= one.resampled.sum()
+    np.testing.assert_array_equal(three.healed_codes[~three.resampled], three.codes[~three.resampled])
+    # A code joins in round 2 only if it is above the threshold given round 1's healed grid.
+    two = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=1, rounds=2)
+    rescored = evaluation.code_nll(run.prior, one.healed_codes, cond)
+    np.testing.assert_array_equal(two.resampled, one.resampled | (rescored > thr))
+    still = anomaly.heal(run.vqvae, run.prior, x, float(nll.max()) + 1e-3, condition=cond, rounds=3)
+    np.testing.assert_array_equal(still.healed_codes, still.codes)
+
+
+def test_same_seed_same_healing_whatever_the_batch(run, test_slices):
+    import anomaly
+
+    x, cond, _ = test_slices
+    _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
+    thr = float(np.percentile(nll, 60))
+    a = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=5)
+    b = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=5, batch_size=3)
+    c = anomaly.heal(run.vqvae, run.prior, x, thr, condition=cond, seed=6)
+    np.testing.assert_array_equal(a.healed_codes, b.healed_codes)
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    assert not np.array_equal(a.healed_codes, c.healed_codes)
+
+
+def test_completion_keeps_the_first_rows_and_follows_the_seed(run, test_slices):
+    import anomaly
+
+    x, cond, _ = test_slices
+    codes, out, images = anomaly.complete(run.vqvae, run.prior, x, 3, condition=cond, seeds=[0, 1, 0])
+    assert out.shape == (3, 4, 8, 8) and images.shape == (3, 4, 32, 32, 1)
+    for s in range(3):
+        np.testing.assert_array_equal(out[s, :, :3], codes[:, :3])
+    np.testing.assert_array_equal(out[0], out[2])              # same seed, same completion
+    assert not np.array_equal(out[0, :, 3:], out[1, :, 3:])    # another seed draws other rows
+    np.testing.assert_allclose(images[1], np.asarray(run.vqvae.decode(out[1])), atol=1e-6)
+    for bad in (0, 8):
+        with pytest.raises(ValueError, match="outside the code grid"):
+            anomaly.complete(run.vqvae, run.prior, x, bad, condition=cond)
+
+
+def test_run_threshold_is_a_percentile_of_validation_nll(tiny_run, tmp_path):
+    import anomaly
+    import dataset
+    import evaluation
+    import predict
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    (copy / "codes.npz").unlink()            # force the path that reads the validation split
+    r = predict.load_run(copy)
+    thr = anomaly.run_threshold(r, 90.0)
+    data = r.config["data"]
+    val = dataset.read_oasis(data["root"], image_size=32, val_fraction=data["val_fraction"],
+                             seed=r.config["seed"])["validate"]
+    nll = evaluation.code_nll(r.prior, evaluation.encode_images(r.vqvae, val.images),
+                              val.slice_indices.astype(np.int32))
+    assert thr == pytest.approx(float(np.percentile(nll, 90.0)), rel=1e-6)
+    saved = json.loads((copy / "anomaly_threshold.json").read_text())
+    assert saved["threshold_nats"] == thr and saved["percentile"] == 90.0
+    # The run's cached codes give the same figure; another percentile is recomputed, not read back.
+    assert anomaly.run_threshold(predict.load_run(tiny_run), 90.0, cache=False) == pytest.approx(thr, rel=1e-6)
+    assert anomaly.run_threshold(r, 50.0) < thr
+
+
+# ------------------------------------------------------------------------------------ detection metrics
+def brute_force(scores, labels):
+    """AUROC by counting pairs; AUPRC and Dice by sweeping every distinct threshold."""
+    pos, neg = scores[labels], scores[~labels]
+    auroc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    ap, prev_recall, dices = 0.0, 0.0, []
+    for t in np.unique(scores)[::-1]:
+        pred = scores >= t
+        tp = (pred & labels).sum()
+        recall, precision = tp / labels.sum(), tp / pred.sum()
+        ap += (recall - prev_recall) * precision
+        prev_recall = recall
+        dices.append(2 * tp / (pred.sum() + labels.sum()))
+    return auroc, ap, max(dices)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_detection_metrics_match_a_direct_computation(seed):
+    import anomaly
+
+    rng = np.random.default_rng(seed)
+    labels = rng.random(300) < 0.2
+    scores = np.round(rng.random(300) + labels * 0.4, 1)      # rounded: many ties
+    auroc, ap, dice = brute_force(scores, labels)
+    m = anomaly.detection_metrics(scores, labels)
+    assert m["auroc"] == pytest.approx(auroc) and m["auprc"] == pytest.approx(ap)
+    assert m["best_dice"] == pytest.approx(dice)
+    pred = scores >= m["best_dice_threshold"]
+    assert 2 * (pred & labels).sum() / (pred.sum() + labels.sum()) == pytest.approx(dice)
+    perfect = anomaly.detection_metrics(labels.astype(float), labels)
+    assert perfect["auroc"] == perfect["auprc"] == perfect["best_dice"] == 1.0
+    with pytest.raises(ValueError, match="both positive and negative"):
+        anomaly.roc_auc(scores, np.ones_like(labels))
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_anomaly_command_writes_panels_maps_and_scores(tiny_run, test_slices, tmp_path):
+    _, _, folder = test_slices
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", out,
+                            "--threshold", "1.5", "--seed", "2", "--rounds", "1")[0] == 0
+    names = sorted(p.name for p in folder.iterdir())
+    stems = [n.removesuffix(".nii.png") for n in names]
+    assert sorted(p.name for p in a.glob("*_anomaly.png")) == sorted(f"{s}_anomaly.png" for s in stems)
+    nll, maps = np.load(a / "nll_maps.npy"), np.load(a / "anomaly_maps.npy")
+    assert nll.shape == (4, 8, 8) and maps.shape == (4, 32, 32) and np.load(a / "healed.npy").shape == (4, 32, 32)
+    for f in ("nll_maps.npy", "anomaly_maps.npy", "healed.npy"):   # same seed, same files
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    report = json.loads((a / "scores.json").read_text())
+    assert report["threshold_nats"] == 1.5 and [r["file"] for r in report["slices"]] == names
+    np.testing.assert_allclose([r["score"] for r in report["slices"]], maps.mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose([r["resampled_fraction"] for r in report["slices"]], (nll > 1.5).mean(axis=(1, 2)))
+    with open(a / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == names and [int(r["slice"]) for r in rows] == [0, 1, 2, 3]
+
+
+def test_complete_command_writes_panels_and_codes(tiny_run, test_slices, tmp_path):
+    import predict
+
+    x, cond, folder = test_slices
+    assert predict_main("complete", "--run", tiny_run, "--images", folder, "--out", tmp_path,
+                        "--keep-rows", "5", "--seeds", "2")[0] == 0
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (2, 4, 8, 8) and len(list(tmp_path.glob("*_completion.png"))) == 4
+    run = predict.load_run(tiny_run)
+    kept = np.asarray(run.vqvae.encode(x))[:, :5]
+    np.testing.assert_array_equal(codes[:, :, :5], np.broadcast_to(kept, (2, 4, 5, 8)))
+
+
+@pytest.mark.parametrize("case", ["no_positions", "empty_folder", "keep_rows_zero", "keep_rows_past_grid",
+                                  "position_unknown_to_prior"])
+def test_errors_are_one_line(case, tiny_run, test_slices, tmp_path):
+    _, _, folder = test_slices
+    images = tmp_path / "images"
+    images.mkdir()
+    if case == "no_positions":
+        for k, p in enumerate(sorted(folder.iterdir())):
+            shutil.copy(p, images / f"scan{k}.png")
+        argv, expect = ["anomaly", "--images", images, "--threshold", "1"], "no slice position in their name"
+    elif case == "empty_folder":
+        argv, expect = ["anomaly", "--images", images, "--threshold", "1"], "no .png images"
+    elif case == "keep_rows_zero":
+        argv, expect = ["complete", "--images", folder, "--keep-rows", "0"], "--keep-rows 0 is outside the code grid"
+    elif case == "keep_rows_past_grid":
+        argv, expect = ["complete", "--images", folder, "--keep-rows", "8"], "pass 1 to 7"
+    else:
+        shutil.copy(next(folder.iterdir()), images / "case_001_slice_9.nii.png")
+        argv, expect = ["complete", "--images", images, "--keep-rows", "2"], "positions 0 to 3"
+    code, lines = predict_main(*argv[:1], "--run", tiny_run, *argv[1:])
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("predict.py: error: ") and expect in lines[0], lines
+    if case == "no_positions":   # the error says how to get past it, and --slice does
+        assert "rename" in lines[0] and "--slice" in lines[0]
+        assert predict_main("anomaly", "--run", tiny_run, "--images", images, "--threshold", "1", "--slice", "2",
+                            "--out", tmp_path / "out")[0] == 0
+
+
+# ------------------------------------------------------------------------------------ synthetic lesions
+def test_synthetic_lesion_is_inside_the_head_soft_edged_and_seeded():
+    import anomaly
+    import evaluation
+    from conftest import brain_like
+
+    img = brain_like(64, case=1, slice_index=4).astype(np.float32) / 255.0
+    a = anomaly.add_synthetic_lesion(img, np.random.default_rng(3), radius=0.08, bright=False)
+    b = anomaly.add_synthetic_lesion(img, np.random.default_rng(3), radius=0.08, bright=False)
+    assert a is not None and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    lesioned, mask = a
+    assert lesioned.shape == img.shape and mask.dtype == bool and 10 < mask.sum() < 0.1 * img.size
+    assert (mask <= evaluation.brain_interior_mask(img, margin=4)).all()      # well inside the head
+    from scipy import ndimage
+
+    changed = np.abs(lesioned - img) > 0.01      # the logistic edge: under 1 % beyond 4 px from the mask
+    assert not (changed & ~ndimage.binary_dilation(mask, iterations=4)).any()
+    assert lesioned[mask].mean() < 0.6 * img[mask].mean()                       # dark lesion
+    bright = anomaly.add_synthetic_lesion(img, np.random.default_rng(3), radius=0.08, bright=True)
+    assert bright[0][bright[1]].mean() > img[bright[1]].mean() + 0.15
+    assert anomaly.add_synthetic_lesion(img, np.random.default_rng(0), radius=0.45, bright=True) is None
