@@ -104,14 +104,22 @@ def _conditions(run: Run, slice_index, num: int):
 
 
 def generate(run: Run, num: int, temperature: float = 1.0, seed: int | None = None, condition=None,
-             batch_size: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+             batch_size: int | None = None, progress: bool = True, *, guidance: float | None = None,
+             top_k: int | None = None, top_p: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``num`` code grids from the run's prior and decode them.
+
+    ``condition=None`` on a slice-conditioned prior samples unconditionally (its "no condition"
+    slot); ``guidance``, ``top_k`` and ``top_p`` are those of :func:`sampler.sample_codes`.
 
     Returns:
         ``(codes, images)``: int32 ``(num, h, w)`` and float32 ``(num, H, W, 1)`` in [0, 1].
     """
-    codes = sample_codes(run.prior, num, temperature=temperature, seed=seed, condition=condition,
-                         batch_size=batch_size, progress=progress)
+    try:
+        codes = sample_codes(run.prior, num, temperature=temperature, seed=seed, condition=condition,
+                             batch_size=batch_size, progress=progress, guidance=guidance, top_k=top_k,
+                             top_p=top_p)
+    except ValueError as e:  # the sampler's argument checks: one line each, naming what to change
+        raise PredictError(f"{run.path}: {e}") from None
     import evaluation
 
     return codes, evaluation.decode_codes(run.vqvae, codes, batch_size or 32)
@@ -146,7 +154,8 @@ def load_judge(run: Run):
 
 
 def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
-             out_dir: Path | None = None) -> dict:
+             out_dir: Path | None = None, *, guidance: float | None = None, top_k: int | None = None,
+             top_p: float | None = None) -> dict:
     """Generate ``num`` samples, score them against the run's data; write JSON and figures.
 
     A conditioned prior is sampled at the slice positions of ``num`` randomly chosen test slices
@@ -176,10 +185,11 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     judge = load_judge(run)
 
     codes, samples = generate(run, num, temperature=temperature, seed=seed, condition=condition,
-                              batch_size=batch_size)
+                              batch_size=batch_size, guidance=guidance, top_k=top_k, top_p=top_p)
     scores, details = evaluation.score_samples(samples, splits, pick=pick, requested=condition, judge=judge,
                                                vqvae=run.vqvae, seed=seed)
-    metrics = {"num_samples": num, "temperature": temperature, "seed": seed, **scores}
+    metrics = {"num_samples": num, "temperature": temperature, "seed": seed, "guidance": guidance,
+               "top_k": top_k, "top_p": top_p, **scores}
     test_codes = evaluation.encode_images(run.vqvae, test.images)
     nll = evaluation.prior_nll(run.prior, test_codes,
                                test.slice_indices.astype(np.int32) if run.conditioned else None)
@@ -226,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--temperature", type=float, default=1.0,
                         help="divide the prior's logits by this before sampling; < 1 is more conservative (default: 1)")
         sp.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives identical files (default: 0)")
+        sp.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale s on slice position: logits uncond + s * (cond - uncond); "
+                             "1 is plain conditioned sampling, > 1 follows the slice position more closely "
+                             "(needs a prior trained with --prior-condition-dropout > 0; default: none)")
+        sp.add_argument("--top-k", type=int, default=None,
+                        help="draw each code from the k most likely codes only (default: all)")
+        sp.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling: draw from the smallest set of codes whose probability reaches p, "
+                             "0 < p <= 1 (default: all)")
 
     s = sub.add_parser("sample", help="draw samples (the default command)",
                        description="Draw code grids from the prior, decode them, write one PNG per sample and a grid.")
@@ -234,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slice", type=int, default=None,
                    help="slice position to generate, for a prior conditioned on slice position "
                         "(default for such a prior: positions spread from lowest to highest)")
+    s.add_argument("--unconditional", action="store_true",
+                   help="sample a slice-conditioned prior without a slice position (its 'no condition' slot; "
+                        "needs a prior trained with --prior-condition-dropout > 0)")
     r = sub.add_parser("reconstruct", help="encode and decode given slices",
                        description="Encode and decode a folder of PNG slices; write originals beside reconstructions.")
     common(r)
@@ -304,6 +326,11 @@ def main(argv=None) -> int:
     _check_positive(parser, "--batch-size", args.batch_size)
     if args.command in ("sample", "evaluate"):
         _check_positive(parser, "--num", args.num)
+        _check_positive(parser, "--top-k", args.top_k)
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            parser.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+        if args.command == "sample" and args.unconditional and args.slice is not None:
+            parser.error("--unconditional and --slice exclude each other: drop one")
         if args.command == "evaluate" and args.num < 2:
             parser.error(f"--num must be at least 2 for evaluate (diversity compares pairs of samples), got {args.num}")
     if args.command == "complete":
@@ -328,13 +355,19 @@ def _run_command(args) -> int:
 
     if args.command == "sample":
         run = load_run(args.run)
-        if args.slice is None and run.conditioned:
+        if args.unconditional:
+            if not run.conditioned:
+                raise PredictError("--unconditional: this run's prior is not conditioned on slice position, so "
+                                   "its samples are unconditional already; drop the flag")
+            condition = None
+        elif args.slice is None and run.conditioned:
             condition = _spread_slices(run, args.num)
             print(f"prior is conditioned on slice position: sampling slices {condition[0]} to {condition[-1]} "
                   "spread over the samples (pick one with --slice)")
         else:
             condition = _conditions(run, args.slice, args.num)
-        codes, images = generate(run, args.num, args.temperature, args.seed, condition, args.batch_size)
+        codes, images = generate(run, args.num, args.temperature, args.seed, condition, args.batch_size,
+                                 guidance=args.guidance, top_k=args.top_k, top_p=args.top_p)
         out = Path(args.out or run.path / "samples")
         out.mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
@@ -375,7 +408,8 @@ def _run_command(args) -> int:
         _complete_command(args)
     else:
         run = load_run(args.run)
-        metrics = evaluate(run, args.num, args.temperature, args.seed, args.batch_size, args.out)
+        metrics = evaluate(run, args.num, args.temperature, args.seed, args.batch_size, args.out,
+                           guidance=args.guidance, top_k=args.top_k, top_p=args.top_p)
         print(json.dumps(metrics, indent=2))
     return 0
 

@@ -251,3 +251,57 @@ def test_reconstruct_reports_per_image_scores(trained_run, tmp_path):
     expected = evaluation.ssim(x, np.asarray(run.vqvae(x, training=False)))
     np.testing.assert_allclose([r["ssim"] for r in report["images"]], expected, rtol=1e-5)
     assert report["mean_ssim"] == pytest.approx(expected.mean(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def guided_run(trained_run, tmp_path_factory):
+    """The same VQ-VAE with a prior trained with condition dropout (it has a 'no condition' slot)."""
+    import train
+
+    out = tmp_path_factory.mktemp("guided") / "run"
+    shutil.copytree(trained_run, out)
+    assert train.main(["--out", out, "--stage", "prior", "--prior-condition-dropout", "0.5", "--prior-epochs", "1",
+                       "--num-samples", "0", "--judge-epochs", "0"]) == 0
+    return out
+
+
+def test_sampling_flags_reach_the_sampler(guided_run, tmp_path):
+    """--guidance / --top-k / --top-p / --unconditional give exactly sample_codes' codes for the seed."""
+    import predict
+
+    run = predict.load_run(guided_run)
+    assert run.prior.has_null_condition
+    cases = {
+        "guided": (["--slice", "2", "--guidance", "3", "--top-k", "4"],
+                   dict(condition=np.full(3, 2, np.int32), guidance=3.0, top_k=4)),
+        "nucleus": (["--slice", "1", "--top-p", "0.8"], dict(condition=np.full(3, 1, np.int32), top_p=0.8)),
+        "unconditional": (["--unconditional"], dict(condition=None)),
+    }
+    for name, (flags, kwargs) in cases.items():
+        out = tmp_path / name
+        assert predict_main("--run", guided_run, "--out", out, "--num", "3", "--seed", "5", *flags)[0] == 0
+        expected = predict.sample_codes(run.prior, 3, seed=5, **kwargs)
+        np.testing.assert_array_equal(np.load(out / "codes.npy"), expected, err_msg=name)
+    # the flags change the draw: guidance 3 with top-k 4 is not plain conditioned sampling
+    plain = predict.sample_codes(run.prior, 3, seed=5, condition=np.full(3, 2, np.int32))
+    assert not np.array_equal(np.load(tmp_path / "guided" / "codes.npy"), plain)
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--guidance", "2", "--slice", "1"], "condition_dropout"),
+    (["--unconditional"], "condition_dropout"),
+])
+def test_guidance_without_a_null_slot_is_a_one_line_error(trained_run, tmp_path, flags, expect):
+    code, lines = predict_main("--run", trained_run, "--out", tmp_path, "--num", "2", *flags)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("predict.py: error: ") and expect in lines[0], lines
+
+
+@pytest.mark.parametrize("flags, expect", [(["--top-k", "0"], "--top-k must be at least 1"),
+                                           (["--top-p", "1.5"], "--top-p must lie in (0, 1]"),
+                                           (["--unconditional", "--slice", "1"], "exclude each other")])
+def test_sampling_flag_errors_name_the_flag(trained_run, capsys, flags, expect):
+    import predict
+
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--run", str(trained_run), "--num", "2", *flags])
+    assert e.value.code == 2 and expect in capsys.readouterr().err
