@@ -15,7 +15,8 @@ from conftest import write_tree
 
 TINY = ["--image-size", "32", "--downsample", "4", "--channels", "8", "--num-res-blocks", "1",
         "--num-embeddings", "16", "--embedding-dim", "4", "--prior-filters", "8", "--prior-num-layers", "2",
-        "--batch-size", "4", "--vqvae-epochs", "2", "--prior-epochs", "2", "--num-samples", "0"]
+        "--batch-size", "4", "--vqvae-epochs", "2", "--prior-epochs", "2", "--num-samples", "0",
+        "--prior-condition-dropout", "0"]  # no 'no condition' slot here; guided_run below has one
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +188,10 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
     assert m["interior_realism_ratio"] == pytest.approx(m["interior_realism_samples"]
                                                         / m["interior_realism_real_validate"], rel=1e-9)
     sharp, sharp_real = evaluation.sharpness(samples), evaluation.sharpness(x)
-    assert m["sharpness_samples"] == pytest.approx(np.nanmean(sharp), rel=1e-6)
-    assert m["sharpness_ratio"] == pytest.approx(np.nanmean(sharp) / np.nanmean(sharp_real), rel=1e-6)
+    # (a 2-epoch tiny model may decode to black slices with no head to measure in: NaN on both sides)
+    assert m["sharpness_samples"] == pytest.approx(np.nanmean(sharp), rel=1e-6, nan_ok=True)
+    assert m["sharpness_ratio"] == pytest.approx(np.nanmean(sharp) / np.nanmean(sharp_real), rel=1e-6, nan_ok=True)
+    assert np.isfinite(np.nanmean(sharp_real)) and m["sharpness_real_test"] == pytest.approx(np.nanmean(sharp_real))
     # The judge's metrics, from its features and predictions of the same images.
     model = keras.models.load_model(trained_run / "judge.keras")
     f_s, slice_s = judge.judge_outputs(model, samples)
@@ -202,7 +205,7 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
     f_r, _ = judge.judge_outputs(model, recon)
     assert m["judge_frechet_reconstructions_vs_test"] == pytest.approx(evaluation.frechet_distance(f_r, f_t),
                                                                        rel=1e-3)
-    assert m["sharpness_reconstructions"] == pytest.approx(np.nanmean(evaluation.sharpness(recon)), rel=1e-4)
+    assert m["sharpness_reconstructions"] == pytest.approx(np.nanmean(evaluation.sharpness(recon)), rel=1e-4, nan_ok=True)
     p, r = evaluation.precision_recall(f_t, f_s, k=3)
     assert (m["judge_precision"], m["judge_recall"]) == (pytest.approx(p), pytest.approx(r))
     p, r = evaluation.precision_recall(f_t, f_v, k=3)
