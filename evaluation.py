@@ -496,6 +496,8 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
         ``(metrics, details)``. ``metrics`` (JSON-ready floats):
 
         * realism: best SSIM of each sample against the test split -- mean, fraction above 0.6;
+          the same for ``min(N, |validate|)`` seeded real validation slices (the level real unseen
+          slices reach: on noisy scans it sits near 0.6 too);
         * memorisation: the same against the training split -- mean, copies (> 0.95);
         * interior realism: the same search on the central half (:func:`center_crop`) against
           test crops, for the samples and for ``min(N, |validate|)`` seeded validation slices
@@ -528,6 +530,7 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
         return text if progress else None
 
     realism, nearest = nearest_by_ssim(samples, test.images, desc=desc("realism (vs test)"))
+    realism_real, _ = nearest_by_ssim(val_images, test.images, desc=desc("realism, validate (vs test)"))
     memo, _ = nearest_by_ssim(samples, train.images, desc=desc("memorisation (vs train)"))
     test_crops = center_crop(test.images)  # uint8, converted chunk by chunk
     interior, _ = nearest_by_ssim(center_crop(samples), test_crops, desc=desc("interior realism"))
@@ -537,6 +540,8 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
         "num_samples": n,
         "realism_ssim_mean": float(realism.mean()),
         "realism_fraction_above_0.6": float((realism > 0.6).mean()),
+        "realism_ssim_mean_real_validate": float(realism_real.mean()),
+        "realism_fraction_above_0.6_real_validate": float((realism_real > 0.6).mean()),
         "memorisation_ssim_mean": float(memo.mean()),
         "memorisation_copies_above_0.95": int((memo > 0.95).sum()),
         "interior_realism_samples": float(interior.mean()),

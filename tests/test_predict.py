@@ -178,6 +178,10 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
     best = np.array([max(evaluation.ssim(s[None], r[None])[0] for r in x) for s in samples])
     assert m["realism_ssim_mean"] == pytest.approx(best.mean(), rel=1e-4, abs=1e-5)
     assert m["realism_fraction_above_0.6"] == pytest.approx((best > 0.6).mean())
+    # The same search for real validation slices (validate has 4 slices, all searched).
+    best_val = np.array([max(evaluation.ssim(v[None], r[None])[0] for r in x) for v in val.float()])
+    assert m["realism_ssim_mean_real_validate"] == pytest.approx(best_val.mean(), rel=1e-4, abs=1e-5)
+    assert m["realism_fraction_above_0.6_real_validate"] == pytest.approx((best_val > 0.6).mean())
     # Interior realism: the same search on the central 16x16; validate has 4 slices, all searched.
     crop = (slice(None), slice(8, 24), slice(8, 24))
     inner = np.array([max(evaluation.ssim(s[None], r[None])[0] for r in x[crop]) for s in samples[crop]])
