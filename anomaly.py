@@ -438,6 +438,11 @@ def plot_healing(image, nll, healed, anomaly_map, threshold: float | None = None
                         interpolation="nearest")
     axes[3].set_title("anomaly map", fontsize=8)
     fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    return _finish_figure(fig, title, path)
+
+
+def _finish_figure(fig, title: str | None, path):
+    """Title, layout, and (if ``path``) save: the common end of the panel figures."""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -464,10 +469,4 @@ def plot_completion(image, completions, keep_rows: int, grid_rows: int, title: s
         ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.axhline(y, color="cyan", linewidth=0.8)
         ax.set_title("input" if k == 0 else f"completion {k}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    return fig
+    return _finish_figure(fig, title, path)

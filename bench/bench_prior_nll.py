@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     import utils
+    import evaluation
     from modules import PixelCNN, PriorConfig
 
     cfg = utils.load_json(args.run / "config.json")
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         curve = " ".join(f"{v / math.log(2):.2f}" for v in hist.history["val_loss"])
         print(f"{name}: validation bits/code after each epoch: {curve}", flush=True)
-        nll = {s: prior.evaluate(inputs(s), data[s][0], batch_size=batch, verbose=0) / math.log(2)
+        nll = {s: evaluation.prior_nll(prior, data[s][0], data[s][1] if conditioned else None, batch)["bits_per_code"]
                for s in ("validate", "test")}
         rows.append((name, prior.count_params(), budget.epochs, seconds / budget.epochs, seconds,
                      nll["validate"], nll["test"]))
