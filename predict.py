@@ -374,7 +374,10 @@ def _run_command(args) -> int:
             _save_png(image, out / f"sample_{k:03d}.png")
         utils.save_image_grid(images, out / "samples_grid.png",
                               titles=None if condition is None else [f"slice {c}" for c in condition],
-                              suptitle=f"{args.num} samples, temperature {args.temperature}, seed {args.seed}")
+                              suptitle=f"{args.num} samples, temperature {args.temperature}, seed {args.seed}"
+                              + "".join(f", {name} {value}" for name, value in (("guidance", args.guidance),
+                                        ("top-k", args.top_k), ("top-p", args.top_p)) if value is not None)
+                              + (", unconditional" if args.unconditional else ""))
         np.save(out / "codes.npy", codes)
         print(f"wrote {args.num} samples and samples_grid.png to {out}")
     elif args.command == "reconstruct":
