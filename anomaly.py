@@ -27,7 +27,6 @@ anything; images are float32 ``(N, H, W, 1)`` in ``[0, 1]``, codes int ``(N, h, 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +89,6 @@ def healthy_threshold(vqvae, prior, images, condition=None, percentile: float = 
     return float(np.percentile(nll, percentile))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def run_threshold(run, percentile: float = DEFAULT_PERCENTILE, cache: bool = True) -> float:
     """The default threshold of a trained run: a high percentile of its validation slices' code NLL.
 
@@ -103,32 +98,29 @@ def run_threshold(run, percentile: float = DEFAULT_PERCENTILE, cache: bool = Tru
     the hashes of ``vqvae.keras`` and ``pixelcnn.keras``, so retraining either invalidates it.
 
     Args:
-        run: a ``predict.Run`` (``path``, ``config``, ``vqvae``, ``prior``, ``conditioned``).
+        run: a ``predict.Run`` (``path``, ``vqvae``, ``prior``, ``conditioned``, ``read_splits()``).
     Raises:
         FileNotFoundError: neither the cached codes nor the validation data can be found.
     """
     import utils
 
     path = Path(run.path)
-    key = {"percentile": float(percentile), "vqvae_sha256": _sha256(path / "vqvae.keras"),
-           "prior_sha256": _sha256(path / "pixelcnn.keras")}
+    key = {"percentile": float(percentile), "vqvae_sha256": evaluation.file_sha256(path / "vqvae.keras"),
+           "prior_sha256": evaluation.file_sha256(path / "pixelcnn.keras")}
     cache_path = path / "anomaly_threshold.json"
     if cache and cache_path.exists():
         saved = utils.load_json(cache_path)
         if all(saved.get(k) == v for k, v in key.items()):
             return float(saved["threshold_nats"])
     codes = slices = None
-    if (path / "codes.npz").exists():
-        with np.load(path / "codes.npz") as z:
-            if str(z["vqvae_sha256"]) == key["vqvae_sha256"] and "validate_codes" in z:
-                codes, slices = z["validate_codes"], z["validate_slices"]
-    if codes is None:
+    cached = evaluation.cached_codes(path, key["vqvae_sha256"], ["validate"])
+    if cached is not None:
+        codes, slices = cached["validate"]["codes"], cached["validate"]["slices"]
+    else:
         import dataset
 
-        data = run.config["data"]
         try:
-            val = dataset.read_oasis(data["root"], image_size=data["image_size"],
-                                     val_fraction=data["val_fraction"], seed=run.config["seed"])["validate"]
+            val = run.read_splits()["validate"]
         except dataset.DatasetError as e:
             raise FileNotFoundError(f"cannot choose a threshold: the run's validation data is not readable "
                                     f"({e}); pass --threshold") from None

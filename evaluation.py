@@ -26,7 +26,10 @@ Image similarity uses TensorFlow's implementations, one value per image pair as 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -189,6 +192,42 @@ def reconstruct(vqvae, images, batch_size: int = 64) -> tuple[np.ndarray, np.nda
     """
     codes = encode_images(vqvae, images, batch_size)
     return codes, decode_codes(vqvae, codes, batch_size)
+
+
+CODE_CACHE = "codes.npz"  # a run's encoded splits, written by train.py, read by train.py and anomaly.py
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes ("" when it does not exist): the key of what is derived from a model."""
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def cached_codes(run_dir, vqvae_sha256: str, names) -> dict[str, dict[str, np.ndarray]] | None:
+    """The split codes cached in ``run_dir/codes.npz``, if that VQ-VAE (by hash) made them.
+
+    Returns ``{name: {"codes": int32 (N, h, w), "slices": (N,)}}`` for every split in ``names``, or
+    None when there is no cache, it came from another VQ-VAE, or it lacks one of the splits.
+    """
+    cache = Path(run_dir) / CODE_CACHE
+    if not cache.exists():
+        return None
+    with np.load(cache) as z:
+        if str(z["vqvae_sha256"]) != vqvae_sha256 or not all(f"{s}_codes" in z for s in names):
+            return None
+        return {s: {"codes": z[f"{s}_codes"], "slices": z[f"{s}_slices"]} for s in names}
+
+
+def save_code_cache(run_dir, vqvae_sha256: str, codes: dict[str, dict[str, np.ndarray]]) -> Path:
+    """Write ``codes`` (as :func:`cached_codes` returns them) to ``run_dir/codes.npz`` atomically."""
+    cache = Path(run_dir) / CODE_CACHE
+    arrays = {"vqvae_sha256": np.asarray(vqvae_sha256)}
+    for name, split in codes.items():
+        arrays[f"{name}_codes"], arrays[f"{name}_slices"] = split["codes"], split["slices"]
+    tmp = cache.with_name(f"tmp_{os.getpid()}_{CODE_CACHE}")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, cache)
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,6 +59,19 @@ class Run:
     def num_conditions(self) -> int:
         return int(self.config.get("prior", {}).get("num_conditions") or 0)
 
+    def read_splits(self):
+        """The run's data as it was trained on: ``dataset.read_oasis`` with the run's root, image
+        size, validation fraction and seed (``{"train", "validate", "test"} -> Split``, uint8).
+
+        Raises:
+            dataset.DatasetError: the data folder is gone or unreadable.
+        """
+        import dataset
+
+        data = self.config["data"]
+        return dataset.read_oasis(data["root"], image_size=data["image_size"], val_fraction=data["val_fraction"],
+                                  seed=self.config["seed"])
+
 
 def load_run(run_dir, need_prior: bool = True) -> Run:
     """Load ``config.json``, ``vqvae.keras`` and (if ``need_prior``) ``pixelcnn.keras`` from a run.
@@ -171,10 +184,8 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
 
     out_dir = Path(out_dir or run.path / "evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = run.config["data"]
     try:
-        splits = dataset.read_oasis(data["root"], image_size=data["image_size"],
-                                    val_fraction=data["val_fraction"], seed=run.config["seed"])
+        splits = run.read_splits()
     except dataset.DatasetError as e:
         raise PredictError(str(e)) from None
     test = splits["test"]

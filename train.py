@@ -637,28 +637,19 @@ def encode_splits(vqvae, splits, run_dir: Path, model_path: Path | None = None,
                   batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
     """Encode every split once; cached in ``run_dir/codes.npz``, keyed by the VQ-VAE file it came from
     (``model_path``, default ``run_dir/vqvae.keras``)."""
-    import hashlib
-
     import evaluation
 
-    cache = run_dir / "codes.npz"
-    model_path = model_path or run_dir / "vqvae.keras"
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest() if model_path.exists() else ""
-    if cache.exists():
-        with np.load(cache) as z:
-            if str(z["vqvae_sha256"]) == digest and all(f"{s}_codes" in z for s in splits):
-                print(f"[prior] using cached codes in {cache}")
-                return {s: {"codes": z[f"{s}_codes"], "slices": z[f"{s}_slices"]} for s in splits}
-    out, arrays = {}, {"vqvae_sha256": np.asarray(digest)}
+    digest = evaluation.file_sha256(model_path or run_dir / "vqvae.keras")
+    out = evaluation.cached_codes(run_dir, digest, splits)
+    if out is not None:
+        print(f"[prior] using cached codes in {run_dir / evaluation.CODE_CACHE}")
+        return out
+    out = {}
     for name, split in splits.items():
         out[name] = {"codes": evaluation.encode_images(vqvae, split.images, batch_size),
                      "slices": np.asarray(split.slice_indices)}
-        arrays[f"{name}_codes"] = out[name]["codes"]
-        arrays[f"{name}_slices"] = out[name]["slices"]
         print(f"[prior] encoded {name}: {out[name]['codes'].shape}")
-    tmp = cache.with_name(f"tmp_{os.getpid()}_codes.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, cache)
+    evaluation.save_code_cache(run_dir, digest, out)
     return out
 
 

@@ -124,7 +124,6 @@ def main(argv=None) -> int:
                    help="figure of lesion slices and both maps (default: images/anomaly_examples.png)")
     args = p.parse_args(argv)
 
-    import dataset
     import evaluation
     import predict
     import utils
@@ -133,9 +132,7 @@ def main(argv=None) -> int:
         run = predict.load_run(args.run)
     except predict.PredictError as e:
         p.error(str(e))
-    data = run.config["data"]
-    test = dataset.read_oasis(data["root"], image_size=data["image_size"], val_fraction=data["val_fraction"],
-                              seed=run.config["seed"])[args.split]
+    test = run.read_splits()[args.split]
     x = test.images.astype(np.float32) / 255.0
     positions = test.slice_indices.astype(np.int32)
     if args.limit:

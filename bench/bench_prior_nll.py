@@ -62,8 +62,12 @@ def main(argv=None) -> int:
     if args.dropout is not None:
         settings["dropout"] = args.dropout
     batch, lr = cfg["training"]["prior_batch_size"], cfg["training"]["prior_lr"]
-    with np.load(args.run / "codes.npz") as z:
-        data = {s: (z[f"{s}_codes"], z[f"{s}_slices"].astype(np.int32)) for s in ("train", "validate", "test")}
+    cached = evaluation.cached_codes(args.run, evaluation.file_sha256(args.run / "vqvae.keras"),
+                                     ("train", "validate", "test"))
+    if cached is None:
+        p.error(f"{args.run / evaluation.CODE_CACHE} does not hold all three splits' codes of this run's "
+                f"vqvae.keras: rerun its prior stage (python train.py --out {args.run} --stage prior)")
+    data = {s: (c["codes"], c["slices"].astype(np.int32)) for s, c in cached.items()}
 
     def inputs(split):
         codes, slices = data[split]
