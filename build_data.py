@@ -452,9 +452,10 @@ def demo_case(template: DemoTemplate, seed: int, case_id: int, slices_per_case: 
     return subject, render_demo_case(template, subject, slices_per_case, image_size, rng)
 
 
-def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = 20, n_validate: int = 4, n_test: int = 4,
+def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = DEMO_DEFAULTS["n_train"],
+                      n_validate: int = DEMO_DEFAULTS["n_validate"], n_test: int = DEMO_DEFAULTS["n_test"],
                       slices_per_case: int = 32, image_size: int = 256, seed: int = 0,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, workers: int | None = None) -> Path:
     """Write an OASIS-layout tree of synthetic 8-bit PNG slices made from the MNI ICBM152 templates.
 
     Each case is one synthetic subject (:class:`DemoSubject`, rendered by :func:`render_demo_case`):
@@ -463,7 +464,8 @@ def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = 20, n_validate:
     ventricles, low to high. Cases get ids 1..n_train (train), then validate, then test, so splits never
     share a case. Case ``i`` depends only on ``(seed, i)``, and equal arguments give byte-identical PNGs.
     ``demo.json`` (the parameters and each subject's draws) is written last; earlier demo files in the
-    split folders are replaced.
+    split folders are replaced. ``workers`` processes render cases side by side (default: one per CPU
+    core, at most one per two cases; 1 renders in this process); the files do not depend on it.
 
     Returns:
         ``out_dir`` as a Path, ready for ``load_oasis`` / ``read_oasis``.
@@ -471,7 +473,8 @@ def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = 20, n_validate:
     out_dir = Path(out_dir)
     _check_demo_args(out_dir, n_train, n_validate, n_test, slices_per_case, image_size)  # before touching out_dir
     with _demo_lock(out_dir):
-        return _build_demo(out_dir, n_train, n_validate, n_test, slices_per_case, image_size, seed, progress)
+        return _build_demo(out_dir, n_train, n_validate, n_test, slices_per_case, image_size, seed, progress,
+                           workers)
 
 
 def _check_demo_args(out_dir: Path, n_train, n_validate, n_test, slices_per_case, image_size) -> None:
@@ -500,14 +503,34 @@ def _demo_lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _render_demo_case(folder: Path, seed: int, case_id: int, slices_per_case: int, image_size: int) -> dict:
+    """Render demo case ``case_id`` into ``folder``; its subject's draws as a dict (runs in a worker)."""
+    subject, slices = demo_case(demo_template(), seed, case_id, slices_per_case, image_size)
+    for k, image in enumerate(slices):
+        _write_png(folder / slice_file_name(case_id, k), image)
+    return asdict(subject)
+
+
+def _demo_workers(workers: int | None, n_cases: int) -> int:
+    if workers is None:  # a worker costs a template load (~3 s): worth it from two cases each
+        workers = min(os.cpu_count() or 1, n_cases // 2)
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise DatasetError(f"demo: workers must be an int >= 1 (or None for one per CPU core), got {workers!r}")
+    return max(1, min(int(workers), n_cases))
+
+
 def _build_demo(out_dir: Path, n_train: int, n_validate: int, n_test: int, slices_per_case: int, image_size: int,
-                seed: int, progress: bool) -> Path:
+                seed: int, progress: bool, workers: int | None = None) -> Path:
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
     from tqdm import tqdm
 
     from utils import save_json
 
     counts = {"train": int(n_train), "validate": int(n_validate), "test": int(n_test)}
     _check_demo_args(out_dir, n_train, n_validate, n_test, slices_per_case, image_size)
+    workers = _demo_workers(workers, sum(counts.values()))
     building = out_dir / ".demo_incomplete"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DEMO_MARKER).unlink(missing_ok=True)
@@ -518,22 +541,26 @@ def _build_demo(out_dir: Path, n_train: int, n_validate: int, n_test: int, slice
                   n_test=counts["test"], slices_per_case=int(slices_per_case), image_size=int(image_size),
                   source="MNI ICBM152 2009a symmetric T1, grey and white matter maps (shipped with nilearn)",
                   slab_mni_z_mm=list(template.slab_mni_mm))
-    case_id = 0
-    cases, subjects = {}, {}
-    bar = tqdm(total=sum(counts.values()), desc="demo cases", unit="case", disable=not progress)
+    jobs, cases = [], {}  # case ids 1..n_train are train, then validate, then test
     for name in SPLITS:
         folder = out_dir / SPLIT_DIRS[name]
         folder.mkdir(exist_ok=True)
         _clear_own_slices(folder)
-        cases[name] = []
-        for _ in range(counts[name]):
-            case_id += 1
-            subject, slices = demo_case(template, seed, case_id, slices_per_case, image_size)
-            for k, image in enumerate(slices):
-                _write_png(folder / slice_file_name(case_id, k), image)
-            cases[name].append(case_id)
-            subjects[str(case_id)] = asdict(subject)
+        cases[name] = list(range(len(jobs) + 1, len(jobs) + counts[name] + 1))
+        jobs += [(folder, case_id) for case_id in cases[name]]
+    bar = tqdm(total=len(jobs), desc="demo cases", unit="case", disable=not progress)
+    subjects = {}
+    if workers == 1:
+        for folder, case_id in jobs:
+            subjects[str(case_id)] = _render_demo_case(folder, seed, case_id, slices_per_case, image_size)
             bar.update()
+    else:  # spawn: the workers start clean (no copy of a parent's TensorFlow threads) and load the template
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_render_demo_case, folder, seed, case_id, slices_per_case, image_size)
+                       for folder, case_id in jobs]
+            for (_, case_id), future in zip(jobs, futures):
+                subjects[str(case_id)] = future.result()
+                bar.update()
     bar.close()
     params["cases"] = cases
     params["subjects"] = subjects
@@ -572,12 +599,13 @@ def demo_is_complete(root: str | os.PathLike, **params) -> bool:
     return True
 
 
-def ensure_demo_dataset(root: str | os.PathLike | None = None, *, progress: bool = True, **params) -> Path:
+def ensure_demo_dataset(root: str | os.PathLike | None = None, *, progress: bool = True, workers: int | None = None,
+                        **params) -> Path:
     """Build the demo tree at ``root`` (default :data:`DEFAULT_DEMO_ROOT`) unless a complete one is there.
 
     ``params`` override :data:`DEMO_DEFAULTS` (n_train, n_validate, n_test, slices_per_case, image_size,
     seed). A tree without ``demo.json``, with other parameters, with missing files or made by an older
-    demo generator (one line says so) is rebuilt.
+    demo generator (one line says so) is rebuilt, by ``workers`` processes (see :func:`make_demo_dataset`).
     """
     root = Path(root) if root is not None else DEFAULT_DEMO_ROOT
     unknown = set(params) - set(DEMO_DEFAULTS)
@@ -591,7 +619,7 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None, *, progress: bool
                     print(f"{root}: demo data version {old} is out of date; rebuilding it as version {DEMO_VERSION}")
                 p = {**DEMO_DEFAULTS, **params}
                 _build_demo(root, p["n_train"], p["n_validate"], p["n_test"], p["slices_per_case"], p["image_size"],
-                            p["seed"], progress)
+                            p["seed"], progress, workers)
     return root
 
 
@@ -830,6 +858,9 @@ def add_commands(sub) -> None:
     demo.add_argument("--contact-sheet", type=Path, default=None, metavar="PNG",
                       help="also save a grid of slices (4 cases x 6 depths) to this file, "
                            "e.g. images/demo_slices.png")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="processes rendering cases side by side; the files do not depend on it "
+                           "(default: one per CPU core)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_run_demo)
 
@@ -855,7 +886,7 @@ def add_commands(sub) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     root = make_demo_dataset(args.out, n_train=args.train_cases, n_validate=args.validate_cases,
                              n_test=args.test_cases, slices_per_case=args.slices, image_size=args.image_size,
-                             seed=args.seed, progress=not args.quiet)
+                             seed=args.seed, progress=not args.quiet, workers=args.workers)
     print(f"{root}: demo slices written ({DEMO_MARKER} lists the cases)")
     if args.contact_sheet is not None:
         print(f"contact sheet: {save_demo_contact_sheet(root, args.contact_sheet)}")

@@ -311,11 +311,15 @@ def test_demo_cases_differ_and_slices_go_low_to_high(demo_root):
     assert area[1] > area[2]  # the top of the brain is smaller than its middle
 
 
-def test_demo_is_byte_identical_for_a_seed(demo_root, tmp_path):
-    other = dataset.make_demo_dataset(tmp_path / "again", progress=False, **DEMO_SMALL)
+def test_demo_is_byte_identical_for_a_seed_whether_built_in_parallel_or_not(demo_root, tmp_path):
+    assert build_data._demo_workers(None, 4) == min(os.cpu_count(), 2)  # the fixture's build used them
+    other = dataset.make_demo_dataset(tmp_path / "again", progress=False, workers=1, **DEMO_SMALL)
     for name in SPLIT_DIRS.values():
         for p in sorted((demo_root / name).iterdir()):
             assert (other / name / p.name).read_bytes() == p.read_bytes()
+    assert (other / "demo.json").read_text() == (demo_root / "demo.json").read_text()
+    with pytest.raises(dataset.DatasetError, match="workers must be an int >= 1"):
+        dataset.make_demo_dataset(tmp_path / "bad", progress=False, workers=0, **DEMO_SMALL)
     changed = dataset.make_demo_dataset(tmp_path / "seed6", progress=False, **{**DEMO_SMALL, "seed": 6})
     p = "keras_png_slices_train/case_001_slice_1.nii.png"
     assert (changed / p).read_bytes() != (demo_root / p).read_bytes()
