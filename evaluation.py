@@ -548,7 +548,9 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
           test; precision / recall (k = 3) of samples and of the validation subset against test;
           the judge's own median slice error on real test slices; with ``requested`` also the
           slice agreement, median |judge's slice - requested slice| over the samples;
-        * with a VQ-VAE: the same for reconstructions of the validation subset (``*_reconstructions``).
+        * with a VQ-VAE: the same for reconstructions of the validation subset (``*_reconstructions``),
+          and with a judge its median slice error on them: the slice agreement a prior reaches at best
+          through this decoder.
 
         ``details``: per-sample arrays ``realism``, ``nearest_test`` (index of the best test
         slice), ``memorisation``, ``interior_realism``, ``sharpness``, and with a judge
@@ -614,7 +616,9 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
             metrics["judge_precision"], metrics["judge_recall"] = precision_recall(f_test, f_samples, k)
             metrics["judge_precision_validate"], metrics["judge_recall_validate"] = precision_recall(f_test, f_val, k)
         if recon is not None:
-            f_recon, _ = judge_outputs(judge, recon)
+            f_recon, slice_recon = judge_outputs(judge, recon)
+            metrics["judge_slice_error_reconstructions"] = float(
+                np.median(np.abs(slice_recon - val.slice_indices[val_pick])))
             metrics["judge_frechet_reconstructions_vs_test"] = frechet_distance(f_recon, f_test)
             if min(len(f_test), len(f_recon)) > k:
                 metrics["judge_precision_reconstructions"], metrics["judge_recall_reconstructions"] = (

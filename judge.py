@@ -44,9 +44,9 @@ class JudgeConfig:
     num_slices: int = 1
     filters: int = 16
     feature_dim: int = 64
-    epochs: int = 10
+    epochs: int = 5
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     seed: int = 0
 
     def __post_init__(self):

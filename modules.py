@@ -806,14 +806,17 @@ class GatedPixelCNNBlock(layers.Layer):
     order, and there is no residual connection. The vertical pre-activation is linked into the
     horizontal stack by a 1x1 conv (it only holds rows above, so nothing leaks).
 
-    Call with ``[v, h]`` or ``[v, h, condition]``: ``v, h`` ``(B, H, W, F)`` float, ``condition``
-    ``(B,)`` int. Returns ``(v_out, h_out)``, both ``(B, H, W, F)``. The ``last`` layer of a stack
-    feeds nothing above it from its vertical stack: it returns its input ``v`` unchanged as
-    ``v_out`` and has no vertical condition bias (which would get no gradient).
+    Call with ``[v, h]``, ``[v, h, condition]`` or ``[v, h, condition, condition_map]``: ``v, h``
+    ``(B, H, W, F)`` float, ``condition`` ``(B,)`` int (or None), ``condition_map`` ``(B, H, W, M)``
+    float, a spatial map of the condition that a 1x1 conv (``M = map_channels``) adds to the gates
+    (location-dependent conditioning, van den Oord et al. 2016). Returns ``(v_out, h_out)``, both
+    ``(B, H, W, F)``. The ``last`` layer of a stack feeds nothing above it from its vertical stack:
+    it returns its input ``v`` unchanged as ``v_out`` and has no vertical condition terms (which
+    would get no gradient).
     """
 
     def __init__(self, filters, kernel_size=3, first=False, num_conditions=0, dropout=0.0,
-                 last=False, position_shape=None, **kwargs):
+                 last=False, position_shape=None, map_channels=0, **kwargs):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
@@ -823,6 +826,7 @@ class GatedPixelCNNBlock(layers.Layer):
         self.last = bool(last)
         self.position_shape = tuple(int(s) for s in position_shape) if position_shape else None
         self.num_conditions = int(num_conditions)
+        self.map_channels = int(map_channels)
         self.dropout = float(dropout)
         p, f2 = self.kernel_size // 2, 2 * self.filters
         self.v_conv = layers.Conv2D(f2, (p + 1, self.kernel_size), padding="valid", name="v_conv")
@@ -833,10 +837,18 @@ class GatedPixelCNNBlock(layers.Layer):
             if not self.last:
                 self.cond_v = layers.Embedding(self.num_conditions, f2, name="cond_v")
             self.cond_h = layers.Embedding(self.num_conditions, f2, name="cond_h")
+        if self.map_channels:
+            if not self.last:
+                self.map_v = layers.Conv2D(f2, 1, use_bias=False, name="map_v")
+            self.map_h = layers.Conv2D(f2, 1, use_bias=False, name="map_h")
         self.drop = layers.Dropout(self.dropout, name="dropout")
 
     def build(self, input_shape=None):
         f, f2 = self.filters, 2 * self.filters
+        if self.map_channels:
+            if not self.last:
+                self.map_v.build((None, None, None, self.map_channels))
+            self.map_h.build((None, None, None, self.map_channels))
         self.v_conv.build((None, None, None, f))
         self.h_conv.build((None, None, None, f))
         self.v_to_h.build((None, None, None, f2))
@@ -854,6 +866,7 @@ class GatedPixelCNNBlock(layers.Layer):
     def call(self, inputs, training=None):
         v, h = inputs[0], inputs[1]
         cond = inputs[2] if len(inputs) > 2 else None
+        cmap = inputs[3] if len(inputs) > 3 else None
         p = self.kernel_size // 2
         v_in, h_in = v, h
         if self.first:  # shift so that (i, j) sees only rows < i (v) and columns < j (h)
@@ -865,6 +878,10 @@ class GatedPixelCNNBlock(layers.Layer):
             h_pre = h_pre + self.cond_h(cond)[:, None, None, :]
             if not self.last:
                 v_pre = v_pre + self.cond_v(cond)[:, None, None, :]
+        if cmap is not None:
+            h_pre = h_pre + self.map_h(cmap)
+            if not self.last:
+                v_pre = v_pre + self.map_v(cmap)
         if self.position_shape:
             _check_grid(v, self.position_shape)
             h_pre = h_pre + self.pos_h[None]
@@ -895,7 +912,7 @@ class GatedPixelCNNBlock(layers.Layer):
             cache["h_in"] = zeros(batch_size, w + p, f)
         return cache
 
-    def step(self, inputs, i, j, cache, condition=None):
+    def step(self, inputs, i, j, cache, condition=None, condition_map=None):
         """Outputs at ``(i, j)``; equal to ``call`` on the full grid there (inference mode).
 
         Args:
@@ -906,6 +923,7 @@ class GatedPixelCNNBlock(layers.Layer):
                 passed as ``h`` (ignored at ``(0, 0)``), and its vertical row comes from the codes
                 it has cached.
             i, j: int scalars. condition: ``(B,)`` int or None.
+            condition_map: row ``i`` of the condition map, ``(B, w, M)``, or None.
         Returns:
             ``([v_row_out (B, w, F), h_out (B, F)], cache)``. The vertical row is computed when
             ``j == 0`` and reused along the row.
@@ -932,6 +950,8 @@ class GatedPixelCNNBlock(layers.Layer):
                 return cache["v_out"], link
             if v_cond is not None:
                 v_pre = v_pre + v_cond
+            if condition_map is not None:
+                v_pre = v_pre + _pointwise(self.map_v, condition_map)
             if self.position_shape:
                 v_pre = v_pre + ops.take(self.pos_v, i, axis=0)
             return _gate(v_pre), link
@@ -947,6 +967,8 @@ class GatedPixelCNNBlock(layers.Layer):
                  + self.h_conv.bias + ops.take(link, j, axis=1))
         if condition is not None:
             h_pre = h_pre + self.cond_h(condition)
+        if condition_map is not None:
+            h_pre = h_pre + _pointwise(self.map_h, ops.take(condition_map, j, axis=1))
         if self.position_shape:
             h_pre = h_pre + ops.take(ops.take(self.pos_h, i, axis=0), j, axis=0)
         h_new = _pointwise(self.h_out, _gate(h_pre))
@@ -960,7 +982,8 @@ class GatedPixelCNNBlock(layers.Layer):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size, first=self.first,
                       num_conditions=self.num_conditions, dropout=self.dropout, last=self.last,
-                      position_shape=list(self.position_shape) if self.position_shape else None)
+                      position_shape=list(self.position_shape) if self.position_shape else None,
+                      map_channels=self.map_channels)
         return config
 
 
@@ -1182,6 +1205,11 @@ class PriorConfig:
     condition_dropout: float = field(default=0.0, metadata={
         "help": "fraction of training examples whose slice condition is replaced by a learned "
                 "'no condition' slot, for classifier-free guidance (needs slice conditioning)"})
+    condition_map: int = field(default=0, metadata={
+        "help": "channels of a learned spatial map per slice position that every gated layer adds to its "
+                "gates through a 1x1 conv (location-dependent conditioning, van den Oord et al. 2016): where "
+                "the anatomy of that slice lies; an unconditioned prior learns one map. 0: none (needs "
+                "gated and grid_shape)"})
 
     def __post_init__(self):
         for name in ("kernel_size", "first_kernel_size"):
@@ -1199,6 +1227,10 @@ class PriorConfig:
                              "and attention_dim >= 1")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"PriorConfig.condition_dropout must be in [0, 1), got {self.condition_dropout!r}")
+        if self.condition_map < 0:
+            raise ValueError(f"PriorConfig.condition_map must be >= 0 (0: none), got {self.condition_map!r}")
+        if self.condition_map and (not self.gated or self.grid_shape is None):
+            raise ValueError("PriorConfig.condition_map needs gated=True and grid_shape (the grid its maps cover)")
         if self.grid_shape is not None:
             self.grid_shape = tuple(int(s) for s in self.grid_shape)
             if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
@@ -1264,9 +1296,11 @@ class PixelCNN(keras.Model):
             self.input_block = GatedPixelCNNBlock(c.filters, c.first_kernel_size, first=True,
                                                   num_conditions=slots, dropout=c.dropout,
                                                   last=c.num_layers == 1, name="gated_0",
-                                                  position_shape=c.grid_shape if c.positional else None)
+                                                  position_shape=c.grid_shape if c.positional else None,
+                                                  map_channels=c.condition_map)
             self.blocks = [GatedPixelCNNBlock(c.filters, c.kernel_size, num_conditions=slots,
-                                              dropout=c.dropout, last=i == c.num_layers - 1, name=f"gated_{i}")
+                                              dropout=c.dropout, last=i == c.num_layers - 1, name=f"gated_{i}",
+                                              map_channels=c.condition_map)
                            for i in range(1, c.num_layers)]
         else:
             self.input_conv = MaskedConv2D(c.filters, c.first_kernel_size, "A", name="input_conv")
@@ -1302,6 +1336,11 @@ class PixelCNN(keras.Model):
         self.embedding.build((None, None, None))
         if self.config.gated:
             self.input_block.build()
+            if self.config.condition_map:  # one map per condition slot (one map if unconditioned)
+                slots = max(self.config.num_conditions + (1 if self.has_null_condition else 0), 1)
+                self.condition_maps = self.add_weight(
+                    shape=(slots, *self.config.grid_shape, self.config.condition_map), initializer="zeros",
+                    name="condition_maps")
         else:
             self.input_conv.build((None, None, None, f))
             if self.config.num_conditions:
@@ -1345,6 +1384,9 @@ class PixelCNN(keras.Model):
             cond = ops.where(drop, self.config.num_conditions, cond)
         extra = [cond] if cond is not None else []
         x = self.embedding(codes)  # (B, h, w, F)
+        if self.config.condition_map:
+            _check_grid(x, self.config.grid_shape)
+            extra = [cond, ops.take(self.condition_maps, self._map_index(codes, cond), axis=0)]
         if self.config.gated:
             v, h = self.input_block([x, x] + extra, training=training)
             for n, block in enumerate(self.blocks, 2):
@@ -1363,6 +1405,10 @@ class PixelCNN(keras.Model):
                 out = self._attend(n, block([out] + extra, training=training), x, training)
         hidden = ops.relu(self.head_hidden(ops.relu(out)))
         return self.head_out(hidden)  # (B, h, w, K) float32 logits
+
+    def _map_index(self, codes, cond):
+        """Row of ``condition_maps`` per example: the condition, or 0 for an unconditioned prior."""
+        return cond if cond is not None else ops.zeros(ops.shape(codes)[:1], "int32")
 
     def _attend(self, n, stream, embedded, training):
         block = self._attention_after(n)
@@ -1400,6 +1446,10 @@ class PixelCNN(keras.Model):
             condition = ops.cast(condition, "int32")
         x = self.embedding(ops.cast(prev_codes, "int32"))  # (B, F)
         blocks, attention = list(cache["blocks"]), list(cache["attention"])
+        map_row = None  # row i of each example's condition map, (B, w, M)
+        if self.config.condition_map:
+            map_row = ops.take(ops.take(self.condition_maps, i, axis=1), self._map_index(prev_codes, condition),
+                               axis=0)
 
         def attend(n, stream):
             block = self._attention_after(n)
@@ -1410,10 +1460,10 @@ class PixelCNN(keras.Model):
             return stream
 
         if self.config.gated:
-            (v, h), first = self.input_block.step([None, x], i, j, cache["input"], condition)
+            (v, h), first = self.input_block.step([None, x], i, j, cache["input"], condition, map_row)
             for n, block in enumerate(self.blocks):
                 h = attend(n + 1, h)
-                (v, h), blocks[n] = block.step([v, h], i, j, blocks[n], condition)
+                (v, h), blocks[n] = block.step([v, h], i, j, blocks[n], condition, map_row)
             out = attend(len(self.blocks) + 1, h)
         else:
             out, first = self.input_conv.step(x, i, j, cache["input"])

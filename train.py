@@ -731,6 +731,10 @@ def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) ->
                                   callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(csv_path))])
         save_final(model, path, "judge")
     _, predicted = judge.judge_outputs(model, splits["test"].images)
+    if len(predicted) > 1 and len(np.unique(predicted)) == 1:
+        print(f"[judge] WARNING: the judge predicts slice {predicted[0]} for every test slice: it did not learn, so "
+              "its Frechet distance and slice agreement in predict.py evaluate mean nothing; train it again with "
+              f"python train.py --out {run_dir} --stage judge (and more --judge-epochs)", file=sys.stderr)
     error = np.abs(predicted - splits["test"].slice_indices)
     return {"judge_test_slice_error_median": float(np.median(error)), "judge_test_accuracy": float((error == 0).mean())}
 

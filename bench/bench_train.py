@@ -100,7 +100,7 @@ def prior_fit_variants(args) -> None:
     h, w = vq_cfg.grid_shape
     prior_cfg = PriorConfig(**{**preset.get("prior_config", {}), "grid_shape": (h, w), "num_conditions": 32})
     rng = np.random.default_rng(1)
-    n = 640  # the demo set's 20 training cases x 32 slices
+    n = 1920  # the demo set's 60 training cases x 32 slices
     codes = rng.integers(0, vq_cfg.num_embeddings, (n, h, w)).astype(np.int32)
     slices = rng.integers(0, 32, n).astype(np.int32)
     base_batch, base_lr = preset["prior_batch_size"], preset["prior_lr"]

@@ -427,3 +427,62 @@ def test_prior_without_null_slot_loads_and_says_why_it_cannot_drop_the_condition
         sample_codes(loaded, 1, seed=0)  # condition=None needs the slot
     with pytest.raises(ValueError, match="condition_dropout"):
         sample_codes(loaded, 1, seed=0, condition=1, guidance=2.0)
+
+
+# ------------------------------------------------- location-dependent conditioning (condition_map)
+def _randomise_maps(prior, seed=0):
+    rng = np.random.default_rng(seed)
+    for var in prior.weights:
+        if "condition_maps" in var.path or "position" in var.path:
+            var.assign(rng.normal(0, 0.5, var.shape).astype("float32"))
+    return prior
+
+
+@pytest.mark.parametrize("nc", [0, 3])
+def test_condition_map_stays_causal_without_blind_spot_and_places_each_condition(nc):
+    prior = _randomise_maps(make_prior(True, nc, num_layers=4, condition_map=3, condition_dropout=0.1 if nc else 0))
+    assert prior.condition_maps.shape == ((4 if nc else 1), 6, 6, 3)  # conditions + "no condition" slot
+    codes = np.random.default_rng(1).integers(0, K, (2, 6, 6))
+    dep = influence(prior, codes, [1, 2] if nc else None)
+    assert np.array_equal(dep, np.triu(np.ones_like(dep), 1))  # causal, and no blind spot
+    # each condition has its own spatial map: the same codes under two conditions differ by
+    # position, not only by one offset shared by all positions (what a per-condition bias gives)
+    logits = _logits(prior, np.zeros((1, 6, 6), "int32"), [0] if nc else None)[0]
+    assert np.abs(logits[3, 2] - logits[3, 3]).max() > 1e-3
+    if nc:
+        diff = _logits(prior, codes, [0, 0]) - _logits(prior, codes, [2, 2])
+        assert np.abs(diff[:, 0, 0] - diff[:, 4, 4]).max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(num_conditions=3, condition_dropout=0.2, attention_every=2),
+                                dict(num_conditions=0, num_layers=1)])
+def test_condition_map_step_fast_naive_guidance_and_round_trip(tmp_path, kw):
+    prior = _randomise_maps(make_prior(True, grid=GRID, condition_map=2, positional=True, **kw))
+    nc = kw["num_conditions"]
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, K, (2, *GRID)).astype("int32")
+    cond = np.array([1, 2], "int32") if nc else None
+    full = _logits(prior, codes, cond)
+    cache = prior.init_cache(2, GRID)
+    for i, j in _raster():
+        logits, cache = prior.call_with_cache(_previous(codes, i, j), i, j, cache, cond)
+        np.testing.assert_allclose(np.asarray(logits), full[:, i, j], atol=1e-5)
+    sample_kw = {"condition": [0, 2, 1], "guidance": 2.0, "top_k": 5} if nc else {}
+    fast = sample_codes(prior, 3, seed=3, **sample_kw)
+    np.testing.assert_array_equal(fast, sample_codes(prior, 3, seed=3, method="naive", **sample_kw))
+    path = str(tmp_path / "condition_map.keras")
+    prior.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(_logits(loaded, codes, cond), full)
+    assert loaded.config.condition_map == 2
+    with pytest.raises(ValueError, match="learned positions of a"):
+        prior(_inputs(np.zeros((1, 3, 3), "int32"), nc))
+
+
+def test_condition_map_needs_a_gated_prior_on_a_grid():
+    with pytest.raises(ValueError, match="condition_map needs gated=True and grid_shape"):
+        PriorConfig(condition_map=4)
+    with pytest.raises(ValueError, match="condition_map needs gated=True and grid_shape"):
+        PriorConfig(condition_map=4, gated=False, grid_shape=(4, 4))
+    with pytest.raises(ValueError, match="condition_map must be >= 0"):
+        PriorConfig(condition_map=-1)
