@@ -1263,7 +1263,10 @@ class PixelCNN(keras.Model):
     Layout: the input stage (gated: the shifted first gated layer; plain: a mask-A conv with the
     condition and position biases), then ``num_layers - 1`` gated layers (or ``num_layers`` masked
     residual blocks), with a ``CausalAttentionBlock`` on the horizontal stream (plain: the stream)
-    after every ``attention_every``-th layer, then a 1x1 head.
+    after every ``attention_every``-th layer, then a 1x1 head. With ``condition_map = M`` the prior
+    holds ``condition_maps`` ``(slots, h, w, M)``: a learned spatial map per condition slot (one map
+    when unconditioned), which every gated layer adds to its gates through its own 1x1 conv, in
+    ``call`` over the grid and in ``step`` at the row / position being drawn.
 
     Classifier-free guidance: with ``condition_dropout > 0`` the condition embeddings get one more
     row, the "no condition" slot ``null_condition`` (= ``num_conditions``); ``fit`` replaces the

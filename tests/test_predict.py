@@ -206,7 +206,8 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
     assert m["slice_agreement_median_abs_error"] == np.median(np.abs(slice_s - requested))
     # Validation reconstructions (vqvae(x) decodes x's codes) are scored alike: the decoder's ceiling.
     recon = np.asarray(run.vqvae(val.float(), training=False))
-    f_r, _ = judge.judge_outputs(model, recon)
+    f_r, slice_r = judge.judge_outputs(model, recon)
+    assert m["judge_slice_error_reconstructions"] == np.median(np.abs(slice_r - val.slice_indices))
     assert m["judge_frechet_reconstructions_vs_test"] == pytest.approx(evaluation.frechet_distance(f_r, f_t),
                                                                        rel=1e-3)
     assert m["sharpness_reconstructions"] == pytest.approx(np.nanmean(evaluation.sharpness(recon)), rel=1e-4, nan_ok=True)
