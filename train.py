@@ -246,6 +246,11 @@ def resolve_config(args, parser) -> tuple[dict, bool]:
                              "drop those flags or use a new --out")
     for section, values in requested.items():
         cfg[section].update(values)
+    if not cfg["prior"]["gated"] and cfg["prior"].get("condition_map") and "condition_map" not in requested["prior"]:
+        # the preset's (or saved run's) condition map is for the gated stack that --no-prior-gated replaces
+        print(f"note: --no-prior-gated: the plain prior has no slice condition map, so condition_map "
+              f"{cfg['prior']['condition_map']} -> 0 (it needs a gated prior)")
+        cfg["prior"]["condition_map"] = 0
 
     train = cfg["training"]
     for stage in STAGES:

@@ -412,3 +412,17 @@ def test_scripts_start_without_tensorflow_noise():
                               timeout=120, env=env, cwd=REPO)
         assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
         assert proc.stderr == "", f"{script}: {proc.stderr}"
+
+
+def test_plain_prior_drops_the_presets_condition_map_with_a_note(tmp_path, capsys):
+    import train
+
+    parser = train.build_parser()
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "run"), "--no-prior-gated"]), parser)
+    assert cfg["prior"]["gated"] is False and cfg["prior"]["condition_map"] == 0
+    assert "condition_map 8 -> 0 (it needs a gated prior)" in capsys.readouterr().out
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "run")]), parser)
+    assert cfg["prior"]["condition_map"] == 8  # the demo preset's, for its gated prior
+    args = parser.parse_args(["--out", str(tmp_path / "run"), "--no-prior-gated", "--prior-condition-map", "4"])
+    with pytest.raises(train.TrainError, match="condition_map needs gated=True"):  # asked for: an error
+        train.resolve_config(args, parser)
