@@ -99,6 +99,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from judge import JudgeConfig
     from modules import PriorConfig, VQVAEConfig
 
     p = argparse.ArgumentParser(
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the CPU into this many logical devices (to try --distribute mirrored without GPUs)")
     g.add_argument("--judge-epochs", type=int, default=None,
                    help="epochs of the judge, the small CNN that learns slice position from real training slices "
-                        "and scores samples in predict.py evaluate (default: 10; 0: no judge)")
+                        f"and scores samples in predict.py evaluate (default: {JudgeConfig.epochs}; 0: no judge)")
     g.add_argument("--mixed-precision", action="store_true",
                    help="use Keras' mixed_float16 policy (on a GPU; ignored with a notice on a CPU)")
 
