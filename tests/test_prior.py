@@ -357,6 +357,18 @@ def test_attention_block_step_equals_full_pass_and_is_causal():
         assert not diff[:p + shift].any() and (diff[p + shift:] > 0).all()
 
 
+def _assert_call_with_cache_equals_full_pass(prior, nc, rng):
+    """Step ``prior.call_with_cache`` through random grids; each position's logits equal the full pass."""
+    codes = rng.integers(0, K, (2, *GRID)).astype("int32")
+    cond = np.array([1, 2], "int32") if nc else None
+    full = _logits(prior, codes, cond)
+    cache = prior.init_cache(2, GRID)
+    for i, j in _raster():
+        logits, cache = prior.call_with_cache(_previous(codes, i, j), i, j, cache, cond)
+        np.testing.assert_allclose(np.asarray(logits), full[:, i, j], atol=1e-5)
+    return codes, cond, full
+
+
 @pytest.mark.parametrize("kw", [{"gated": True}, {"gated": False},
                                 {"gated": True, "attention_every": 2, "num_conditions": 3, "positional": True},
                                 {"gated": False, "attention_every": 1, "num_conditions": 3, "positional": True,
@@ -369,13 +381,7 @@ def test_prior_call_with_cache_equals_full_pass(kw):
     for var in prior.weights:
         if "position" in var.path:
             var.assign(rng.normal(0, 0.5, var.shape).astype("float32"))
-    codes = rng.integers(0, K, (2, *GRID)).astype("int32")
-    cond = np.array([1, 2], "int32") if nc else None
-    full = _logits(prior, codes, cond)
-    cache = prior.init_cache(2, GRID)
-    for i, j in _raster():
-        logits, cache = prior.call_with_cache(_previous(codes, i, j), i, j, cache, cond)
-        np.testing.assert_allclose(np.asarray(logits), full[:, i, j], atol=1e-5)
+    _assert_call_with_cache_equals_full_pass(prior, nc, rng)
 
 
 # ---------------------------------------------------------------- attention and guidance: config
@@ -452,6 +458,8 @@ def test_condition_map_stays_causal_without_blind_spot_and_places_each_condition
     if nc:
         diff = _logits(prior, codes, [0, 0]) - _logits(prior, codes, [2, 2])
         assert np.abs(diff[:, 0, 0] - diff[:, 4, 4]).max() > 1e-3
+    with pytest.raises(ValueError, match="learned positions of a"):  # the maps cover one grid only
+        prior(_inputs(np.zeros((1, 3, 3), "int32"), nc))
 
 
 @pytest.mark.parametrize("kw", [dict(num_conditions=3, condition_dropout=0.2, attention_every=2),
@@ -460,13 +468,7 @@ def test_condition_map_step_fast_naive_guidance_and_round_trip(tmp_path, kw):
     prior = _randomise_maps(make_prior(True, grid=GRID, condition_map=2, positional=True, **kw))
     nc = kw["num_conditions"]
     rng = np.random.default_rng(1)
-    codes = rng.integers(0, K, (2, *GRID)).astype("int32")
-    cond = np.array([1, 2], "int32") if nc else None
-    full = _logits(prior, codes, cond)
-    cache = prior.init_cache(2, GRID)
-    for i, j in _raster():
-        logits, cache = prior.call_with_cache(_previous(codes, i, j), i, j, cache, cond)
-        np.testing.assert_allclose(np.asarray(logits), full[:, i, j], atol=1e-5)
+    codes, cond, full = _assert_call_with_cache_equals_full_pass(prior, nc, rng)
     sample_kw = {"condition": [0, 2, 1], "guidance": 2.0, "top_k": 5} if nc else {}
     fast = sample_codes(prior, 3, seed=3, **sample_kw)
     np.testing.assert_array_equal(fast, sample_codes(prior, 3, seed=3, method="naive", **sample_kw))
