@@ -426,3 +426,22 @@ def test_plain_prior_drops_the_presets_condition_map_with_a_note(tmp_path, capsy
     args = parser.parse_args(["--out", str(tmp_path / "run"), "--no-prior-gated", "--prior-condition-map", "4"])
     with pytest.raises(train.TrainError, match="condition_map needs gated=True"):  # asked for: an error
         train.resolve_config(args, parser)
+
+
+def test_a_judge_that_predicts_one_slice_for_everything_is_reported(oasis_tree, tmp_path, capsys):
+    import dataset
+    import judge
+    import train
+
+    config = judge.JudgeConfig(image_size=32, num_slices=4, filters=4, feature_dim=8)
+    model = judge.build_judge(config)
+    layer = model.get_layer("slice_logits")
+    layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    layer.bias.assign(np.array([0.0, 0.0, 5.0, 0.0], "float32"))  # always slice 2
+    model.save(tmp_path / "judge.keras")
+    splits = dataset.read_oasis(oasis_tree, image_size=32)
+    metrics = train.train_judge_stage({"judge": config.to_dict()}, splits, tmp_path, resume=True)
+    err = capsys.readouterr().err
+    assert "the judge predicts slice 2 for every test slice: it did not learn" in err
+    assert f"python train.py --out {tmp_path} --stage judge" in err
+    assert metrics["judge_test_slice_error_median"] == np.median(np.abs(2 - splits["test"].slice_indices))
