@@ -17,9 +17,11 @@ classifier-free ``guidance`` mixes the logits of the conditioned and the "no con
 Exactness: the fast path's logits differ from a full-grid pass by float rounding (~1e-6). Where a
 draw is within a tolerance ``tol * (1 + max|logits|) / T`` of changing (the top-two Gumbel scores,
 or the top-k / top-p cut; about once in 10^4 positions), the fast loop stops and that one position
-is decided exactly as the naive sampler decides it (a full-grid model call on the same partial
-grid), then the loop resumes. So the two methods agree unless rounding exceeds ``tol`` (1e-4
-relative), not merely "usually". To keep that true everywhere, sampling always runs in float32 (a
+is decided exactly as the naive sampler decides it, by a full-grid model call on the same partial
+grid, for the tied samples only (every other sample keeps the code the loop drew), then the loop
+resumes. So the two methods agree unless rounding exceeds ``tol`` (1e-4 relative), not merely
+"usually", and the cost of exactness grows with the number of ties, i.e. linearly in the number of
+samples (a full pass over the whole batch at every tie grew with its square). To keep that true everywhere, sampling always runs in float32 (a
 prior trained under a ``mixed_float16`` policy is sampled through a float32 copy of its weights),
 and TensorFloat-32 matmuls (on by default on Ampere and later NVIDIA GPUs, ~1e-3 relative error)
 are switched off for the duration of ``sample_codes`` and the user's setting restored after.
@@ -38,10 +40,15 @@ import tensorflow as tf
 __all__ = ["sample_codes", "gumbel_noise"]
 
 _TIE_TOL = 1e-4
+# Samples per chunk when batch_size is None: bounds the memory of the caches and of the noise on large
+# requests (the caches hold every layer's inputs for the whole grid); chunking never changes a sample.
+DEFAULT_BATCH_SIZE = 256
 _FAST_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _FLOAT32_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# Positions the last fast call decided with a full-grid pass (near-ties); diagnostics for tests.
+# Diagnostics of the last sample_codes call (tests, benchmarks): the positions at which the fast loop
+# stopped for a near-tie, and the rows (samples) that the exact full-grid passes received in all.
 last_exact_fallbacks = 0
+last_exact_rows = 0
 
 
 # --------------------------------------------------------------------------- arguments and noise
@@ -119,8 +126,8 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
     options = {"top_k": None if top_k is None or top_k >= prior.num_embeddings else int(top_k),
                "top_p": None if top_p is None or top_p >= 1.0 else float(top_p),
                "guided": guidance is not None}
-    return (n, grid_shape, float(temperature), cond, (n if batch_size is None else int(batch_size)),
-            guidance, options, codes, keep)
+    chunk = min(n, DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size))
+    return n, grid_shape, float(temperature), cond, chunk, guidance, options, codes, keep
 
 
 def gumbel_noise(seed: int, sample_indices: Sequence[int], grid_shape, num_embeddings: int):
@@ -197,7 +204,11 @@ def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int, guidance) -> tf
 
 
 def _exact_draw(prior, grid, cond, i, j, noise_ij, temperature, guidance, options, codes, keep):
-    """The code at ``(i, j)`` as the naive sampler decides it (kept codes stay)."""
+    """The code at ``(i, j)`` of every row of ``grid`` as the naive sampler decides it (kept codes stay).
+
+    Rows are independent, so the fast sampler passes only its tied rows (and their ``cond``,
+    ``noise_ij``, ``codes``, ``keep``).
+    """
     logits = _exact_logits(prior, grid, cond, i, j, guidance)
     drawn, _ = _draw(logits, tf.constant(noise_ij), tf.constant(temperature, tf.float32),
                      options["top_k"], options["top_p"])
@@ -258,7 +269,9 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
             through the "no condition" slot (priors trained with ``condition_dropout > 0``).
         method: "fast" (cached incremental, XLA) or "naive" (one full forward pass per position).
             Both give the same codes for the same weights and seed.
-        batch_size: samples per chunk (None: all at once); does not change the codes.
+        batch_size: samples per chunk (None: ``DEFAULT_BATCH_SIZE``, 256, which bounds memory);
+            does not change the codes. A last, shorter chunk of the fast sampler is padded to the
+            chunk's size (with kept rows that cost no exact pass), so one compiled loop serves all.
         progress: show a tqdm progress bar over samples (advances chunk by chunk).
         guidance: classifier-free guidance scale s (Ho & Salimans 2022): draw from
             ``uncond + s * (cond - uncond)`` logits (s = 1: the conditioned prior; needs
@@ -281,8 +294,8 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
         seed = int(np.random.SeedSequence().entropy % (2 ** 63))
     k = prior.num_embeddings
     out = np.zeros((n, h, w), dtype="int32")
-    global last_exact_fallbacks
-    last_exact_fallbacks = 0
+    global last_exact_fallbacks, last_exact_rows
+    last_exact_fallbacks = last_exact_rows = 0
     from tqdm import tqdm
 
     with _no_tf32():
@@ -292,8 +305,11 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
             idx = np.arange(start, min(start + chunk, n))
             noise = gumbel_noise(seed, idx, (h, w), k)
             c = None if cond is None else cond[idx]
-            run = _sample_naive if method == "naive" else _sample_fast
-            out[idx] = run(model, noise, temperature, c, guidance, options, codes[idx], keep[idx])
+            if method == "naive":
+                out[idx] = _sample_naive(model, noise, temperature, c, guidance, options, codes[idx], keep[idx])
+            else:
+                out[idx] = _sample_fast(model, noise, temperature, c, guidance, options, codes[idx], keep[idx],
+                                        pad_to=chunk)
             bar.update(len(idx))
         bar.close()
     return out
@@ -309,8 +325,22 @@ def _sample_naive(prior, noise, temperature, cond, guidance, options, codes, kee
     return grid
 
 
-def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep):
-    global last_exact_fallbacks
+def _pad_rows(pad_to, noise, cond, codes, keep):
+    """Pad a short last chunk to ``pad_to`` rows with fully kept rows (they never tie, cost no exact pass)."""
+    extra = pad_to - len(noise)
+    if extra <= 0:
+        return noise, cond, codes, keep
+
+    def pad(a, value):
+        return np.concatenate([a, np.full((extra, *a.shape[1:]), value, a.dtype)])
+
+    return pad(noise, 0.0), (None if cond is None else pad(cond, cond[0])), pad(codes, 0), pad(keep, True)
+
+
+def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep, pad_to=None):
+    global last_exact_fallbacks, last_exact_rows
+    n = len(noise)
+    noise, cond, codes, keep = _pad_rows(pad_to or n, noise, cond, codes, keep)
     b, h, w, _ = noise.shape
     key = tuple(sorted(options.items()))
     fns = _FAST_FNS.setdefault(prior, {})
@@ -329,19 +359,21 @@ def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep
     state = (tf.zeros((b, h, w), tf.int32), tf.zeros((rows,), tf.int32), prior.init_cache(rows, (h, w)))
     pos = 0
     while pos < h * w:
-        pos_t, state = run(*args, cond_t, tf.constant(pos, tf.int32), state)
+        pos_t, tied, state = run(*args, cond_t, tf.constant(pos, tf.int32), state)
         pos = int(pos_t)
-        if pos < h * w:  # near-tie: decide this position exactly as the naive sampler does
+        if pos < h * w:  # near-tie: decide this position of the tied samples as the naive sampler does
             i, j = divmod(pos, w)
-            grid = state[0].numpy()  # codes before pos, zeros from pos on: the naive grid
-            code = _exact_draw(prior, grid, cond, i, j, noise[:, i, j], temperature, guidance, options,
-                               codes, keep)
-            grid[:, i, j] = code
+            grid = state[0].numpy()  # codes before pos; at pos the loop's draws, 0 for the tied rows
+            r = np.flatnonzero(tied.numpy())
+            grid[r, i, j] = _exact_draw(prior, grid[r], None if cond is None else cond[r], i, j, noise[r, i, j],
+                                        temperature, guidance, options, codes[r], keep[r])
+            code = grid[:, i, j]
             prev = np.concatenate([code, code]) if guided else code
             state = (tf.constant(grid), tf.constant(prev), state[2])
             pos += 1
             last_exact_fallbacks += 1
-    return state[0].numpy()
+            last_exact_rows += len(r)
+    return state[0].numpy()[:n]
 
 
 def _build_fast_fn(prior, top_k, top_p, guided):
@@ -349,15 +381,16 @@ def _build_fast_fn(prior, top_k, top_p, guided):
 
     ``state = (codes (B, h, w) int32, previous code (rows,) int32, the prior's cache)`` with
     ``rows = 2B`` when guided (conditioned rows, then "no condition" rows, drawing the same code).
-    Returns ``(stop position, state)``: at a near-tie the caches already hold that position's step
-    and its code is 0 (what the naive grid holds there); the caller decides it and resumes after it.
+    Returns ``(stop position, tied (B,) bool, state)``: at a near-tie the caches already hold that
+    position's step, the untied samples hold their code there and the tied ones 0 (what the naive
+    grid holds there); the caller decides the tied ones and resumes after the position.
     """
 
     @tf.function(jit_compile=True)  # traced once per (batch, h, w)
     def run(noise, temperature, guidance, keep, given, cond, pos0, state):
         b, h, w, _ = noise.shape
 
-        def body(pos, stop, codes, prev, cache):
+        def body(pos, stop, tied, codes, prev, cache):
             i, j = pos // w, pos % w
             logits, cache = prior.call_with_cache(prev, i, j, cache, cond)
             if guided:
@@ -365,16 +398,17 @@ def _build_fast_fn(prior, top_k, top_p, guided):
             code, ambiguous = _draw(logits, noise[:, i, j], temperature, top_k, top_p)
             kept = keep[:, i, j]
             code = tf.where(kept, given[:, i, j], code)
-            tie = tf.reduce_any(ambiguous & ~kept)
-            code = tf.where(tie, tf.zeros_like(code), code)
+            tied = ambiguous & ~kept
+            tie = tf.reduce_any(tied)
+            code = tf.where(tied, tf.zeros_like(code), code)
             codes = tf.tensor_scatter_nd_update(
                 codes, tf.stack([tf.range(b), tf.fill([b], i), tf.fill([b], j)], -1), code)
             prev = tf.concat([code, code], 0) if guided else code
-            return tf.where(tie, pos, pos + 1), tie, codes, prev, cache
+            return tf.where(tie, pos, pos + 1), tie, tied, codes, prev, cache
 
-        pos, _, codes, prev, cache = tf.while_loop(
+        pos, _, tied, codes, prev, cache = tf.while_loop(
             lambda pos, stop, *_: tf.logical_and(pos < h * w, tf.logical_not(stop)), body,
-            (pos0, tf.constant(False), *state))
-        return pos, (codes, prev, cache)
+            (pos0, tf.constant(False), tf.zeros([b], tf.bool), *state))
+        return pos, tied, (codes, prev, cache)
 
     return run

@@ -10,6 +10,13 @@ Besides the naive / fast ratio on ``--num-samples`` samples it prints the cost o
 the time of one full-grid forward pass of the prior on that batch. The naive sampler costs h * w
 such passes (1,024 on a 32x32 grid) by construction.
 
+``--scaling N ...`` (default 32 128 256 512) times fast sampling of N samples for each N in one process,
+each after a warm-up that compiles its batch shape, with the default ``batch_size`` (chunks of
+``sampler.DEFAULT_BATCH_SIZE``), and prints the seconds per sample, the ratio of each total to the
+smallest N's, and the near-tie fallbacks per sample: the full-grid passes that keep fast == naive,
+each over the tied samples only, so the cost per sample stays flat as N grows. A conditioned prior
+samples at slice positions spread over its conditions, as ``predict.py`` does.
+
 The built prior (no ``--model``) is the default ``PriorConfig`` (gated, 48 filters x 6 layers) with
 a causal attention block after every ``--attention-every``-th layer (default 3: two blocks).
 """
@@ -44,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--num-samples", type=int, default=4, help="samples for the naive vs fast ratio")
     ap.add_argument("--cost-samples", type=int, default=64,
                     help="samples for the forward-pass-equivalent cost of fast sampling (0: skip)")
+    ap.add_argument("--scaling", type=int, nargs="*", default=(32, 128, 256, 512), metavar="N",
+                    help="sample counts for the scaling table (none: skip; default 32 128 256 512)")
     ap.add_argument("--grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
     ap.add_argument("--repeats", type=int, default=1, help="timed fast runs after a warm-up run")
     ap.add_argument("--train-steps", type=int, default=0,
@@ -119,7 +128,34 @@ def main(argv=None):
         print(f"{n} samples: one full forward pass {one_pass:.3f} s; fast sampling {fast_n:.2f} s "
               f"= {fast_n / one_pass:.0f} forward-pass equivalents (naive: {grid[0] * grid[1]}"
               f"{', x2 with guidance' if args.guidance is not None else ''})")
+    if args.scaling:
+        scaling(prior, sorted(args.scaling), kw)
     return 0 if same else 1
+
+
+def scaling(prior, sizes, kw):
+    """Seconds per sample and exact fallbacks per sample of fast sampling, for each N side by side."""
+    nc = prior.config.num_conditions
+    compiled, rows = set(), []
+    for n in sizes:
+        kw_n = {**kw, "condition": np.arange(n) % nc} if nc else kw
+        chunk = min(n, sampler.DEFAULT_BATCH_SIZE)
+        if chunk not in compiled:  # compile this batch shape outside the timing
+            warm = {**kw_n, "condition": kw_n["condition"][:chunk]} if nc else kw_n
+            sampler.sample_codes(prior, chunk, method="fast", **warm)
+            compiled.add(chunk)
+        t0 = time.perf_counter()
+        sampler.sample_codes(prior, n, method="fast", **kw_n)
+        seconds = time.perf_counter() - t0
+        rows.append((n, seconds, sampler.last_exact_fallbacks, sampler.last_exact_rows))
+    base_n, base_s = rows[0][:2]
+    print(f"\nfast sampling, default batch_size (chunks of {sampler.DEFAULT_BATCH_SIZE}), one process:")
+    print("| samples | seconds | s / sample | time / time at %d | fallbacks / sample | exact rows / sample |"
+          % base_n)
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n, seconds, fallbacks, exact_rows in rows:
+        print(f"| {n} | {seconds:.1f} | {seconds / n:.3f} | {seconds / base_s:.1f}x (samples {n / base_n:.0f}x) "
+              f"| {fallbacks / n:.2f} | {exact_rows / n:.2f} |")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,90 @@ def test_near_ties_are_decided_exactly():
     np.testing.assert_array_equal(fast, sample_codes(prior, 2, seed=1, top_k=3, method="naive"))
 
 
+def test_a_tie_costs_an_exact_pass_over_the_tied_samples_only(monkeypatch):
+    # issue 15: a near-tie in one sample must not send the whole batch through a full-grid pass
+    # (that made the cost grow with the square of the batch). Flat logits make every free
+    # position a top-k tie; kept positions never tie. Sample 0 is free everywhere, sample 1 at
+    # three positions, samples 2-5 nowhere: the exact passes must receive exactly the free rows.
+    prior = make_prior(gated=True, attention_every=2)
+    prior.head_out.kernel.assign(np.zeros(prior.head_out.kernel.shape, "float32"))
+    n = 6
+    given = np.random.default_rng(3).integers(0, K, (n, *GRID))
+    keep = np.ones((n, *GRID), bool)
+    keep[0] = False
+    keep[1, 0, 1] = keep[1, 2, 3] = keep[1, 3, 0] = False
+    received = []
+    exact_logits = sampler._exact_logits
+
+    def counting(prior_, grid, *args):
+        received.append(len(grid))
+        return exact_logits(prior_, grid, *args)
+
+    monkeypatch.setattr(sampler, "_exact_logits", counting)
+    fast = sample_codes(prior, n, seed=1, top_k=3, codes=given, keep=keep)
+    assert sampler.last_exact_fallbacks == GRID[0] * GRID[1]  # sample 0 ties at every position
+    assert received == [2 if not keep[1].flat[p] else 1 for p in range(GRID[0] * GRID[1])]
+    assert sum(received) == sampler.last_exact_rows == (~keep).sum()
+    np.testing.assert_array_equal(fast[keep], given[keep])
+    monkeypatch.setattr(sampler, "_exact_logits", exact_logits)
+    np.testing.assert_array_equal(fast, sample_codes(prior, n, seed=1, top_k=3, codes=given, keep=keep,
+                                                     method="naive"))
+
+
+def test_fast_equals_naive_when_some_samples_tie_and_others_do_not(monkeypatch):
+    # At a tie position the untied samples keep the loop's own draw and only the tied ones get the
+    # exact decision. With a zero output kernel the logits are the output bias everywhere, so noise
+    # can be made to tie: sample 2's top two scores are equal at every position, the other samples
+    # draw from ordinary Gumbel noise. With guidance (both halves of the doubled batch follow the
+    # decision), kept codes, and chunks of 2 with a padded last chunk.
+    prior = make_prior(**GUIDED)
+    prior.head_out.kernel.assign(np.zeros(prior.head_out.kernel.shape, "float32"))
+    bias = np.random.default_rng(5).normal(0, 2, K).astype("float32")
+    prior.head_out.bias.assign(bias)
+    pair = np.argsort(bias)[-2:]  # the two most likely codes: inside the top-k cut
+    noise_of = sampler.gumbel_noise
+
+    def tying(seed, indices, grid_shape, k):
+        noise = noise_of(seed, indices, grid_shape, k)
+        for row, n in enumerate(indices):
+            if n == 2:
+                noise[row] = -bias + 5.0 * np.isin(np.arange(k), pair)
+        return noise
+
+    monkeypatch.setattr(sampler, "gumbel_noise", tying)
+    keep = np.zeros((5, *GRID), bool)
+    keep[3] = np.random.default_rng(2).random(GRID) < 0.5
+    given = np.random.default_rng(4).integers(0, K, keep.shape)
+    kw = dict(seed=8, condition=[0, 1, 2, 0, 1], guidance=1.5, top_k=4, codes=given, keep=keep)
+    fast = sample_codes(prior, 5, batch_size=2, **kw)
+    assert sampler.last_exact_fallbacks == sampler.last_exact_rows == GRID[0] * GRID[1]  # sample 2 only
+    assert np.isin(fast[2], pair).all()  # decided within the tied pair
+    assert len(np.unique(fast[[0, 1, 4]])) > 3  # the others drew freely
+    np.testing.assert_array_equal(fast, sample_codes(prior, 5, method="naive", **kw))
+
+
+def test_short_last_chunk_is_padded_and_reuses_the_compiled_loop():
+    prior = make_prior(gated=True)
+    whole = sample_codes(prior, 5, seed=13)
+    chunked = sample_codes(prior, 5, seed=13, batch_size=2)  # chunks of 2, 2 and 1 (padded to 2)
+    np.testing.assert_array_equal(chunked, whole)
+    (run,) = sampler._FAST_FNS[sampler._float32_prior(prior)].values()
+    assert run.experimental_get_tracing_count() == 2  # batch 5 and batch 2: not a third for batch 1
+    assert sampler.last_exact_rows == 0  # padding rows are kept everywhere: they never tie
+
+
+def test_default_batch_size_bounds_the_chunk(monkeypatch):
+    prior = make_prior(gated=True)
+    monkeypatch.setattr(sampler, "DEFAULT_BATCH_SIZE", 2)
+    seen = []
+    fast = sampler._sample_fast
+    monkeypatch.setattr(sampler, "_sample_fast", lambda *a, **kw: seen.append(len(a[1])) or fast(*a, **kw))
+    codes = sample_codes(prior, 3, seed=2)
+    assert seen == [2, 1]
+    monkeypatch.setattr(sampler, "_sample_fast", fast)
+    np.testing.assert_array_equal(codes, sample_codes(prior, 3, seed=2, batch_size=3))
+
+
 # -------------------------------------------------------------------------------- top-k, top-p
 def test_top_k_and_top_p_keep_draws_inside_the_allowed_set():
     prior = make_prior(gated=True, attention_every=2)
