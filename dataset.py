@@ -317,8 +317,11 @@ def _find_split_root(root: Path) -> Path:
     return root
 
 
-def _group_keys(split: Split) -> list[str]:
-    # Files with unknown case ids form their own groups: there is nothing to tie them to a subject.
+def case_groups(split: Split) -> list[str]:
+    """One group label per slice: its case (``"case 11"``), so that whole cases go to one side of any split.
+
+    Files with unknown case ids form their own groups: there is nothing to tie them to a subject.
+    """
     return [f"case {c}" if c != UNKNOWN else f"file {s}" for c, s in zip(split.case_ids, split.names)]
 
 
@@ -330,7 +333,7 @@ def split_by_case(split: Split, val_fraction: float, seed: int = 0) -> tuple[Spl
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    keys = np.array(_group_keys(split))
+    keys = np.array(case_groups(split))
     groups = sorted(set(keys.tolist()), key=_natural_key)
     if val_fraction == 0:
         return split, split.subset(np.zeros(len(split), bool))
@@ -370,8 +373,8 @@ def read_oasis(root: str | os.PathLike, image_size: int | None = None, val_fract
     else:
         train, val = split_by_case(out["train"], val_fraction, seed)
         out["train"], out["validate"] = train, val
-        print(f"{root}: no {SPLIT_DIRS['validate']}/ folder; held out {len(set(_group_keys(val)))} of "
-              f"{len(set(_group_keys(train))) + len(set(_group_keys(val)))} train cases ({len(val)} images) as "
+        print(f"{root}: no {SPLIT_DIRS['validate']}/ folder; held out {len(set(case_groups(val)))} of "
+              f"{len(set(case_groups(train))) + len(set(case_groups(val)))} train cases ({len(val)} images) as "
               f"validation (val_fraction={val_fraction}, seed={seed})")
     out["test"] = read_split(root / SPLIT_DIRS["test"], image_size)
     out = {name: out[name] for name in SPLITS}

@@ -168,16 +168,21 @@ def load_judge(run: Run):
 
 def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
              out_dir: Path | None = None, *, guidance: float | None = None, top_k: int | None = None,
-             top_p: float | None = None) -> dict:
+             top_p: float | None = None, two_sample_num: int | None = None) -> dict:
     """Generate ``num`` samples, score them against the run's data; write JSON and figures.
 
     A conditioned prior is sampled at the slice positions of ``num`` randomly chosen test slices
     (``evaluation.reference_pick``), so the samples follow the test split's distribution of depths.
     The metrics are those of ``evaluation.score_samples`` (realism, memorisation, interior realism,
     sharpness, diversity and, with the run's ``judge.keras``, Frechet distance, precision / recall
-    and slice agreement; validation reconstructions scored alike as the decoder's ceiling) plus
-    the prior's NLL of the test codes in bits per code and per slice.
+    and slice agreement; validation reconstructions scored alike as the decoder's ceiling), the
+    prior's NLL of the test codes in bits per code and per slice, and the classifier two-sample
+    test (``evaluation.two_sample_scores``: real vs real, reconstructions vs real, samples vs real,
+    on the full slice, the interior and blurred) on ``two_sample_num`` further samples drawn at the
+    test slices' positions (None: as many as the test split; 0: skip the test).
     """
+    import time
+
     import dataset
     import evaluation
     import utils
@@ -206,6 +211,24 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
                                test.slice_indices.astype(np.int32) if run.conditioned else None)
     metrics["prior_test_nll_bits"] = nll["bits_per_code"]
     metrics["prior_test_nll_bits_per_slice"] = nll["bits_per_slice"]
+    m = len(test) if two_sample_num is None else int(two_sample_num)
+    unavailable = evaluation.two_sample_unavailable(splits)
+    if m and unavailable:
+        print(f"predict.py: notice: the two-sample test is skipped: {unavailable}", file=sys.stderr)
+    elif m:
+        pick_m = evaluation.reference_pick(len(test), m, seed)
+        cond_m = np.resize(test.slice_indices[pick_m].astype(np.int32), m) if run.conditioned else None
+        start = time.perf_counter()
+        _, many = generate(run, m, temperature=temperature, seed=seed, condition=cond_m, batch_size=batch_size,
+                           guidance=guidance, top_k=top_k, top_p=top_p)
+        metrics["two_sample_num_samples"] = m
+        metrics["two_sample_sampling_seconds"] = time.perf_counter() - start
+        print(f"two-sample test: drew {m} samples at the test slices' positions in "
+              f"{metrics['two_sample_sampling_seconds']:.0f} s; training its classifiers", file=sys.stderr)
+        start = time.perf_counter()
+        metrics.update(evaluation.two_sample_scores(splits, evaluation.decode_codes(run.vqvae, test_codes), many,
+                                                    seed=seed))
+        metrics["two_sample_classifier_seconds"] = time.perf_counter() - start
     utils.save_json(metrics, out_dir / "generation_metrics.json")
     show = np.arange(min(8, num))
     nearest = details["nearest_test"]
@@ -277,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "agreement, prior NLL) and a figure of samples beside their nearest test slices.")
     common(e)
     sampling(e, 64)
+    e.add_argument("--two-sample-num", type=int, default=None, metavar="N",
+                   help="samples for the classifier two-sample test (a small CNN trained to tell them from real "
+                        "test slices; 0.5: indistinguishable, 1.0: always told apart), drawn at the test slices' "
+                        "positions besides --num (default: as many as the test split; 0: skip the test)")
     add_anomaly_parsers(sub, common)
     return p
 
@@ -344,6 +371,10 @@ def main(argv=None) -> int:
             parser.error("--unconditional and --slice exclude each other: drop one")
         if args.command == "evaluate" and args.num < 2:
             parser.error(f"--num must be at least 2 for evaluate (diversity compares pairs of samples), got {args.num}")
+        if args.command == "evaluate" and args.two_sample_num is not None and not (
+                args.two_sample_num == 0 or args.two_sample_num >= 4):
+            parser.error(f"--two-sample-num must be 0 (skip the test) or at least 4 (two halves of two), "
+                         f"got {args.two_sample_num}")
     if args.command == "complete":
         _check_positive(parser, "--seeds", args.seeds)
     if args.command == "anomaly":
@@ -423,7 +454,8 @@ def _run_command(args) -> int:
     else:
         run = load_run(args.run)
         metrics = evaluate(run, args.num, args.temperature, args.seed, args.batch_size, args.out,
-                           guidance=args.guidance, top_k=args.top_k, top_p=args.top_p)
+                           guidance=args.guidance, top_k=args.top_k, top_p=args.top_p,
+                           two_sample_num=args.two_sample_num)
         print(json.dumps(metrics, indent=2))
     return 0
 

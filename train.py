@@ -755,11 +755,13 @@ def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) ->
 # Evaluation and figures
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_vqvae(vqvae, split, run_dir: Path, num_embeddings: int, batch_size: int = 32) -> dict:
-    """Test-split reconstruction SSIM / PSNR and code usage (``evaluation``), and their figures."""
+def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size: int = 32) -> dict:
+    """Test-split reconstruction SSIM / PSNR, code usage and the two-sample test of reconstructions vs real
+    slices on the full slice (``evaluation``), and their figures."""
     import evaluation
     import utils
 
+    split = splits["test"]
     x = split.float()
     codes, recon = evaluation.reconstruct(vqvae, x, batch_size)  # encoded once; codes reused for usage
     scores = evaluation.reconstruction_metrics(x, recon)
@@ -774,8 +776,16 @@ def evaluate_vqvae(vqvae, split, run_dir: Path, num_embeddings: int, batch_size:
     utils.plot_image_rows([("slice", x[pick]), ("codes", codes[pick])], run_dir / "code_grids.png",
                           cmaps=["gray", "nipy_spectral"])
     utils.plot_codebook_usage(usage, run_dir / "codebook_usage.png", title="test-split codes")
-    return {"test_ssim": scores["ssim_mean"], "test_psnr": scores["psnr_mean"],
-            "codebook_perplexity": usage["perplexity"], "active_codes": usage["active_codes"]}
+    out = {"test_ssim": scores["ssim_mean"], "test_psnr": scores["psnr_mean"],
+           "codebook_perplexity": usage["perplexity"], "active_codes": usage["active_codes"]}
+    unavailable = evaluation.two_sample_unavailable(splits)
+    if unavailable:
+        print(f"[vqvae] notice: no two-sample test of the reconstructions: {unavailable}")
+    else:
+        out.update(evaluation.two_sample_scores(splits, recon, views=("full",), floor=False, progress=False))
+        print(f"[vqvae] two-sample test, reconstructions vs real test slices (0.5: indistinguishable): "
+              f"{out['two_sample_reconstructions_full']:.3f}")
+    return out
 
 
 def evaluate_prior(prior, codes, conditioned: bool, batch_size: int) -> dict:
@@ -894,7 +904,7 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
             raise TrainError(f"{vq_path} not found: train the VQ-VAE first (--stage vqvae or all)")
         vqvae = keras.models.load_model(vq_path)
         if dirs.is_chief:
-            metrics.update(evaluate_vqvae(vqvae, splits["test"], dirs.write, num_embeddings))
+            metrics.update(evaluate_vqvae(vqvae, splits, dirs.write, num_embeddings))
 
     if "prior" in stages:
         codes = encode_splits(vqvae, splits, dirs.write, model_path=vq_path)

@@ -309,3 +309,84 @@ def test_judge_keras_round_trip_and_outputs(real_splits, tmp_path):
     np.testing.assert_allclose(feats, np.asarray(penultimate(x)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="num_slices"):
         judge.train_judge(real_splits["train"], None, judge.JudgeConfig(image_size=32, num_slices=2, epochs=1))
+
+
+# ----------------------------------------------------------------------- two-sample classifier test
+QUICK = evaluation.TwoSampleConfig(filters=(8, 16, 16), epochs=12, batch_size=16, repeats=1)
+
+
+def grainy_slices(cases=8, slices=8, size=32, seed=0):
+    """Brain-like slices with per-pixel grain, as uint8, and their case labels."""
+    from conftest import brain_like
+
+    rng = np.random.default_rng(seed)
+    images = np.stack([np.clip(brain_like(size, c, k) + rng.normal(0, 12, (size, size)), 0, 255)
+                       for c in range(cases) for k in range(slices)]).astype(np.uint8)[..., None]
+    return images, np.repeat(np.arange(cases), slices)
+
+
+def test_two_sample_test_tells_real_from_blurred_real():
+    from scipy.ndimage import gaussian_filter
+
+    real, cases = grainy_slices()
+    blurred = gaussian_filter(real / np.float32(255), sigma=(0, 1.5, 1.5, 0))  # same anatomy, no grain
+    result = evaluation.two_sample_test(real[::2], blurred[1::2], cases[::2], cases[1::2], config=QUICK)
+    assert result["trained"] and result["accuracy"] >= 0.9, result
+    # blurred and halved on both sides, grain is gone from the real side too: much harder to tell
+    assert evaluation.two_sample_view(blurred, "blurred").shape == (64, 16, 16, 1)
+
+
+def test_two_sample_test_gives_about_half_for_two_halves_of_one_set():
+    real, cases = grainy_slices(cases=12)
+    first = cases % 2 == 0  # two sets of whole cases from one distribution
+    result = evaluation.two_sample_test(real[first], real[~first], cases[first], cases[~first],
+                                        config=evaluation.TwoSampleConfig(filters=(8, 16, 16), epochs=12,
+                                                                          batch_size=16))
+    assert result["trained"], result  # the classifiers did fit their training halves ...
+    assert min(result["train_accuracies"]) >= 0.75
+    assert 0.3 <= result["accuracy"] <= 0.7, result  # ... and that did not carry to unseen cases
+
+
+def test_two_sample_test_is_reproducible_and_quantises_generated_images(monkeypatch):
+    real, cases = grainy_slices(cases=4, slices=6)
+    fake = real / np.float32(255) + np.float32(0.3 / 255)  # off the 8-bit grid by 0.3 levels: the same PNGs
+    np.testing.assert_array_equal(evaluation.as_8bit(fake), evaluation.as_8bit(real))
+    seen = []
+    fit = evaluation._fit_two_sample_classifier
+    monkeypatch.setattr(evaluation, "_fit_two_sample_classifier", lambda x, *a, **kw: seen.append(x) or fit(x, *a, **kw))
+    a = evaluation.two_sample_test(real[::2], fake[1::2], cases[::2], seed=3, config=QUICK)
+    levels = np.concatenate(seen) * 255
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # the classifier sees 8-bit images only
+    b = evaluation.two_sample_test(real[::2], fake[1::2], cases[::2], seed=3, config=QUICK)
+    assert a == b
+
+
+def test_a_classifier_that_cannot_learn_is_not_reported_as_indistinguishable():
+    real, cases = grainy_slices(cases=4, slices=6)
+    dead = evaluation.TwoSampleConfig(filters=(8, 16), epochs=2, batch_size=16, learning_rate=0.0, repeats=1,
+                                      restarts=2)
+    with pytest.warns(RuntimeWarning, match="did not fit its training half"):
+        result = evaluation.two_sample_test(real[::2], real[1::2] // 2, cases[::2], config=dead)
+    assert not result["trained"] and math.isnan(result["accuracy"])  # not 0.5
+    assert result["attempts"] == [2, 2]  # retrained before giving up
+
+
+def test_two_sample_scores_floor_reconstructions_and_samples(tmp_path):
+    import dataset
+    from conftest import write_tree
+
+    cases = {"train": [1], "validate": [2, 3], "test": [4, 5, 6, 7]}
+    splits = dataset.read_oasis(write_tree(tmp_path, size=16, cases=cases, slices=4))
+    test = splits["test"]
+    recon = test.float()[:, ::-1]  # mirrored: easy to tell
+    scores = evaluation.two_sample_scores(splits, recon, test.float()[::-1], views=("full", "interior"),
+                                          config=evaluation.TwoSampleConfig(filters=(8,), epochs=3, repeats=1,
+                                                                            min_train_accuracy=0.0),
+                                          progress=False)
+    assert set(scores) == {f"two_sample_{name}_{view}" for name in ("real_validate", "reconstructions", "samples")
+                           for view in ("full", "interior")}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    few = {**splits, "test": test.subset(np.flatnonzero(test.case_ids < 7))}
+    assert "needs at least 4" in evaluation.two_sample_unavailable(few)
+    with pytest.raises(ValueError, match="the test split holds 3 case"):
+        evaluation.two_sample_scores(few, progress=False)

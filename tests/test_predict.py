@@ -228,6 +228,48 @@ def test_evaluate_without_a_judge_skips_its_metrics_with_a_notice(trained_run, t
     assert any("judge.keras not found" in line and "--stage judge" in line for line in lines), lines
 
 
+def test_evaluate_runs_the_two_sample_test_on_samples_at_the_test_positions(trained_run, tmp_path, monkeypatch):
+    import dataset
+    import evaluation
+    import predict
+
+    # the tiny run's data has one test case: the test (split by case) is skipped with a notice, not faked
+    code, lines = predict_main("evaluate", "--run", trained_run, "--out", tmp_path / "one", "--num", "2")
+    assert code == 0 and any("two-sample test is skipped" in line and "test split holds 1 case" in line
+                             for line in lines), lines
+    assert not any(k.startswith("two_sample") for k in json.loads((tmp_path / "one" / "generation_metrics.json")
+                                                                  .read_text()))
+    # the same run pointed at a tree with 4 test and 2 validate cases runs it
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["root"] = str(write_tree(tmp_path / "more", cases={"train": [1, 2], "validate": [3, 4],
+                                                                       "test": [5, 6, 7, 8]}))
+    (run / "config.json").write_text(json.dumps(config))
+    seen = {}
+    scores = evaluation.two_sample_scores
+
+    def spy(splits, reconstructions, samples, **kw):
+        seen.update(splits=splits, reconstructions=reconstructions, samples=samples)
+        return scores(splits, reconstructions, samples, config=evaluation.TwoSampleConfig(filters=(4,), epochs=1,
+                      repeats=1, min_train_accuracy=0.0), **kw)
+
+    monkeypatch.setattr(evaluation, "two_sample_scores", spy)
+    loaded = predict.load_run(run)
+    m = predict.evaluate(loaded, num=2, seed=1, out_dir=tmp_path / "ev", two_sample_num=6)
+    assert {f"two_sample_{a}_{b}" for a in ("real_validate", "reconstructions", "samples")
+            for b in evaluation.TWO_SAMPLE_VIEWS} <= set(m)
+    assert m["two_sample_num_samples"] == 6 and m["two_sample_sampling_seconds"] > 0
+    test = seen["splits"]["test"]
+    np.testing.assert_allclose(seen["reconstructions"], np.asarray(loaded.vqvae(test.float(), training=False)),
+                               atol=1e-5)
+    pick = evaluation.reference_pick(len(test), 6, 1)
+    _, expected = predict.generate(loaded, 6, seed=1, condition=test.slice_indices[pick].astype(np.int32),
+                                   progress=False)
+    np.testing.assert_array_equal(seen["samples"], expected)  # 6 samples at test slices' positions
+    assert isinstance(test, dataset.Split) and len(test) == 16
+
+
 def test_judge_stage_retrains_only_the_judge(trained_run, tmp_path):
     import train
 
