@@ -9,7 +9,7 @@
   OASIS property is imitated is listed in :func:`render_demo_case`.
 * :func:`prepare_oasis_volumes`: real OASIS-1 volumes (Analyze or NIfTI) -> the same PNG layout.
 
-Command line: ``python dataset.py demo|prepare|check`` (``python build_data.py`` takes the same commands).
+Command line: ``python dataset.py demo|prepare|check|profile`` (``python build_data.py`` takes the same commands).
 Nothing runs on import; scipy, scikit-image, nibabel, PIL and matplotlib are imported by the functions
 that use them.
 """
