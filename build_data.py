@@ -9,7 +9,7 @@
   OASIS property is imitated is listed in :func:`render_demo_case`.
 * :func:`prepare_oasis_volumes`: real OASIS-1 volumes (Analyze or NIfTI) -> the same PNG layout.
 
-Command line: ``python dataset.py demo|prepare|check`` (``python build_data.py`` takes the same commands).
+Command line: ``python dataset.py demo|prepare|check|profile`` (``python build_data.py`` takes the same commands).
 Nothing runs on import; scipy, scikit-image, nibabel, PIL and matplotlib are imported by the functions
 that use them.
 """
@@ -34,7 +34,7 @@ from dataset import (IMAGE_SUFFIX, RESIZE_FILTER, SPLIT_DIRS, SPLITS, UNKNOWN, D
 
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parent / "data" / "oasis_demo"
 DEMO_MARKER = "demo.json"  # written last by make_demo_dataset: its presence means the tree is complete
-DEMO_VERSION = 2  # bump when the demo generator changes, so ensure_demo_dataset rebuilds old trees
+DEMO_VERSION = 3  # bump when the demo generator changes, so ensure_demo_dataset rebuilds old trees
 # 60 / 8 / 17 cases of 32 slices: the test split is OASIS's (544 slices); the realism search needs as many
 # test cases as OASIS has -- against 4 test cases, real unseen slices found a match above SSIM 0.6 for 75 %
 # only, against 17 for all -- and with 60 training cases instead of 20 the demo prior's validation NLL fell
@@ -52,8 +52,15 @@ _SCALP_MARGIN_MM = 24.0  # room around the brain in the template crop for the sy
 _VENTRICLE_SIGMA_MM = 5.0  # smoothing of the ventricle mask whose gradient drives the ventricle expansion
 _SHARPEN = 1.6  # slope of the tissue-fraction sharpening at 0.5 (1 = the template as it is)
 _FIELD_STEP = 2  # voxel step (mm) of the smooth template fields: ventricle field, head depth
-_BAND_MM = (4.0, 7.0)  # range of the dark band's mean thickness (outer CSF + skull) per subject
-_RING_MM = (6.0, 9.5)  # range of the bright ring's mean thickness (marrow, outer table, fat, skin)
+_BAND_MM = (4.0, 7.0)  # range of the grey band's mean thickness (outer CSF + skull) per subject
+_RING_MM = (6.0, 9.5)  # range of the bright ring's mean thickness (skin, fat, marrow)
+# The head's levels per subject (0..255, before bias and noise), set so that the profile inward from the
+# outline lies in real OASIS's ranges (issue 17): outermost pixel 29-49, ring peak 115-170 at 4-5 px,
+# band minimum 33-56 at 8-17 px.
+_SCALP = (125.0, 180.0)  # the ring's peak level
+_PEAK_MM = (3.5, 4.8)  # the peak's depth inside the outer edge
+_SKIN = (0.0, 0.15)  # level at the outer edge, as a fraction of the peak
+_BONE = (35.0, 60.0)  # the grey band
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,12 +258,12 @@ class DemoSubject:
     wm: float  # white matter
     gm: float  # grey matter
     csf: float  # CSF
-    bone: float  # the dark band outside the brain (CSF and skull)
-    marrow: float  # diploe, the inner part of the bright ring
-    table: float  # the outer table of the skull, a thin line between marrow and fat, as a fraction of marrow
-    fat: float  # scalp fat, the brightest structure
-    band_mm: float  # mean thickness of the dark band (outer CSF + skull)
-    ring_mm: float  # mean thickness of the bright ring (marrow, outer table, fat, skin)
+    bone: float  # the dim grey band under the bright ring (skull, outer CSF)
+    scalp: float  # the bright ring's peak level (marrow, scalp fat)
+    peak_mm: float  # depth of the ring's peak inside the head's outer edge (mm)
+    skin: float  # level at the outer edge as a fraction of ``scalp`` (the ramp up to the peak starts there)
+    band_mm: float  # mean thickness of the grey band (outer CSF + skull)
+    ring_mm: float  # mean thickness of the bright ring (skin, fat, marrow), outer edge to the band
     snr: float  # white matter / Rician noise sigma
     bias_sd: float  # sd of the log gain of the smooth bias field
 
@@ -276,10 +283,12 @@ class DemoSubject:
             wm=float(wm),
             gm=float(wm * rng.uniform(0.5, 0.64)),
             csf=float(wm * rng.uniform(0.12, 0.24)),
-            bone=float(wm * rng.uniform(0.05, 0.15)),
-            marrow=float(rng.uniform(110, 190)),
-            table=float(rng.uniform(0.6, 1.0)),
-            fat=float(rng.uniform(205, 250)),
+            # The head (issue 17): as many draws as before, in the same order, so the brain's draws and
+            # the rendering's random stream (warp, bias field, noise) are those of demo version 2.
+            bone=float(rng.uniform(*_BONE)),
+            scalp=float(rng.uniform(*_SCALP)),
+            peak_mm=float(rng.uniform(*_PEAK_MM)),
+            skin=float(rng.uniform(*_SKIN)),
             band_mm=float(rng.uniform(*_BAND_MM)),
             ring_mm=float(rng.uniform(*_RING_MM)),
             snr=float(rng.uniform(18, 35)),
@@ -317,11 +326,16 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
       around the brain by a grey dilation of the CSF map (``sulcal_px``), grey and white matter
       shrinking to make room;
     * head: outside the brain's rounded outline (per level its convex hull, smoothed across levels), a
-      dark band (outer CSF, then skull; 4-7 mm) and a bright ring (marrow, a thin darker outer table,
-      scalp fat, skin; 6-9.5 mm), their thicknesses varying smoothly around the head;
-    * intensity: ``GM * gm + WM * wm + CSF * csf`` with per-subject levels (a dim brain; the scalp fat
-      is the brightest), a smooth multiplicative bias field, Rician noise (the magnitude of the signal
-      plus complex Gaussian noise) at ``snr`` (white matter / sigma, 18-35); outside the head exactly 0;
+      grey band (outer CSF, then skull; 4-7 mm) and a bright ring (skin, fat, marrow; 6-9.5 mm), their
+      thicknesses varying smoothly around the head. Inward from the outer edge the level ramps up from
+      ``skin * scalp`` to the ring's peak ``scalp`` (125-180) at ``peak_mm`` (3.5-4.8 mm), falls linearly
+      to the band's level ``bone`` (35-60) 30 % of the way into the band, and fades out across the
+      outer CSF, so the profile measured by :func:`dataset.head_profile` follows real OASIS's (issue
+      17): a soft outline, the ring's peak 4-5 px in, a dim grey band (not black) under it;
+    * intensity: ``GM * gm + WM * wm + CSF * csf`` with per-subject levels (a dim brain; the scalp ring
+      about as bright as white matter or up to 1.4x), a smooth multiplicative bias field, Rician noise
+      (the magnitude of the signal plus complex Gaussian noise) at ``snr`` (white matter / sigma,
+      18-35); outside the head exactly 0;
     * view: the average head spans ``HEAD_LENGTH_FRACTION`` (79 %) of the width; rows run along the
       subject's x (right at the bottom), columns from anterior to posterior, so the face points left.
 
@@ -404,17 +418,20 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
             keep = np.where(tissue > 1 - wide, np.clip(1 - wide, 0, None) / np.maximum(tissue, 1e-6), 1.0)
             gm, wm, csf = gm * keep, wm * keep, wide
         x = subject.gm * gm + subject.wm * wm + subject.csf * csf
-        # Head: skull (dark) from 40 % of the band to its end, then the bright ring; 1-pixel soft edges.
-        beyond = head - band  # mm outside the dark band
-        skull = np.clip((head - 0.4 * band) / px + 0.5, 0, 1) * np.clip(0.5 - beyond / px, 0, 1)
-        profile = np.interp(beyond / ring, [0.0, 0.35, 0.42, 0.5, 0.88, 1.0],
-                            [subject.marrow, subject.marrow, subject.table * subject.marrow, subject.fat,
-                             subject.fat, 0.6 * subject.fat])
-        in_ring = np.clip(beyond / px + 0.5, 0, 1) * np.clip((ring - beyond) / px + 0.5, 0, 1)
-        x = (x + subject.bone * skull + profile * in_ring) * np.exp(log_gain)
+        # Head, by depth inside its outer edge (issue 17, OASIS's profile): a linear ramp from skin * scalp
+        # at the edge up to the ring's peak at peak_mm (a soft outline, as the scanner's point spread and
+        # the resampling make it), a linear fall to the grey band's level 30 % of the way into the band,
+        # and that level fading out linearly across the outer CSF (head = 0.4 band -> 0), so the band
+        # under the ring is a dim grey (OASIS: 33-56), not black.
+        depth = band + ring - head  # mm inside the outer edge
+        peak = np.minimum(np.float32(subject.peak_mm), ring - px)
+        up = np.clip(depth / peak, 0, 1)
+        down = np.clip((depth - peak) / (ring + 0.3 * band - peak), 0, 1)
+        level = subject.scalp * (subject.skin + (1 - subject.skin) * up) + (subject.bone - subject.scalp) * down
+        x = (x + level * np.clip(head / (0.4 * band), 0, 1)) * np.exp(log_gain)
         noise = rng.standard_normal((2,) + x.shape, dtype=np.float32) * sigma
         x = np.sqrt((x + noise[0]) ** 2 + noise[1] ** 2)  # Rician: |signal + complex Gaussian noise|
-        x[beyond >= ring] = 0.0  # outside the head: exactly 0, as in OASIS
+        x[depth <= 0] = 0.0  # outside the head: exactly 0, as in OASIS
         out[k, i0 * g:i0 * g + x.shape[0], j0 * g:j0 * g + x.shape[1]] = np.rint(np.clip(x, 0, 255))
     return out
 

@@ -37,7 +37,7 @@ Writing data sets -- the synthetic demo set (``make_demo_dataset``, ``ensure_dem
 volume conversion (``prepare_oasis_volumes``) -- lives in :mod:`build_data`; those names are also
 reachable here (``dataset.make_demo_dataset``), imported on first use.
 
-Command line: ``python dataset.py --help`` (subcommands ``demo``, ``prepare``, ``check``).
+Command line: ``python dataset.py --help`` (subcommands ``demo``, ``prepare``, ``check``, ``profile``).
 Nothing runs on import; TensorFlow and PIL are imported only by the functions that use them.
 """
 
@@ -488,6 +488,128 @@ def to_dataset(split, batch_size: int, shuffle: bool = True, seed: int | None = 
 
 
 # ----------------------------------------------------------------------------------------------
+# Head profile: how the head around the brain looks, for comparing one set of slices with another
+# ----------------------------------------------------------------------------------------------
+
+PROFILE_DISTANCES = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 25)
+HEAD_THRESHOLD = 20  # head mask: pixels above this (0..255), closed, holes filled, largest region
+
+
+@dataclass
+class HeadProfile:
+    """Mean intensity (0..255) at each distance inward from the head's outline, plus per-slice features.
+
+    ``mean[i]`` is the mean over slices of each slice's mean intensity at ``distances[i]`` pixels inside
+    its outline (NaN where no slice reaches that deep). Per slice (``(N,)`` arrays, NaN for a slice with
+    no head): ``outer`` the outline's mean (distance 0), ``peak`` / ``peak_at`` the bright ring's
+    maximum and its distance (searched over 0..10 px), ``band_min`` / ``band_at`` the darkest point of the
+    band under the ring (searched from the peak to 20 px).
+    """
+
+    distances: np.ndarray  # int (D,)
+    mean: np.ndarray  # float (D,)
+    outer: np.ndarray
+    peak: np.ndarray
+    peak_at: np.ndarray
+    band_min: np.ndarray
+    band_at: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.outer)
+
+    def table(self) -> str:
+        """The profile and the per-slice ranges as a few printable lines."""
+        d = " ".join(f"{int(x):>4d}" for x in self.distances)
+        m = " ".join("   -" if np.isnan(x) else f"{x:4.0f}" for x in self.mean)
+        lines = [f"distance from the outline (px)  {d}", f"mean intensity (0-255)          {m}"]
+        for label, v, fmt in (("outermost pixel", self.outer, ".0f"), ("ring peak", self.peak, ".0f"),
+                              ("ring peak at (px)", self.peak_at, ".0f"), ("band minimum", self.band_min, ".0f"),
+                              ("band minimum at (px)", self.band_at, ".0f")):
+            lo, med, hi = np.nanpercentile(v, [0, 50, 100])
+            lines.append(f"{label:22s} min {lo:{fmt}}  median {med:{fmt}}  max {hi:{fmt}}  (per slice)")
+        n_missing = int(np.isnan(self.outer).sum())
+        lines.append(f"{len(self)} slices" + (f", {n_missing} without a head (nothing above {HEAD_THRESHOLD})"
+                                               if n_missing else ""))
+        return "\n".join(lines)
+
+
+def head_mask(image: np.ndarray, threshold: float = HEAD_THRESHOLD) -> np.ndarray:
+    """The head of one 2-D slice (0..255): the largest connected region above ``threshold`` after a
+    binary closing (disk of radius 2) and hole filling. Boolean, the image's shape; all False if empty."""
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    mask = ndimage.binary_fill_holes(ndimage.binary_closing(image > threshold, structure=disk(2)))
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+
+
+def head_profile(images, distances: Sequence[int] = PROFILE_DISTANCES, image_size: int | None = None) -> HeadProfile:
+    """The head's mean intensity profile, measured inward from its outline, over a set of slices.
+
+    Per slice, the head is :func:`head_mask`; a pixel is ``d`` px inside the outline when its Euclidean
+    distance to the nearest background pixel (``scipy.ndimage.distance_transform_edt``) is in
+    ``(d, d + 1]``, so the outline (``d = 0``) is the head's pixels with a background 4-neighbour; pixels
+    of the slice as it is (OASIS PNGs: 256x256). Real OASIS
+    ``keras_png_slices`` (issue 17, six subjects): 39, 70, 98, 129, 137, 124, 107, 75, 56, 50, 52, 59, 72,
+    82 at the default distances -- a soft outline, a bright ring 4-5 px in, a dim grey band under it.
+
+    Args:
+        images: a folder of PNG slices (read with :func:`read_split`), or an array ``(N, H, W)`` /
+            ``(N, H, W, 1)`` / ``(H, W)``: integers are 0..255, floats are ``[0, 1]`` (as from
+            :func:`load_images`).
+        distances: the distances (px) reported in ``mean``.
+        image_size: with a folder, resize the slices to this square size first (Lanczos).
+    Returns:
+        :class:`HeadProfile`.
+    Raises:
+        DatasetError: a missing or empty folder (one line), or an array of the wrong shape.
+    """
+    from scipy import ndimage
+
+    if isinstance(images, (str, os.PathLike)):
+        images = read_split(images, image_size).images
+    a = np.asarray(images)
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    elif a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[0] == 0:
+        raise DatasetError(f"head_profile: need slices (N, H, W) or (N, H, W, 1), got shape {np.shape(images)}")
+    a = a.astype(np.float64) * (255.0 if np.issubdtype(a.dtype, np.floating) else 1.0)
+    distances = np.asarray(distances, dtype=int)
+    if distances.ndim != 1 or distances.size == 0 or distances.min() < 0:
+        raise DatasetError(f"head_profile: distances must be non-negative pixels, got {distances.tolist()}")
+    depth = max(int(distances.max()), 20) + 1  # the band is searched to 20 px
+    per_slice = np.full((len(a), depth), np.nan)
+    for i, image in enumerate(a):
+        mask = head_mask(image)
+        if not mask.any():
+            continue
+        at = np.ceil(ndimage.distance_transform_edt(mask)[mask]).astype(int) - 1  # (d, d + 1] px to the background -> d
+        keep = at < depth
+        counts = np.bincount(at[keep], minlength=depth)
+        sums = np.bincount(at[keep], weights=image[mask][keep], minlength=depth)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_slice[i] = np.where(counts > 0, sums / counts, np.nan)
+    with warnings.catch_warnings():  # all-NaN columns (no slice that deep) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(per_slice, axis=0)[distances]
+    outer, peak, peak_at, band_min, band_at = (np.full(len(a), np.nan) for _ in range(5))
+    for i, p in enumerate(per_slice):
+        if np.isnan(p[0]):
+            continue
+        ring = np.nan_to_num(p[:11], nan=-1.0)
+        k = int(np.argmax(ring))
+        band = np.nan_to_num(p[k:21], nan=np.inf)
+        j = k + int(np.argmin(band))
+        outer[i], peak[i], peak_at[i], band_min[i], band_at[i] = p[0], p[k], k, p[j], j
+    return HeadProfile(distances, mean, outer, peak, peak_at, band_min, band_at)
+
+
+# ----------------------------------------------------------------------------------------------
 # File names
 # ----------------------------------------------------------------------------------------------
 
@@ -525,7 +647,7 @@ def _build_parser(prog: str = "python dataset.py") -> argparse.ArgumentParser:
         prog=prog,
         description="OASIS brain-MRI PNG slices: build the embedded demo set, convert OASIS-1 volumes, "
                     "or check a data folder. Bad input ends with a one-line error and exit code 2.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prepare,check}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prepare,check,profile}")
     build_data.add_commands(sub)
     check = sub.add_parser("check", help="load a data folder the way training does and summarise it",
                            description="Read ROOT/keras_png_slices_{train,validate,test} with read_oasis and print "
@@ -536,6 +658,15 @@ def _build_parser(prog: str = "python dataset.py") -> argparse.ArgumentParser:
                        help="cases held out of train when there is no validate folder (default: %(default)s)")
     check.add_argument("--seed", type=int, default=0, help="seed of that held-out split (default: %(default)s)")
     check.set_defaults(run=_run_check)
+    prof = sub.add_parser("profile", help="the head's mean intensity profile inward from its outline",
+                          description="Print the mean intensity (0-255) of a folder of slices at each distance "
+                                      "(px) inward from the head's outline, and per-slice ranges of the outermost "
+                                      "pixel, the bright ring's peak and the band under it (see head_profile), to "
+                                      "compare a data set with the demo or with real OASIS.")
+    prof.add_argument("folder", type=Path, help="a folder of PNG slices, e.g. data/oasis_demo/keras_png_slices_test")
+    prof.add_argument("--image-size", type=int, default=None,
+                      help="resize the slices to this square size first (the OASIS figures are at 256)")
+    prof.set_defaults(run=_run_profile)
     return parser
 
 
@@ -547,8 +678,13 @@ def _run_check(args: argparse.Namespace) -> None:
         print(f"{name:9s} {len(s):6d} images  {size:>9s}  {len(cases):4d} cases")
 
 
+def _run_profile(args: argparse.Namespace) -> None:
+    print(f"{args.folder}: head profile")
+    print(head_profile(args.folder, image_size=args.image_size).table())
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> int:
-    """The command line: ``demo`` and ``prepare`` (from build_data) and ``check``. Returns the exit code."""
+    """The command line: ``demo`` and ``prepare`` (from build_data), ``check`` and ``profile``. Returns the exit code."""
     args = _build_parser(prog).parse_args(argv)
     try:
         with warnings.catch_warnings():
