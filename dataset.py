@@ -33,11 +33,10 @@ Reading rules (every conversion is counted in a :class:`LoadReport` and announce
 * Corrupt, truncated or zero-byte PNGs, mixed sizes, and empty or missing split folders raise
   :class:`DatasetError` with a one-line message naming the file or folder and the fix.
 
-Writing data sets -- the synthetic demo set (``make_demo_dataset``, ``ensure_demo_dataset``) and OASIS-1
-volume conversion (``prepare_oasis_volumes``) -- lives in :mod:`build_data`; those names are also
-reachable here (``dataset.make_demo_dataset``), imported on first use.
+Writing data sets -- the synthetic demo set and OASIS-1 volume conversion -- is :mod:`build_data`'s job
+(``python build_data.py demo|prepare``); this module does not import it.
 
-Command line: ``python dataset.py --help`` (subcommands ``demo``, ``prepare``, ``check``).
+Command line: ``python dataset.py check ROOT`` summarises a data folder the way training reads it.
 Nothing runs on import; TensorFlow and PIL are imported only by the functions that use them.
 """
 
@@ -358,7 +357,7 @@ def read_oasis(root: str | os.PathLike, image_size: int | None = None, val_fract
     if not root.is_dir():
         raise DatasetError(f"{root}: data folder not found; expected a folder holding {SPLIT_DIRS['train']}/, "
                            f"{SPLIT_DIRS['test']}/ and optionally {SPLIT_DIRS['validate']}/ "
-                           "(python dataset.py demo builds one)")
+                           "(python build_data.py demo builds one)")
     root = _find_split_root(root)
     for name in ("train", "test"):
         if not (root / SPLIT_DIRS[name]).exists():
@@ -494,36 +493,18 @@ def slice_file_name(case_id: int, slice_index: int) -> str:
     return f"case_{case_id:03d}_slice_{slice_index}.nii.png"
 
 
-# Building data sets (the demo set, OASIS-1 volume conversion) lives in build_data.py; its public names
-# stay reachable here, imported on first use, so ``dataset.make_demo_dataset`` etc. keep working.
-_BUILD_DATA_NAMES = frozenset({
-    "make_demo_dataset", "ensure_demo_dataset", "demo_is_complete", "save_demo_contact_sheet",
-    "prepare_oasis_volumes", "DEFAULT_DEMO_ROOT", "DEMO_DEFAULTS", "DEMO_MARKER", "DEMO_VERSION",
-    "MNI_TEMPLATE_FILE"})
-
-
-def __getattr__(name: str):
-    if name in _BUILD_DATA_NAMES:
-        import build_data
-
-        return getattr(build_data, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
 
 def _build_parser(prog: str = "python dataset.py") -> argparse.ArgumentParser:
-    import build_data  # the demo and prepare commands live beside the code they run
-
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="OASIS brain-MRI PNG slices: build the embedded demo set, convert OASIS-1 volumes, "
-                    "or check a data folder. Bad input ends with a one-line error and exit code 2.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prepare,check}")
-    build_data.add_commands(sub)
+        description="OASIS brain-MRI PNG slices: check a data folder the way training reads it. Bad input ends "
+                    "with a one-line error and exit code 2. Building data sets (the demo set, OASIS-1 volume "
+                    "conversion) is python build_data.py demo|prepare.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check}")
     check = sub.add_parser("check", help="load a data folder the way training does and summarise it",
                            description="Read ROOT/keras_png_slices_{train,validate,test} with read_oasis and print "
                                        "images, size and cases per split, plus any conversions applied.")
@@ -545,12 +526,12 @@ def _run_check(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> int:
-    """The command line: ``demo`` and ``prepare`` (from build_data) and ``check``. Returns the exit code."""
+    """The command line (``check``). Returns the exit code."""
+    import utils
+
     args = _build_parser(prog).parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", DatasetWarning)
-            warnings.showwarning = _show_warning_line
+        with utils.one_line_warnings(always=(DatasetWarning,)):
             args.run(args)
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -558,11 +539,5 @@ def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> 
     return 0
 
 
-def _show_warning_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    import dataset  # run the importable module, so build_data raises the same DatasetError that main catches
-
-    sys.exit(dataset.main())
+    sys.exit(main())

@@ -352,8 +352,11 @@ def main(argv=None) -> int:
         parser.error(f"--percentile must lie between 0 and 100, got {args.percentile}")
     if args.command != "reconstruct" and args.temperature <= 0:
         parser.error(f"--temperature must be above 0, got {args.temperature}")
+    import utils
+
     try:
-        return _run_command(args)
+        with utils.one_line_warnings():
+            return _run_command(args)
     except PredictError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2

@@ -599,7 +599,9 @@ def load_data(cfg: dict, condition_on_slice: bool):
 
     root = cfg["data"]["root"]
     if root is None:
-        root = dataset.ensure_demo_dataset()
+        import build_data
+
+        root = build_data.ensure_demo_dataset()
         cfg["data"]["root"] = str(root)
         cfg["data"]["demo"] = True
     try:
@@ -824,7 +826,8 @@ def main(argv=None) -> int:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.virtual_cpus)
     try:
-        return run(args, parser)
+        with utils.one_line_warnings():
+            return run(args, parser)
     except TrainError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
