@@ -914,11 +914,10 @@ def build_parser(prog: str = "python build_data.py") -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python build_data.py") -> int:
     """The command line: ``demo`` and ``prepare``. Returns the exit code."""
-    import utils
-
     args = build_parser(prog).parse_args(argv)
     try:
-        with utils.one_line_warnings(always=(DatasetWarning,)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DatasetWarning)  # every conversion, even when repeated
             args.run(args)
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -927,4 +926,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python build_data.py") 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import utils
+
+    with utils.one_line_warnings():  # "warning: <message>", as every command prints them
+        sys.exit(main())

@@ -527,11 +527,10 @@ def _run_check(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> int:
     """The command line (``check``). Returns the exit code."""
-    import utils
-
     args = _build_parser(prog).parse_args(argv)
     try:
-        with utils.one_line_warnings(always=(DatasetWarning,)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DatasetWarning)  # every conversion, even when repeated
             args.run(args)
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -540,4 +539,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import utils
+
+    with utils.one_line_warnings():  # "warning: <message>", as every command prints them
+        sys.exit(main())

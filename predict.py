@@ -352,11 +352,8 @@ def main(argv=None) -> int:
         parser.error(f"--percentile must lie between 0 and 100, got {args.percentile}")
     if args.command != "reconstruct" and args.temperature <= 0:
         parser.error(f"--temperature must be above 0, got {args.temperature}")
-    import utils
-
     try:
-        with utils.one_line_warnings():
-            return _run_command(args)
+        return _run_command(args)
     except PredictError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
@@ -541,4 +538,7 @@ def _complete_command(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import utils
+
+    with utils.one_line_warnings():  # "warning: <message>", as every command prints them
+        sys.exit(main())

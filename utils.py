@@ -308,16 +308,15 @@ def _show_warning_line(message, category, filename, lineno, file=None, line=None
 
 
 @contextlib.contextmanager
-def one_line_warnings(always: Sequence[type[Warning]] = ()):
+def one_line_warnings():
     """Inside the block every warning prints as one line, ``warning: <message>``, on stderr.
 
     Python's default adds the file, line number and source line of the ``warnings.warn`` call, which
-    tell a user of the command line nothing. Every script's ``main`` runs inside this (one formatter
-    for every command). ``always``: categories shown each time they are raised, not once per place
-    (the loader's ``DatasetWarning`` in the data commands). Filters and the formatter are restored on exit.
+    tell a user of the command line nothing. Each script (``train.py``, ``predict.py``, ``dataset.py``,
+    ``build_data.py``) runs its ``main`` inside this when started from a shell: one formatter for every
+    command. Called in-process (a test, a notebook), ``main`` leaves warnings to the caller. The
+    previous ``warnings.showwarning`` and filters come back on exit.
     """
     with warnings.catch_warnings():
-        for category in always:
-            warnings.simplefilter("always", category)
         warnings.showwarning = _show_warning_line
         yield

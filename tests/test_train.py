@@ -209,27 +209,29 @@ def test_slice_conditions_come_from_the_training_split_only(oasis_tree, tmp_path
 
     import dataset
 
+    import runconfig
+
     splits = dataset.read_oasis(oasis_tree, image_size=32)
     splits["test"] = splits["test"].subset(splits["test"].slice_indices < 4)
-    assert train.slice_conditions(splits) == 4
+    assert runconfig.slice_conditions(splits) == 4
 
 
 def test_checkpoint_discovery_ignores_unfinished_files(tmp_path):
-    import train
+    import rundir
 
     (tmp_path / "epoch_0002.keras").write_bytes(b"done")
     (tmp_path / "tmp_123.keras").write_bytes(b"half")        # a write cut short by a kill
     (tmp_path / "epoch_0003.keras.partial").write_bytes(b"x")
-    assert train.latest_checkpoint(tmp_path) == (2, tmp_path / "epoch_0002.keras")
-    assert train.latest_checkpoint(tmp_path / "missing") == (0, None)
+    assert rundir.latest_checkpoint(tmp_path) == (2, tmp_path / "epoch_0002.keras")
+    assert rundir.latest_checkpoint(tmp_path / "missing") == (0, None)
 
 
 def test_truncate_history_drops_epochs_after_the_checkpoint(tmp_path):
-    import train
+    import rundir
 
     path = tmp_path / "h.csv"
     path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
-    train.truncate_history(path, 2)
+    rundir.truncate_history(path, 2)
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
 
 
@@ -314,11 +316,11 @@ def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, t
     import keras
 
     import modules  # noqa: F401
-    import train
+    import rundir
 
     digests = {stage: digest for stage, _, digest in saved.findall(chief)}
-    assert train.weights_digest(keras.models.load_model(out / "vqvae.keras")) == digests["vqvae"]
-    assert train.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
+    assert rundir.weights_digest(keras.models.load_model(out / "vqvae.keras")) == digests["vqvae"]
+    assert rundir.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
 
 
 @pytest.mark.parametrize("argv, message", [
