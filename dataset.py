@@ -527,7 +527,11 @@ def _run_check(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> int:
     """The command line (``check``). Returns the exit code."""
-    args = _build_parser(prog).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser(prog)
+    if argv[:1] in (["demo"], ["prepare"]):  # they build data sets: not the loader's commands
+        parser.error(f"{argv[0]} builds a data set: run python build_data.py {' '.join(argv)}")
+    args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DatasetWarning)  # every conversion, even when repeated

@@ -66,3 +66,6 @@ def test_each_help_says_where_the_commands_are():
         run = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
                              timeout=60, cwd=REPO)
         assert run.returncode == 0 and says in " ".join(run.stdout.split()), run.stdout
+    moved = subprocess.run([sys.executable, str(REPO / "dataset.py"), "demo", "--out", "x"], capture_output=True,
+                           text=True, timeout=60, cwd=REPO)
+    assert moved.returncode == 2 and "run python build_data.py demo --out x" in moved.stderr, moved.stderr
