@@ -9,7 +9,7 @@
   OASIS property is imitated is listed in :func:`render_demo_case`.
 * :func:`prepare_oasis_volumes`: real OASIS-1 volumes (Analyze or NIfTI) -> the same PNG layout.
 
-Command line: ``python dataset.py demo|prepare|check|profile`` (``python build_data.py`` takes the same commands).
+Command line: ``python build_data.py demo|prepare`` (``python dataset.py check|profile`` reads what they write).
 Nothing runs on import; scipy, scikit-image, nibabel, PIL and matplotlib are imported by the functions
 that use them.
 """
@@ -663,7 +663,7 @@ def save_demo_contact_sheet(root: str | os.PathLike, path: str | os.PathLike, n_
                 if case != UNKNOWN:
                     by_case.setdefault(case, (name, {}))[1][k] = p
     if not by_case:
-        raise DatasetError(f"{root}: no case_<id>_slice_<k>.png slices to draw; build them with: python dataset.py demo")
+        raise DatasetError(f"{root}: no case_<id>_slice_<k>.png slices to draw; build them with: python build_data.py demo")
     try:
         ages = {int(c): s["age"] for c, s in load_json(root / DEMO_MARKER)["subjects"].items() if int(c) in by_case}
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -853,7 +853,7 @@ def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.Path
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: the demo and prepare commands of ``python dataset.py`` (and ``python build_data.py``)
+# Command line: ``python build_data.py demo|prepare``
 # ----------------------------------------------------------------------------------------------
 
 
@@ -919,7 +919,31 @@ def _run_prepare(args: argparse.Namespace) -> None:
                           image_size=args.image_size, progress=not args.quiet)
 
 
-if __name__ == "__main__":
-    import dataset  # the same module objects (and DatasetError) that the functions above raise through
+def build_parser(prog: str = "python build_data.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Build OASIS-layout PNG data sets: the synthetic demo set (demo) or PNG slices from OASIS-1 "
+                    "volumes (prepare). Bad input ends with a one-line error and exit code 2. "
+                    "python dataset.py check ROOT reads a data folder the way training does.")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="{demo,prepare}"))
+    return parser
 
-    sys.exit(dataset.main(prog="python build_data.py"))
+
+def main(argv: Sequence[str] | None = None, prog: str = "python build_data.py") -> int:
+    """The command line: ``demo`` and ``prepare``. Returns the exit code."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DatasetWarning)  # every conversion, even when repeated
+            args.run(args)
+    except (DatasetError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import utils
+
+    with utils.one_line_warnings():  # "warning: <message>", as every command prints them
+        sys.exit(main())

@@ -33,11 +33,11 @@ Reading rules (every conversion is counted in a :class:`LoadReport` and announce
 * Corrupt, truncated or zero-byte PNGs, mixed sizes, and empty or missing split folders raise
   :class:`DatasetError` with a one-line message naming the file or folder and the fix.
 
-Writing data sets -- the synthetic demo set (``make_demo_dataset``, ``ensure_demo_dataset``) and OASIS-1
-volume conversion (``prepare_oasis_volumes``) -- lives in :mod:`build_data`; those names are also
-reachable here (``dataset.make_demo_dataset``), imported on first use.
+Writing data sets -- the synthetic demo set and OASIS-1 volume conversion -- is :mod:`build_data`'s job
+(``python build_data.py demo|prepare``); this module does not import it.
 
-Command line: ``python dataset.py --help`` (subcommands ``demo``, ``prepare``, ``check``, ``profile``).
+Command line: ``python dataset.py check ROOT`` summarises a data folder the way training reads it;
+``python dataset.py profile FOLDER`` prints the head's intensity profile (:func:`head_profile`).
 Nothing runs on import; TensorFlow and PIL are imported only by the functions that use them.
 """
 
@@ -361,7 +361,7 @@ def read_oasis(root: str | os.PathLike, image_size: int | None = None, val_fract
     if not root.is_dir():
         raise DatasetError(f"{root}: data folder not found; expected a folder holding {SPLIT_DIRS['train']}/, "
                            f"{SPLIT_DIRS['test']}/ and optionally {SPLIT_DIRS['validate']}/ "
-                           "(python dataset.py demo builds one)")
+                           "(python build_data.py demo builds one)")
     root = _find_split_root(root)
     for name in ("train", "test"):
         if not (root / SPLIT_DIRS[name]).exists():
@@ -619,36 +619,18 @@ def slice_file_name(case_id: int, slice_index: int) -> str:
     return f"case_{case_id:03d}_slice_{slice_index}.nii.png"
 
 
-# Building data sets (the demo set, OASIS-1 volume conversion) lives in build_data.py; its public names
-# stay reachable here, imported on first use, so ``dataset.make_demo_dataset`` etc. keep working.
-_BUILD_DATA_NAMES = frozenset({
-    "make_demo_dataset", "ensure_demo_dataset", "demo_is_complete", "save_demo_contact_sheet",
-    "prepare_oasis_volumes", "DEFAULT_DEMO_ROOT", "DEMO_DEFAULTS", "DEMO_MARKER", "DEMO_VERSION",
-    "MNI_TEMPLATE_FILE"})
-
-
-def __getattr__(name: str):
-    if name in _BUILD_DATA_NAMES:
-        import build_data
-
-        return getattr(build_data, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
 
 def _build_parser(prog: str = "python dataset.py") -> argparse.ArgumentParser:
-    import build_data  # the demo and prepare commands live beside the code they run
-
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="OASIS brain-MRI PNG slices: build the embedded demo set, convert OASIS-1 volumes, "
-                    "or check a data folder. Bad input ends with a one-line error and exit code 2.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prepare,check,profile}")
-    build_data.add_commands(sub)
+        description="OASIS brain-MRI PNG slices: check a data folder the way training reads it, or print its head profile. Bad input ends "
+                    "with a one-line error and exit code 2. Building data sets (the demo set, OASIS-1 volume "
+                    "conversion) is python build_data.py demo|prepare.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,profile}")
     check = sub.add_parser("check", help="load a data folder the way training does and summarise it",
                            description="Read ROOT/keras_png_slices_{train,validate,test} with read_oasis and print "
                                        "images, size and cases per split, plus any conversions applied.")
@@ -684,12 +666,15 @@ def _run_profile(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> int:
-    """The command line: ``demo`` and ``prepare`` (from build_data), ``check`` and ``profile``. Returns the exit code."""
-    args = _build_parser(prog).parse_args(argv)
+    """The command line: ``check`` and ``profile``. Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser(prog)
+    if argv[:1] in (["demo"], ["prepare"]):  # they build data sets: not the loader's commands
+        parser.error(f"{argv[0]} builds a data set: run python build_data.py {' '.join(argv)}")
+    args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("always", DatasetWarning)
-            warnings.showwarning = _show_warning_line
+            warnings.simplefilter("always", DatasetWarning)  # every conversion, even when repeated
             args.run(args)
     except (DatasetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -697,11 +682,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> 
     return 0
 
 
-def _show_warning_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    import dataset  # run the importable module, so build_data raises the same DatasetError that main catches
+    import utils
 
-    sys.exit(dataset.main())
+    with utils.one_line_warnings():  # "warning: <message>", as every command prints them
+        sys.exit(main())

@@ -2,7 +2,8 @@
 and the tests all call these functions.
 
 * image similarity: :func:`ssim`, :func:`ms_ssim`, :func:`psnr`, :func:`ssim_matrix` (all pairs);
-* chunked encoding / decoding: :func:`encode_images`, :func:`decode_codes`, :func:`reconstruct`;
+* chunked encoding / decoding: :func:`encode_images`, :func:`decode_codes`, :func:`reconstruct`; a run's
+  splits encoded once and cached (:func:`encode_splits`);
 * reconstruction quality: :func:`reconstruction_metrics`; the codebook: :func:`code_usage`;
 * the prior: :func:`code_nll` (per-position cross-entropy in nats), :func:`prior_nll` (bits per code
   and bits per slice);
@@ -233,6 +234,24 @@ def save_code_cache(run_dir, vqvae_sha256: str, codes: dict[str, dict[str, np.nd
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, cache)
     return cache
+
+
+def encode_splits(vqvae, splits, run_dir: Path, model_path: Path | None = None,
+                  batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
+    """Encode every split once; cached in ``run_dir/codes.npz``, keyed by the VQ-VAE file it came from
+    (``model_path``, default ``run_dir/vqvae.keras``)."""
+    digest = file_sha256(model_path or Path(run_dir) / "vqvae.keras")
+    out = cached_codes(run_dir, digest, splits)
+    if out is not None:
+        print(f"[prior] using cached codes in {Path(run_dir) / CODE_CACHE}")
+        return out
+    out = {}
+    for name, split in splits.items():
+        out[name] = {"codes": encode_images(vqvae, split.images, batch_size),
+                     "slices": np.asarray(split.slice_indices)}
+        print(f"[prior] encoded {name}: {out[name]['codes'].shape}")
+    save_code_cache(run_dir, digest, out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -570,4 +570,7 @@ def _complete_command(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import utils
+
+    with utils.one_line_warnings():  # "warning: <message>", as every command prints them
+        sys.exit(main())

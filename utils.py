@@ -6,10 +6,13 @@ The metrics (SSIM, PSNR, MS-SSIM, code usage, NLL, realism, sharpness, ...) live
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -298,3 +301,22 @@ def quiet_tensorflow(verbose: bool = False) -> None:
 
     tf.get_logger().setLevel("ERROR")
     absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def _show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    (file or sys.stderr).write(f"warning: {message}\n")
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Inside the block every warning prints as one line, ``warning: <message>``, on stderr.
+
+    Python's default adds the file, line number and source line of the ``warnings.warn`` call, which
+    tell a user of the command line nothing. Each script (``train.py``, ``predict.py``, ``dataset.py``,
+    ``build_data.py``) runs its ``main`` inside this when started from a shell: one formatter for every
+    command. Called in-process (a test, a notebook), ``main`` leaves warnings to the caller. The
+    previous ``warnings.showwarning`` and filters come back on exit.
+    """
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning_line
+        yield

@@ -281,7 +281,7 @@ DEMO_SMALL = dict(n_train=2, n_validate=1, n_test=1, slices_per_case=3, seed=5)
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    return dataset.make_demo_dataset(tmp_path_factory.mktemp("demo") / "oasis_demo", progress=False, **DEMO_SMALL)
+    return build_data.make_demo_dataset(tmp_path_factory.mktemp("demo") / "oasis_demo", progress=False, **DEMO_SMALL)
 
 
 def test_demo_layout_png_format_black_background_disjoint_cases(demo_root):
@@ -313,14 +313,14 @@ def test_demo_cases_differ_and_slices_go_low_to_high(demo_root):
 
 def test_demo_is_byte_identical_for_a_seed_whether_built_in_parallel_or_not(demo_root, tmp_path):
     assert build_data._demo_workers(None, 4) == min(os.cpu_count(), 2)  # the fixture's build used them
-    other = dataset.make_demo_dataset(tmp_path / "again", progress=False, workers=1, **DEMO_SMALL)
+    other = build_data.make_demo_dataset(tmp_path / "again", progress=False, workers=1, **DEMO_SMALL)
     for name in SPLIT_DIRS.values():
         for p in sorted((demo_root / name).iterdir()):
             assert (other / name / p.name).read_bytes() == p.read_bytes()
     assert (other / "demo.json").read_text() == (demo_root / "demo.json").read_text()
     with pytest.raises(dataset.DatasetError, match="workers must be an int >= 1"):
-        dataset.make_demo_dataset(tmp_path / "bad", progress=False, workers=0, **DEMO_SMALL)
-    changed = dataset.make_demo_dataset(tmp_path / "seed6", progress=False, **{**DEMO_SMALL, "seed": 6})
+        build_data.make_demo_dataset(tmp_path / "bad", progress=False, workers=0, **DEMO_SMALL)
+    changed = build_data.make_demo_dataset(tmp_path / "seed6", progress=False, **{**DEMO_SMALL, "seed": 6})
     p = "keras_png_slices_train/case_001_slice_1.nii.png"
     assert (changed / p).read_bytes() != (demo_root / p).read_bytes()
 
@@ -328,14 +328,14 @@ def test_demo_is_byte_identical_for_a_seed_whether_built_in_parallel_or_not(demo
 def test_ensure_demo_dataset_builds_once_and_rebuilds_incomplete_trees(tmp_path):
     root = tmp_path / "demo"
     params = dict(n_train=1, n_validate=1, n_test=1, slices_per_case=2, seed=0)
-    assert dataset.ensure_demo_dataset(root, progress=False, **params) == root
+    assert build_data.ensure_demo_dataset(root, progress=False, **params) == root
     marker = root / "demo.json"
     stamp = marker.stat().st_mtime_ns
-    dataset.ensure_demo_dataset(root, progress=False, **params)
+    build_data.ensure_demo_dataset(root, progress=False, **params)
     assert marker.stat().st_mtime_ns == stamp  # complete: not rebuilt
     victim = root / "keras_png_slices_test" / "case_003_slice_1.nii.png"
     victim.unlink()
-    dataset.ensure_demo_dataset(root, progress=False, **params)
+    build_data.ensure_demo_dataset(root, progress=False, **params)
     assert victim.exists()  # a missing file triggers a rebuild
 
 
@@ -352,28 +352,28 @@ def test_interrupted_demo_build_is_rebuilt(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build_data, "_write_png", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        dataset.ensure_demo_dataset(root, progress=False, **params)
+        build_data.ensure_demo_dataset(root, progress=False, **params)
     assert not (root / "demo.json").exists() and len(list(root.rglob("*.png"))) == 3
-    assert not dataset.demo_is_complete(root, **params)
+    assert not build_data.demo_is_complete(root, **params)
     monkeypatch.setattr(build_data, "_write_png", real_write)
-    dataset.ensure_demo_dataset(root, progress=False, **params)
+    build_data.ensure_demo_dataset(root, progress=False, **params)
     assert (root / "demo.json").exists() and len(list(root.rglob("*.png"))) == 6
-    assert dataset.demo_is_complete(root, **params)
-    assert not dataset.demo_is_complete(root, **{**params, "seed": 1})  # other parameters: rebuild
-    assert dataset.DEFAULT_DEMO_ROOT == REPO / "data" / "oasis_demo"
+    assert build_data.demo_is_complete(root, **params)
+    assert not build_data.demo_is_complete(root, **{**params, "seed": 1})  # other parameters: rebuild
+    assert build_data.DEFAULT_DEMO_ROOT == REPO / "data" / "oasis_demo"
 
 
 def test_demo_refuses_to_overwrite_other_pngs(tmp_path):
     root = write_tree(tmp_path / "real")
     with pytest.raises(DatasetError, match="choose an empty output folder") as e:
-        dataset.make_demo_dataset(root, n_train=1, n_validate=0, n_test=1, slices_per_case=1, progress=False)
+        build_data.make_demo_dataset(root, n_train=1, n_validate=0, n_test=1, slices_per_case=1, progress=False)
     one_line(e)
     assert len(list((root / SPLIT_DIRS["train"]).iterdir())) == 9 and not list(root.glob(".demo*"))
 
 
 def test_cli_demo_writes_tree_and_contact_sheet(tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
-    rc = dataset.main(["demo", "--out", str(tmp_path / "d"), "--train-cases", "1", "--validate-cases", "1",
+    rc = build_data.main(["demo", "--out", str(tmp_path / "d"), "--train-cases", "1", "--validate-cases", "1",
                        "--test-cases", "1", "--slices", "6", "--seed", "1", "--quiet", "--contact-sheet", str(sheet)])
     assert rc == 0
     assert len(list((tmp_path / "d" / SPLIT_DIRS["validate"]).glob("*.png"))) == 6
@@ -381,12 +381,10 @@ def test_cli_demo_writes_tree_and_contact_sheet(tmp_path, capsys):
         assert im.size[0] > 400 and im.size[1] > 200
 
 
-def test_build_data_owns_the_builders_and_dataset_reexports_them():
-    for name in ("make_demo_dataset", "ensure_demo_dataset", "demo_is_complete", "save_demo_contact_sheet",
-                 "prepare_oasis_volumes", "DEFAULT_DEMO_ROOT", "DEMO_DEFAULTS", "DEMO_VERSION"):
-        assert getattr(dataset, name) is getattr(build_data, name)
-    with pytest.raises(AttributeError):
-        dataset.no_such_name  # noqa: B018
+def test_build_data_owns_the_builders_and_the_loader_does_not_know_them():
+    for name in ("make_demo_dataset", "ensure_demo_dataset", "demo_is_complete", "prepare_oasis_volumes",
+                 "DEFAULT_DEMO_ROOT", "DEMO_VERSION"):
+        assert hasattr(build_data, name) and not hasattr(dataset, name), name
     code = ("import sys, build_data; "
             "assert not {'tensorflow', 'scipy', 'skimage', 'nibabel', 'PIL'} & set(sys.modules), sorted(sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -399,12 +397,12 @@ def test_build_data_owns_the_builders_and_dataset_reexports_them():
 def test_an_older_demo_version_is_rebuilt_with_a_notice(tmp_path, capsys):
     root = tmp_path / "demo"
     params = dict(n_train=1, n_validate=0, n_test=1, slices_per_case=2, image_size=64, seed=0)
-    dataset.ensure_demo_dataset(root, progress=False, **params)
+    build_data.ensure_demo_dataset(root, progress=False, **params)
     meta = json.loads((root / "demo.json").read_text())
     assert meta["version"] == build_data.DEMO_VERSION >= 2
     (root / "demo.json").write_text(json.dumps({**meta, "version": 1}))
     capsys.readouterr()
-    dataset.ensure_demo_dataset(root, progress=False, **params)
+    build_data.ensure_demo_dataset(root, progress=False, **params)
     notice = capsys.readouterr().out.strip()
     assert notice.count("\n") == 0 and "version 1 is out of date" in notice and str(root) in notice
     assert json.loads((root / "demo.json").read_text())["version"] == build_data.DEMO_VERSION
@@ -443,7 +441,7 @@ def dark_central_area(a: np.ndarray) -> int:
 def oasis_like(tmp_path_factory):
     """A default-size demo (256x256, 32 slices) of 6 cases: ``(root, demo.json, {case: (split, (32, 256, 256)
     uint8 slices)})``."""
-    root = dataset.make_demo_dataset(tmp_path_factory.mktemp("demo") / "like", n_train=4, n_validate=1, n_test=1,
+    root = build_data.make_demo_dataset(tmp_path_factory.mktemp("demo") / "like", n_train=4, n_validate=1, n_test=1,
                                      seed=0, progress=False)
     meta = json.loads((root / "demo.json").read_text())
     cases = {}
@@ -617,7 +615,7 @@ def test_prepare_oasis_volumes_nifti_and_analyze_split_by_subject(tmp_path):
     vols = tmp_path / "vols"
     write_volumes(vols)
     with pytest.warns(DatasetWarning, match="skipped 1 extra volume"):
-        summary = dataset.prepare_oasis_volumes(vols, tmp_path / "out", val_fraction=0.2, test_fraction=0.2,
+        summary = build_data.prepare_oasis_volumes(vols, tmp_path / "out", val_fraction=0.2, test_fraction=0.2,
                                                 seed=0, slices_per_case=4, image_size=32, progress=False)
     cases = summary["cases"]
     assert sorted(sum(cases.values(), [])) == [1, 2, 3, 4, 5]
@@ -655,8 +653,8 @@ def test_prepare_reorients_with_nibabel(tmp_path):
     for s in (1, 2):
         nib.save(nib.Nifti1Image(vol[::-1, ::-1].copy(), lps), flipped / f"OAS1_000{s}_MR1_x_masked_gfc.nii.gz")
     kw = dict(val_fraction=0, test_fraction=0.5, slices_per_case=3, image_size=24, progress=False)
-    dataset.prepare_oasis_volumes(ras, tmp_path / "a", **kw)
-    dataset.prepare_oasis_volumes(flipped, tmp_path / "b", **kw)
+    build_data.prepare_oasis_volumes(ras, tmp_path / "a", **kw)
+    build_data.prepare_oasis_volumes(flipped, tmp_path / "b", **kw)
     for name in ("keras_png_slices_train", "keras_png_slices_test"):
         for p in (tmp_path / "a" / name).iterdir():
             assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "b" / name / p.name)))
@@ -664,7 +662,7 @@ def test_prepare_reorients_with_nibabel(tmp_path):
 
 def test_prepare_bad_input(tmp_path):
     with pytest.raises(DatasetError, match="volumes folder not found") as e:
-        dataset.prepare_oasis_volumes(tmp_path / "missing", tmp_path / "out", progress=False)
+        build_data.prepare_oasis_volumes(tmp_path / "missing", tmp_path / "out", progress=False)
     one_line(e)
     vols = tmp_path / "vols"
     vols.mkdir()
@@ -672,10 +670,10 @@ def test_prepare_bad_input(tmp_path):
 
     nib.save(nib.Nifti1Image(brain_volume(1), np.eye(4)), vols / "subject_a_masked_gfc.nii")
     with pytest.raises(DatasetError, match="no OAS1_XXXX subject id") as e:
-        dataset.prepare_oasis_volumes(vols, tmp_path / "out", progress=False)
+        build_data.prepare_oasis_volumes(vols, tmp_path / "out", progress=False)
     one_line(e)
     with pytest.raises(DatasetError, match=r"pass --pattern") as e:
-        dataset.prepare_oasis_volumes(vols, tmp_path / "out", pattern="*.img", progress=False)
+        build_data.prepare_oasis_volumes(vols, tmp_path / "out", pattern="*.img", progress=False)
     one_line(e)
 
 
@@ -801,7 +799,7 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: ") and "case_001_slice_1.nii.png" in run.stderr
-    helped = subprocess.run([sys.executable, str(REPO / "dataset.py"), "prepare", "--help"],
+    helped = subprocess.run([sys.executable, str(REPO / "build_data.py"), "prepare", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "--volumes" in helped.stdout and "--val-fraction" in helped.stdout
 

@@ -303,6 +303,25 @@ def test_reconstruct_reports_per_image_scores(trained_run, tmp_path):
     assert report["mean_ssim"] == pytest.approx(expected.mean(), rel=1e-5)
 
 
+def test_a_loader_warning_prints_as_one_line(trained_run, tmp_path):
+    """From a shell, the loader's DatasetWarning reads ``warning: <message>``: no file, line number or source line."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    images = tmp_path / "pngs"
+    shutil.copytree(trained_run.parent / "oasis" / "keras_png_slices_test", images)
+    (images / "notes.txt").write_text("not an image")  # ignored, and the loader says so
+    proc = subprocess.run([sys.executable, str(REPO / "predict.py"), "reconstruct", "--run", str(trained_run),
+                           "--images", str(images), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=180, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [f"warning: {images}: ignored 1 non-PNG entry (e.g. 'notes.txt'); "
+                                        "only *.png files are read"], proc.stderr
+
+
 @pytest.fixture(scope="module")
 def guided_run(trained_run, tmp_path_factory):
     """The same VQ-VAE with a prior trained with condition dropout (it has a 'no condition' slot)."""

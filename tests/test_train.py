@@ -209,27 +209,29 @@ def test_slice_conditions_come_from_the_training_split_only(oasis_tree, tmp_path
 
     import dataset
 
+    import runconfig
+
     splits = dataset.read_oasis(oasis_tree, image_size=32)
     splits["test"] = splits["test"].subset(splits["test"].slice_indices < 4)
-    assert train.slice_conditions(splits) == 4
+    assert runconfig.slice_conditions(splits) == 4
 
 
 def test_checkpoint_discovery_ignores_unfinished_files(tmp_path):
-    import train
+    import rundir
 
     (tmp_path / "epoch_0002.keras").write_bytes(b"done")
     (tmp_path / "tmp_123.keras").write_bytes(b"half")        # a write cut short by a kill
     (tmp_path / "epoch_0003.keras.partial").write_bytes(b"x")
-    assert train.latest_checkpoint(tmp_path) == (2, tmp_path / "epoch_0002.keras")
-    assert train.latest_checkpoint(tmp_path / "missing") == (0, None)
+    assert rundir.latest_checkpoint(tmp_path) == (2, tmp_path / "epoch_0002.keras")
+    assert rundir.latest_checkpoint(tmp_path / "missing") == (0, None)
 
 
 def test_truncate_history_drops_epochs_after_the_checkpoint(tmp_path):
-    import train
+    import rundir
 
     path = tmp_path / "h.csv"
     path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
-    train.truncate_history(path, 2)
+    rundir.truncate_history(path, 2)
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
 
 
@@ -314,11 +316,94 @@ def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, t
     import keras
 
     import modules  # noqa: F401
-    import train
+    import rundir
 
     digests = {stage: digest for stage, _, digest in saved.findall(chief)}
-    assert train.weights_digest(keras.models.load_model(out / "vqvae.keras")) == digests["vqvae"]
-    assert train.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
+    assert rundir.weights_digest(keras.models.load_model(out / "vqvae.keras")) == digests["vqvae"]
+    assert rundir.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
+
+
+def _start_workers(argv, logs: Path, tag: str, env: dict) -> list[subprocess.Popen]:
+    """Two ``train.py --distribute multiworker`` processes on fresh loopback ports; output in ``logs/<tag><i>.out``."""
+    ports = [_free_port(), _free_port()]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+        with open(logs / f"{tag}{index}.out", "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "train.py"), *map(str, argv), "--distribute", "multiworker"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**env, "PYTHONUNBUFFERED": "1", "TF_CONFIG": json.dumps(tf_config)}))
+    return procs
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oasis_tree, tmp_path):
+    """Both workers of a multi-worker run are killed mid-stage; restarted with ``--resume`` they continue
+    from the chief's newest checkpoint (in --out: the other worker's copies died with its temp dir),
+    and the run ends with one complete run directory and bit-identical models on both workers."""
+    out, logs, temp = tmp_path / "run", tmp_path / "logs", tmp_path / "temp"
+    logs.mkdir()
+    temp.mkdir()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(temp)}  # the non-chief's write dir lands here
+    argv = ["--data", oasis_tree, "--out", out, *TINY, "--vqvae-epochs", "3", "--prior-epochs", "1",
+            "--judge-epochs", "0", "--num-samples", "0"]
+    ckpt_dir = out / "checkpoints" / "vqvae"
+    procs = _start_workers(argv, logs, "first", env)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not (ckpt_dir / "epoch_0001.keras").exists():
+            assert all(p.poll() is None for p in procs), "a worker ended before it could be killed: " + \
+                (logs / "first0.out").read_text()[-2000:] + (logs / "first1.out").read_text()[-2000:]
+            time.sleep(0.02)
+        assert (ckpt_dir / "epoch_0001.keras").exists(), (logs / "first0.out").read_text()[-2000:]
+    finally:
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+        _stop(procs)
+    killed_at = max(int(p.stem.split("_")[1]) for p in ckpt_dir.glob("epoch_*.keras"))
+    assert 1 <= killed_at < 3 and not (out / "vqvae.keras").exists()
+    left_behind = set(temp.iterdir())  # the killed non-chief's write dir: nothing could remove it
+
+    procs = _start_workers([*argv, "--resume"], logs, "resumed", env)
+    try:
+        for p in procs:
+            p.wait(timeout=240)
+    finally:
+        _stop(procs)
+    chief, other = ((logs / f"resumed{i}.out").read_text() for i in range(2))
+    for p, text in zip(procs, (chief, other)):
+        assert p.returncode == 0, text[-3000:]
+    resumed = f"[vqvae] resuming from {ckpt_dir / f'epoch_{killed_at:04d}.keras'} ({killed_at} of 3 epochs done)"
+    assert resumed in chief and resumed in other  # the same checkpoint, the chief's, on both workers
+    assert "this worker is the chief" in chief and "worker done" in other
+
+    for name in ("config.json", "vqvae.keras", "pixelcnn.keras", "metrics.json", "history_vqvae.csv",
+                 "history_prior.csv", "codes.npz", "reconstructions.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert history_epochs(out / "history_vqvae.csv") == list(range(3))  # no epoch missing or twice
+    assert history_epochs(out / "history_prior.csv") == [0]
+    assert set(temp.iterdir()) == left_behind  # the resumed non-chief removed its own write dir
+    saved = re.compile(r"\[(vqvae|prior)\] saved (\S+) \(weights sha256 ([0-9a-f]{16})\)")
+    assert len(saved.findall(chief)) == 2 and saved.findall(chief) == saved.findall(other)
+
+    import keras
+
+    import modules  # noqa: F401
+    import rundir
+
+    digests = {stage: digest for stage, _, digest in saved.findall(chief)}
+    vqvae = keras.models.load_model(out / "vqvae.keras")
+    assert rundir.weights_digest(vqvae) == digests["vqvae"]
+    assert rundir.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
+    # The optimiser state came back with the weights: Adam counted all 3 epochs' steps (16 images, global batch 4).
+    assert int(vqvae.optimizer.iterations) == 3 * 4
 
 
 @pytest.mark.parametrize("argv, message", [

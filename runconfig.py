@@ -1,0 +1,189 @@
+"""The run's configuration: the preset, a saved run's ``config.json`` and the flags, merged and checked.
+
+``train.py`` keeps the presets and the command line; :func:`resolve_config` turns them into the one
+config dict a run prints and saves (sections ``data``, ``vqvae`` -- a ``VQVAEConfig``, ``prior`` -- a
+``PriorConfig``, ``training``, ``seed``), refusing flags that would change what a saved run trained.
+:func:`slice_conditions` fills in the one value only the data knows. Nothing runs on import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent
+STAGES = ("vqvae", "prior")
+JUDGE = "judge"  # the independent judge of samples (judge.py): trained after the prior, on real slices only
+
+# Settings that define the trained models and their data: a --resume may not change them.
+FROZEN_KEYS = ("vqvae", "prior", "data")
+
+
+class TrainError(Exception):
+    """A problem the user can fix; reported as one line without a traceback."""
+
+
+def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
+    """Build the run's config dict from the preset (one of ``presets``), saved config (when resuming) and flags.
+
+    Returns ``(cfg, condition_on_slice)``. Everything but ``cfg["prior"]["num_conditions"]`` is final
+    here (the prior's ``grid_shape`` follows from the VQ-VAE config); the number of slice positions
+    is only known once the data is read, and :func:`slice_conditions` fills it in when
+    ``condition_on_slice`` is true (0 otherwise).
+    """
+    from modules import PriorConfig, VQVAEConfig
+
+    import utils
+
+    out = args.out or REPO / "runs" / args.preset
+    saved_path = out / "config.json"
+    saved = utils.load_json(saved_path) if saved_path.exists() else None
+    if args.resume and saved is None:
+        raise TrainError(f"--resume: {saved_path} not found; start a new run without --resume")
+    if args.stage in ("prior", JUDGE) and saved is None:
+        raise TrainError(f"--stage {args.stage}: {out} holds no trained run (no config.json); "
+                         "train the VQ-VAE first with --stage vqvae or --stage all")
+    if saved is not None and not args.resume and args.stage not in ("prior", JUDGE):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it, --stage prior to "
+                         "retrain its prior, or --out to start a new run elsewhere")
+
+    preset = presets[args.preset]
+    data_root = args.data.resolve() if args.data else None
+    if saved is not None:
+        cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+        # Runs written before PriorConfig carried everything kept the switch beside it.
+        legacy = cfg["prior"].pop("condition_on_slice", None)
+        saved_conditioned = bool(legacy if legacy is not None else cfg["prior"].get("num_conditions"))
+    else:
+        image_size = args.image_size or preset["image_size"]
+        vq = VQVAEConfig(**{"image_size": image_size, "downsample": preset["downsample"], "seed": args.seed,
+                            **preset.get("vqvae_config", {})}).to_dict()
+        cfg = {
+            "preset": args.preset,
+            "data": {"root": str(data_root) if data_root else None, "image_size": image_size,
+                     "val_fraction": args.val_fraction},
+            "vqvae": vq,
+            "prior": {**PriorConfig().to_dict(), **preset.get("prior_config", {})},
+            "training": {k: preset[k] for k in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size",
+                                                  "prior_batch_size", "vqvae_lr", "prior_lr")},
+            "seed": args.seed,
+        }
+        saved_conditioned = preset["condition_on_slice"]
+
+    # Explicit flags: model and data settings, then training settings.
+    requested = {"vqvae": {}, "prior": {}, "data": {}}
+    for f in dataclasses.fields(VQVAEConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            requested["vqvae"][f.name] = list(value) if isinstance(value, list) else value
+    for f in dataclasses.fields(PriorConfig):
+        value = getattr(args, "prior_" + f.name, None)
+        if value is not None:
+            requested["prior"][f.name] = list(value) if isinstance(value, list) else value
+    if args.image_size is not None:
+        requested["vqvae"]["image_size"] = args.image_size
+        requested["data"]["image_size"] = args.image_size
+    if data_root is not None:
+        requested["data"]["root"] = str(data_root)
+    condition_on_slice = saved_conditioned if args.condition_on_slice is None else args.condition_on_slice
+
+    if saved is not None:
+        # A resumed run (or a prior retrained on a saved VQ-VAE) must not silently change what was trained.
+        frozen = dict(requested)
+        if args.stage == "prior" and not args.resume:
+            frozen = {"vqvae": requested["vqvae"], "data": requested["data"]}
+        clashes = [f"{section}.{key}: saved {cfg[section].get(key)!r}, requested {value!r}"
+                   for section, values in frozen.items() for key, value in values.items()
+                   if cfg[section].get(key) != value]
+        if "prior" in frozen and condition_on_slice != saved_conditioned:
+            clashes.append(f"condition_on_slice: saved {saved_conditioned}, requested {condition_on_slice}")
+        if clashes:
+            raise TrainError(f"{saved_path} was made with another config ({'; '.join(clashes)}); "
+                             "drop those flags or use a new --out")
+    for section, values in requested.items():
+        cfg[section].update(values)
+    if not cfg["prior"]["gated"] and cfg["prior"].get("condition_map") and "condition_map" not in requested["prior"]:
+        # the preset's (or saved run's) condition map is for the gated stack that --no-prior-gated replaces
+        print(f"note: --no-prior-gated: the plain prior has no slice condition map, so condition_map "
+              f"{cfg['prior']['condition_map']} -> 0 (it needs a gated prior)")
+        cfg["prior"]["condition_map"] = 0
+
+    train = cfg["training"]
+    for stage in STAGES:
+        # The stage's own flag wins over the shared one, even when it is 0 (then rejected below).
+        epochs = getattr(args, f"{stage}_epochs")
+        epochs = args.epochs if epochs is None else epochs
+        if epochs is not None:
+            train[f"{stage}_epochs"] = epochs
+        batch = getattr(args, f"{stage}_batch_size")
+        batch = args.batch_size if batch is None else batch
+        if batch is not None:
+            train[f"{stage}_batch_size"] = batch
+        lr = getattr(args, f"{stage}_lr")
+        if lr is not None:
+            train[f"{stage}_lr"] = lr
+    train.update(distribute=args.distribute, mixed_precision=bool(args.mixed_precision))
+    for key in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size", "prior_batch_size"):
+        if train[key] < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1, got {train[key]}")
+    if args.num_samples < 0:
+        parser.error(f"--num-samples must be 0 or more, got {args.num_samples}")
+    if args.judge_epochs is not None and args.judge_epochs < 0:
+        parser.error(f"--judge-epochs must be 0 or more, got {args.judge_epochs}")
+    if not 0.0 < cfg["data"]["val_fraction"] < 1.0:
+        parser.error(f"--val-fraction must be between 0 and 1, got {cfg['data']['val_fraction']}")
+
+    # Validate the model settings now, so a bad flag is one line, not a traceback mid-run. The code
+    # grid follows from the VQ-VAE; the number of slice positions waits for the data.
+    try:
+        vq = VQVAEConfig.from_dict(cfg["vqvae"])
+        cfg["prior"]["grid_shape"] = list(vq.grid_shape)
+        cfg["prior"]["num_conditions"] = 0
+        PriorConfig.from_dict(cfg["prior"])
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"bad model setting: {e}") from None
+    cfg["out"] = str(out.resolve())
+    return cfg, bool(condition_on_slice)
+
+
+def slice_conditions(splits) -> int:
+    """Number of slice positions a slice-conditioned prior learns: the training split's ``max + 1``.
+
+    The slice index comes from each file name (``case_<id>_slice_<k>``). A file whose name has none
+    would reach the condition embedding as ``-1`` (silently the last slot), and a validate/test
+    slice past the training range has no embedding at all, so both stop the run here, before any
+    training, with one line naming a file.
+
+    Args:
+        splits: ``{"train", "validate", "test"}`` -> ``dataset.Split``.
+    Raises:
+        TrainError: a file without a slice number, or a validate/test slice outside ``[0, n)``.
+    """
+    def where(name, split, i):
+        folder = split.report.folder if split.report is not None else name
+        return str(Path(folder) / split.names[i])
+
+    unnamed = [(name, split, i) for name, split in splits.items()
+               for i in np.flatnonzero(np.asarray(split.slice_indices) < 0)]
+    if unnamed:
+        total = sum(len(s) for s in splits.values())
+        raise TrainError(
+            f"{where(*unnamed[0])}: no slice number in the file name ({len(unnamed)} of {total} files have "
+            "none); conditioning the prior on slice position needs names like case_<id>_slice_<k>.nii.png: "
+            "rename the files, or pass --no-condition-on-slice")
+    train = np.asarray(splits["train"].slice_indices)
+    if not len(train):
+        raise TrainError("the training split is empty; nothing to train on")
+    n = int(train.max()) + 1
+    for name in ("validate", "test"):
+        split = splits[name]
+        beyond = np.flatnonzero(np.asarray(split.slice_indices) >= n)
+        if len(beyond):
+            i = beyond[0]
+            raise TrainError(
+                f"{where(name, split, i)}: slice {split.slice_indices[i]} is outside the training split's "
+                f"slices 0..{n - 1} ({len(beyond)} {name} files are); a slice-conditioned prior only knows "
+                "positions it was trained on: add those slices to training, or pass --no-condition-on-slice")
+    return n
