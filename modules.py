@@ -491,8 +491,8 @@ def adaptive_weight(recon_grad, adv_grad, max_weight: float = 1e4, eps: float = 
     """
     num = ops.sqrt(ops.sum(ops.square(ops.cast(recon_grad, "float32"))))
     den = ops.sqrt(ops.sum(ops.square(ops.cast(adv_grad, "float32")))) + eps
-    w = ops.clip(num / den, 0.0, max_weight)
-    return ops.stop_gradient(ops.where(ops.isfinite(w), w, 0.0))
+    ratio = num / den
+    return ops.stop_gradient(ops.clip(ops.where(ops.isfinite(ratio), ratio, 0.0), 0.0, max_weight))
 
 
 # --------------------------------------------------------------------------------------------
