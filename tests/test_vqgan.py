@@ -194,7 +194,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     want = single.train_on_batch(x, return_dict=True)
     got = mirrored.fit(tf.data.Dataset.from_tensor_slices(x).batch(8), epochs=1, verbose=0).history
     # The adaptive weight comes from global-batch gradients: 2 replicas give the 1-device value.
-    for k in ("adv_weight", "disc_loss", "loss"):
+    for k in ("adv_weight", "disc_loss", "adv_loss"):
         assert abs(got[k][0] - want[k]) <= 1e-4 * abs(want[k]), (k, got[k][0], want[k])
     print("MIRRORED_OK")
     """
