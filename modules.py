@@ -612,6 +612,14 @@ class VQVAE(keras.Model):
     ``vq_loss``, ``perplexity`` and ``active_codes`` (fraction of the codebook used in a batch,
     averaged over batches).
 
+    With ``adversarial=True`` (VQGAN, Esser et al. 2021) the model also holds ``discriminator`` (a
+    PatchGAN, :func:`build_discriminator`) and ``disc_optimizer`` (its own Adam, loss-scaled under
+    ``mixed_float16``), both saved with the model, so per-epoch checkpoints resume them; ``train_step``
+    then updates the discriminator (hinge loss) and the VQ-VAE (``loss`` plus the adaptively weighted
+    ``-mean(D(x_hat))``) after ``disc_start`` steps, and ``fit`` also reports ``disc_loss``,
+    ``adv_loss`` and ``adv_weight`` (0 before ``disc_start``). Off, training is Keras' own
+    ``train_step`` over ``compute_loss`` as before.
+
     Demo defaults (128x128, 32 filters, 2 residual blocks at 32x32, K=128 codes of D=32, EMA +
     restart after 20 idle steps) train at roughly 30-65 images/s (batch 16, 2 CPU cores, depending
     on load).
