@@ -49,6 +49,7 @@ def _config_from_dict(cls, d: dict[str, Any] | None):
     return cls(**d)
 
 __all__ = ["VectorQuantizer", "ResidualBlock", "VQVAEConfig", "VQVAE", "build_encoder", "build_decoder",
+           "build_discriminator", "hinge_discriminator_loss", "adaptive_weight",
            "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "CausalAttentionBlock",
            "grid_position_encoding", "PriorConfig", "PixelCNN"]
 
@@ -455,6 +456,45 @@ def build_decoder(config: "VQVAEConfig", name: str = "decoder") -> keras.Model:
     return keras.Model(inputs, x, name=name)
 
 
+def build_discriminator(config: "VQVAEConfig", name: str = "discriminator") -> keras.Model:
+    """PatchGAN discriminator: images (B, H, W, 1) in [0, 1] -> logits (B, H/2^L, W/2^L, 1) float32.
+
+    ``L = disc_layers`` stride-2 4x4 convs with LeakyReLU(0.2) (Isola et al. 2017, pix2pix; Taming
+    Transformers' ``NLayerDiscriminator``), then a 4x4 conv to one logit per patch. No batch
+    normalisation: real and reconstructed images go through it as one batch, and per-replica batch
+    statistics would differ under ``MirroredStrategy``. The logits are float32 even under
+    ``mixed_float16``, so the hinge losses are computed in full precision.
+    """
+    inputs = keras.Input(shape=(None, None, 1), name="images")
+    x = keras.layers.Rescaling(2.0, offset=-1.0, name="signed")(inputs)  # [0, 1] -> [-1, 1]
+    for i in range(config.disc_layers):
+        x = keras.layers.Conv2D(config.disc_filters * min(2 ** i, 8), 4, strides=2, padding="same",
+                                name=f"down{i}")(x)
+        x = keras.layers.LeakyReLU(0.2, name=f"lrelu{i}")(x)
+    x = keras.layers.Conv2D(1, 4, padding="same", name="patch_logits")(x)
+    x = keras.layers.Activation("linear", dtype="float32", name="output")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def hinge_discriminator_loss(logits_real, logits_fake):
+    """``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))))`` (Taming Transformers' ``hinge_d_loss``)."""
+    return 0.5 * (ops.mean(ops.relu(1.0 - logits_real)) + ops.mean(ops.relu(1.0 + logits_fake)))
+
+
+def adaptive_weight(recon_grad, adv_grad, max_weight: float = 1e4, eps: float = 1e-4):
+    """Weight of the adversarial term: ``||recon_grad|| / (||adv_grad|| + eps)``, clipped to ``[0, max_weight]``.
+
+    Taming Transformers' ``calculate_adaptive_weight`` (Esser et al. 2021, eq. 7): both gradients are
+    of the losses with respect to the decoder's last layer kernel, so the adversarial term pulls on
+    the decoder about as hard as the reconstruction does. Treated as a constant (stop-gradient); a
+    non-finite ratio (a float16 overflow, skipped by the loss-scale optimiser) gives 0.
+    """
+    num = ops.sqrt(ops.sum(ops.square(ops.cast(recon_grad, "float32"))))
+    den = ops.sqrt(ops.sum(ops.square(ops.cast(adv_grad, "float32")))) + eps
+    ratio = num / den
+    return ops.stop_gradient(ops.clip(ops.where(ops.isfinite(ratio), ratio, 0.0), 0.0, max_weight))
+
+
 # --------------------------------------------------------------------------------------------
 # VQ-VAE
 # --------------------------------------------------------------------------------------------
@@ -489,6 +529,21 @@ class VQVAEConfig:
     ssim_weight: float = field(default=0.0, metadata={
         "help": "weight of 1 - SSIM(x, x_hat) in the training loss, which keeps edges that MSE blurs (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed of the codebook initialiser and the restart sampler"})
+    # VQGAN (Esser et al. 2021, "Taming Transformers"): the decoder also plays against a PatchGAN
+    # discriminator, which restores the grain and crisp borders that the pixel losses average away.
+    adversarial: bool = field(default=False, metadata={
+        "help": "train the decoder against a PatchGAN discriminator (VQGAN hinge loss, adaptive weight)"})
+    disc_start: int = field(default=250, metadata={
+        "help": "VQ-VAE optimiser steps of reconstruction-only warm-up before the adversarial term and the "
+                "discriminator's updates switch on"})
+    disc_weight: float = field(default=0.8, metadata={
+        "help": "factor on the adaptive adversarial weight ||grad recon|| / ||grad adv|| at the decoder's last layer"})
+    disc_filters: int = field(default=32, metadata={
+        "help": "filters of the discriminator's first conv (doubled per stride-2 layer, at most 8x)"})
+    disc_layers: int = field(default=3, metadata={
+        "help": "stride-2 4x4 convs in the discriminator; each logit judges one patch"})
+    disc_lr: float = field(default=2e-4, metadata={
+        "help": "Adam learning rate of the discriminator (constant; betas 0.5, 0.9 as in Taming Transformers)"})
 
     def __post_init__(self):
         ds = int(self.downsample)
@@ -498,6 +553,14 @@ class VQVAEConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of downsample {ds}")
         if self.channels < 2:
             raise ValueError(f"channels must be >= 2, got {self.channels}")
+        if self.disc_start < 0:
+            raise ValueError(f"disc_start must be >= 0, got {self.disc_start}")
+        if self.disc_weight < 0:
+            raise ValueError(f"disc_weight must be >= 0, got {self.disc_weight}")
+        if self.disc_filters < 1 or self.disc_layers < 1:
+            raise ValueError(f"disc_filters and disc_layers must be >= 1, got {self.disc_filters}, {self.disc_layers}")
+        if self.disc_lr <= 0:
+            raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -549,6 +612,14 @@ class VQVAE(keras.Model):
     ``vq_loss``, ``perplexity`` and ``active_codes`` (fraction of the codebook used in a batch,
     averaged over batches).
 
+    With ``adversarial=True`` (VQGAN, Esser et al. 2021) the model also holds ``discriminator`` (a
+    PatchGAN, :func:`build_discriminator`) and ``disc_optimizer`` (its own Adam, loss-scaled under
+    ``mixed_float16``), both saved with the model, so per-epoch checkpoints resume them; ``train_step``
+    then updates the discriminator (hinge loss) and the VQ-VAE (``loss`` plus the adaptively weighted
+    ``-mean(D(x_hat))``) after ``disc_start`` steps, and ``fit`` also reports ``disc_loss``,
+    ``adv_loss`` and ``adv_weight`` (0 before ``disc_start``). Off, training is Keras' own
+    ``train_step`` over ``compute_loss`` as before.
+
     Demo defaults (128x128, 32 filters, 2 residual blocks at 32x32, K=128 codes of D=32, EMA +
     restart after 20 idle steps) train at roughly 30-65 images/s (batch 16, 2 CPU cores, depending
     on load).
@@ -579,6 +650,21 @@ class VQVAE(keras.Model):
         self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
         self.perplexity_tracker = keras.metrics.Mean(name="perplexity")
         self.active_codes_tracker = keras.metrics.Mean(name="active_codes")
+        self.discriminator = None
+        if cfg.adversarial:
+            # Training only, but an attribute, so checkpoints (model.save) carry its weights and its
+            # optimiser's state. The optimiser is built here rather than in compile(): load_model then
+            # finds its variables to restore, and compile() stays Keras' own (compile_from_config
+            # skips a custom one).
+            self.discriminator = build_discriminator(cfg)
+            disc_optimizer = keras.optimizers.Adam(cfg.disc_lr, beta_1=0.5, beta_2=0.9, name="disc_adam")
+            if self.dtype_policy.name == "mixed_float16":  # as compile() wraps the VQ-VAE's own optimiser
+                disc_optimizer = keras.optimizers.LossScaleOptimizer(disc_optimizer, name="disc_loss_scale_optimizer")
+            disc_optimizer.build(self.discriminator.trainable_variables)
+            self.disc_optimizer = disc_optimizer
+            self.disc_loss_tracker = keras.metrics.Mean(name="disc_loss")
+            self.adv_loss_tracker = keras.metrics.Mean(name="adv_loss")
+            self.adv_weight_tracker = keras.metrics.Mean(name="adv_weight")
         self.built = True  # every weight exists now; load_model only has to fill them
 
     @property
@@ -628,6 +714,82 @@ class VQVAE(keras.Model):
         # (what Keras does for compiled losses); train_step's "loss" metric undoes this.
         n = _num_replicas()
         return total / n if n > 1 else total
+
+    def train_step(self, data):
+        """Keras' own step (``compute_loss``) unless ``config.adversarial``; then the two-player step."""
+        if not self.config.adversarial:
+            return super().train_step(data)
+        return self._adversarial_train_step(data)
+
+    def test_step(self, data):
+        """Keras' own step; the adversarial trackers are left out (validation trains no discriminator)."""
+        logs = super().test_step(data)
+        if self.config.adversarial:
+            logs = {k: v for k, v in logs.items() if k not in ("disc_loss", "adv_loss", "adv_weight")}
+        return logs
+
+    def _adversarial_train_step(self, data):
+        """One VQGAN step on a batch: the discriminator's hinge update, then the VQ-VAE's.
+
+        The VQ-VAE minimises ``compute_loss + lambda * adv_loss`` with ``adv_loss = -mean(D(x_hat))``
+        and ``lambda = disc_weight * adaptive_weight(...)`` from the global-batch gradients at the
+        decoder's last kernel; the discriminator minimises
+        ``hinge_discriminator_loss(D(x), D(x_hat))`` (x_hat held fixed). Before ``disc_start`` VQ-VAE
+        optimiser steps both terms are multiplied by 0, as Taming Transformers' ``adopt_weight`` does:
+        the discriminator's Adam then steps on zero gradients, which leaves its weights exactly as
+        they are. Losses are divided by the replica count (gradients are summed over replicas) and
+        scaled by each optimiser's loss scale under ``mixed_float16``.
+        """
+        import tensorflow as tf
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        cfg = self.config
+        n = _num_replicas()
+        if not self.optimizer.built:
+            # On every trainable variable, discriminator's included, as Keras' own paths build it
+            # (fit's symbolic build, compile_from_config on load), so a checkpoint's state fits.
+            with keras.name_scope(self.optimizer.name, caller=self.optimizer):
+                self.optimizer.build(self.trainable_variables)
+        active = ops.cast(ops.greater_equal(self.optimizer.iterations, cfg.disc_start), "float32")
+        disc_vars = self.discriminator.trainable_variables
+        disc_ids = {id(v) for v in disc_vars}
+        vq_vars = [v for v in self.trainable_variables if id(v) not in disc_ids]
+        last_kernel = self._decoder_last_kernel()
+        with tf.GradientTape(persistent=True) as tape:
+            y_pred = self(x, training=True)
+            recon_total = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            batch = ops.shape(y_pred)[0]
+            logits = self.discriminator(ops.concatenate([ops.cast(x, y_pred.dtype), y_pred], axis=0), training=True)
+            logits = ops.cast(logits, "float32")
+            adv_loss = -ops.mean(logits[batch:])
+            disc_loss = hinge_discriminator_loss(logits[:batch], logits[batch:])
+            scaled_recon = self.optimizer.scale_loss(recon_total)
+            scaled_adv = self.optimizer.scale_loss(adv_loss / n)
+            with tape.stop_recording():
+                unscale = 1.0 / ops.cast(self.optimizer.scale_loss(1.0), "float32")
+                grad_recon = tape.gradient(scaled_recon, last_kernel)
+                grad_adv = tape.gradient(scaled_adv, last_kernel)
+                weight = cfg.disc_weight * active * adaptive_weight(
+                    _cross_replica_sum(grad_recon * unscale), _cross_replica_sum(grad_adv * unscale))
+            total = recon_total + weight * adv_loss / n
+            scaled_total = self.optimizer.scale_loss(total)
+            scaled_disc = self.disc_optimizer.scale_loss(active * disc_loss / n)
+        disc_grads = tape.gradient(scaled_disc, disc_vars)
+        vq_grads = tape.gradient(scaled_total, vq_vars)
+        del tape
+        self.disc_optimizer.apply_gradients(zip(disc_grads, disc_vars))
+        self.optimizer.apply_gradients(zip(vq_grads, vq_vars))
+
+        self._loss_tracker.update_state(total * n, sample_weight=batch)
+        self.disc_loss_tracker.update_state(active * disc_loss)
+        self.adv_loss_tracker.update_state(active * adv_loss)
+        self.adv_weight_tracker.update_state(weight)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _decoder_last_kernel(self):
+        """The kernel of the decoder's last (transposed) convolution: where the adaptive weight is measured."""
+        steps = int(round(math.log2(self.config.downsample)))
+        return self.decoder.get_layer(f"up{steps - 1}").kernel
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **self.config.to_dict()}
