@@ -226,9 +226,18 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
         print(f"two-sample test: drew {m} samples at the test slices' positions in "
               f"{metrics['two_sample_sampling_seconds']:.0f} s; training its classifiers", file=sys.stderr)
         start = time.perf_counter()
-        metrics.update(evaluation.two_sample_scores(splits, evaluation.decode_codes(run.vqvae, test_codes), many,
-                                                    seed=seed))
+        recon = evaluation.decode_codes(run.vqvae, test_codes)
+        metrics.update(evaluation.two_sample_scores(splits, recon, many, seed=seed))
         metrics["two_sample_classifier_seconds"] = time.perf_counter() - start
+        # what the classifier sees, for the eye: real test slices, their reconstructions, samples drawn at
+        # their positions, each beside a 4x zoom of its centre (grain and grey / white borders)
+        show = np.arange(min(4, m))
+        real = test.subset(pick_m[show]).float()
+        rows = []
+        for label, images in (("real test", real), ("reconstruction", recon[pick_m[show]]),
+                              ("sample", many[show])):
+            rows += [(label, images), (f"{label}, centre x4", evaluation.center_crop(images, 0.25))]
+        utils.plot_image_rows(rows, out_dir / "real_recon_samples_zoom.png", cell_inches=2.4)
     utils.save_json(metrics, out_dir / "generation_metrics.json")
     show = np.arange(min(8, num))
     nearest = details["nearest_test"]

@@ -260,6 +260,7 @@ def test_evaluate_runs_the_two_sample_test_on_samples_at_the_test_positions(trai
     assert {f"two_sample_{a}_{b}" for a in ("real_validate", "reconstructions", "samples")
             for b in evaluation.TWO_SAMPLE_VIEWS} <= set(m)
     assert m["two_sample_num_samples"] == 6 and m["two_sample_sampling_seconds"] > 0
+    assert (tmp_path / "ev" / "real_recon_samples_zoom.png").is_file()
     test = seen["splits"]["test"]
     np.testing.assert_allclose(seen["reconstructions"], np.asarray(loaded.vqvae(test.float(), training=False)),
                                atol=1e-5)
