@@ -674,8 +674,9 @@ class TwoSampleConfig:
     repeats: int = 2
     learning_rate: float = 1e-3
     # The collapse guard: a classifier that did not fit its own training half to this balanced
-    # accuracy did not train (indistinguishable sets are still memorised to well above it); it is
-    # retrained from another seed up to ``restarts`` times, and never reported as "0.5".
+    # accuracy did not train (indistinguishable sets are still memorised to well above it, given
+    # enough epochs); it is retrained from another seed with twice the epochs of the attempt before,
+    # up to ``restarts`` attempts in all, and never reported as "0.5".
     min_train_accuracy: float = 0.75
     restarts: int = 3
 
@@ -734,7 +735,8 @@ def _logits(model, x, batch_size: int = 256) -> np.ndarray:
 
 
 def _fit_two_sample_classifier(x, y, config: TwoSampleConfig, seed):
-    """Train until the classifier fits its training half (the collapse guard), up to ``restarts`` times.
+    """Train until the classifier fits its training half (the collapse guard): up to ``restarts`` attempts,
+    each from another seed with twice the epochs of the one before.
 
     Returns ``(model or None, training balanced accuracy of the last attempt, attempts)``.
     """
@@ -748,8 +750,8 @@ def _fit_two_sample_classifier(x, y, config: TwoSampleConfig, seed):
                       keras.losses.BinaryCrossentropy(from_logits=True))
         # classes weighted to equal total weight: unequal halves do not bias the guess
         weight = {c: len(y) / (2.0 * max(1, int((y == c).sum()))) for c in (0, 1)}
-        model.fit(x, y.astype("float32"), epochs=config.epochs, batch_size=config.batch_size, shuffle=True,
-                  class_weight=weight, verbose=0)
+        model.fit(x, y.astype("float32"), epochs=config.epochs * 2 ** attempt, batch_size=config.batch_size,
+                  shuffle=True, class_weight=weight, verbose=0)
         logits = _logits(model, x)
         train_acc = _balanced_accuracy(y, logits) if np.all(np.isfinite(logits)) else float("nan")
         if train_acc >= config.min_train_accuracy:
@@ -792,8 +794,8 @@ def two_sample_test(real, generated, real_groups=None, generated_groups=None, se
 
     A classifier that does not fit its own training half (:class:`TwoSampleConfig`
     ``min_train_accuracy``) did not train, and its held-out 0.5 would read as "indistinguishable":
-    it is retrained from another seed, and if no attempt trains the score is NaN with
-    ``trained = False`` and a warning.
+    it is retrained from another seed with twice the epochs, and if no attempt trains the score is
+    NaN with ``trained = False`` and a warning.
 
     Args:
         real, generated: images ``(N, H, W, 1)`` (uint8, or float in [0, 1]), same H and W.
