@@ -674,10 +674,11 @@ class TwoSampleConfig:
     repeats: int = 2
     learning_rate: float = 1e-3
     # The collapse guard: a classifier that did not fit its own training half to this balanced
-    # accuracy did not train (indistinguishable sets are still memorised to well above it, given
-    # enough epochs); it is retrained from another seed with twice the epochs of the attempt before,
-    # up to ``restarts`` attempts in all, and never reported as "0.5".
-    min_train_accuracy: float = 0.75
+    # accuracy did not train. A dead one (constant output) scores exactly 0.5 there; one that learned
+    # anything, even by memorising indistinguishable sets, scores well above it (real vs real on the
+    # demo's interior crops: 0.62-0.75 after 10 epochs). It is retrained from another seed with twice
+    # the epochs of the attempt before, up to ``restarts`` attempts in all, and never reported as 0.5.
+    min_train_accuracy: float = 0.6
     restarts: int = 3
 
 
