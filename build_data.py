@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from dataset import (IMAGE_SUFFIX, RESIZE_FILTER, SPLIT_DIRS, SPLITS, UNKNOWN, DatasetError, DatasetWarning,
-                     _find_split_root, _natural_key, _one_line, parse_slice_name, slice_file_name)
+                     _find_split_root, _natural_key, _one_line, parse_slice_name, run_command, slice_file_name)
 
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parent / "data" / "oasis_demo"
 DEMO_MARKER = "demo.json"  # written last by make_demo_dataset: its presence means the tree is complete
@@ -932,14 +932,7 @@ def build_parser(prog: str = "python build_data.py") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "python build_data.py") -> int:
     """The command line: ``demo`` and ``prepare``. Returns the exit code."""
     args = build_parser(prog).parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", DatasetWarning)  # every conversion, even when repeated
-            args.run(args)
-    except (DatasetError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -665,13 +665,9 @@ def _run_profile(args: argparse.Namespace) -> None:
     print(head_profile(args.folder, image_size=args.image_size).table())
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> int:
-    """The command line: ``check`` and ``profile``. Returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _build_parser(prog)
-    if argv[:1] in (["demo"], ["prepare"]):  # they build data sets: not the loader's commands
-        parser.error(f"{argv[0]} builds a data set: run python build_data.py {' '.join(argv)}")
-    args = parser.parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command (``args.run``) of ``dataset.py`` or ``build_data.py``: every DatasetWarning
+    shown, even when repeated; bad input (DatasetError, OSError) a one-line error. Returns the exit code."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DatasetWarning)  # every conversion, even when repeated
@@ -680,6 +676,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> 
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python dataset.py") -> int:
+    """The command line: ``check`` and ``profile``. Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser(prog)
+    if argv[:1] in (["demo"], ["prepare"]):  # they build data sets: not the loader's commands
+        parser.error(f"{argv[0]} builds a data set: run python build_data.py {' '.join(argv)}")
+    args = parser.parse_args(argv)
+    return run_command(args)
 
 
 if __name__ == "__main__":

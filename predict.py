@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or evaluate generation. Run 'python predict.py COMMAND --help' for each command.",
         epilog="commands:\n  sample       draw codes from the prior, decode them, write PNGs (default)\n"
                "  reconstruct  encode and decode the PNGs in --images, with per-image SSIM / PSNR\n"
-               "  evaluate     realism, sharpness, diversity, judge metrics and NLL of generated samples\n"
+               "  evaluate     realism, sharpness, diversity, judge metrics, NLL and the two-sample test of samples\n"
                "  anomaly      per-code NLL maps, healed slices and anomaly maps of the PNGs in --images\n"
                "  complete     keep the top --keep-rows code rows of each slice in --images, sample the rest")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
