@@ -20,11 +20,12 @@ or the top-k / top-p cut; about once in 10^4 positions), the fast loop stops and
 is decided exactly as the naive sampler decides it, by a full-grid model call on the same partial
 grid, for the tied samples only (every other sample keeps the code the loop drew), then the loop
 resumes. So the two methods agree unless rounding exceeds ``tol`` (1e-4 relative), not merely
-"usually", and the cost of exactness grows with the number of ties, i.e. linearly in the number of
-samples (a full pass over the whole batch at every tie grew with its square). To keep that true everywhere, sampling always runs in float32 (a
-prior trained under a ``mixed_float16`` policy is sampled through a float32 copy of its weights),
-and TensorFloat-32 matmuls (on by default on Ampere and later NVIDIA GPUs, ~1e-3 relative error)
-are switched off for the duration of ``sample_codes`` and the user's setting restored after.
+"usually", and exactness costs in proportion to the number of ties, i.e. to the number of samples
+(a full pass over the whole batch at each tie would cost in proportion to its square). To keep that
+true everywhere, sampling always runs in float32 (a prior trained under a ``mixed_float16`` policy
+is sampled through a float32 copy of its weights), and TensorFloat-32 matmuls (on by default on
+Ampere and later NVIDIA GPUs, ~1e-3 relative error) are switched off for the duration of
+``sample_codes`` and the user's setting restored after.
 """
 
 from __future__ import annotations
