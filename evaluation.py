@@ -689,9 +689,7 @@ def as_8bit(images) -> np.ndarray:
     nearest of the 256 levels (without this a classifier could win on quantisation alone).
     """
     x = np.asarray(images)
-    if x.dtype == np.uint8:
-        return np.divide(x, 255, dtype=np.float32)
-    return (np.round(np.clip(x, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+    return _as_float_images(x if x.dtype == np.uint8 else utils.to_uint8(x))
 
 
 def two_sample_view(images, view: str) -> np.ndarray:

@@ -141,7 +141,9 @@ def generate(run: Run, num: int, temperature: float = 1.0, seed: int | None = No
 def _save_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    Image.fromarray(np.round(np.clip(image[..., 0], 0, 1) * 255).astype(np.uint8), mode="L").save(path)
+    import utils
+
+    Image.fromarray(utils.to_uint8(image[..., 0]), mode="L").save(path)
 
 
 def _spread_slices(run: Run, num: int) -> np.ndarray:

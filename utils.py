@@ -38,6 +38,11 @@ def as_image_batch(images) -> np.ndarray:
     return x
 
 
+def to_uint8(images) -> np.ndarray:
+    """Float images in [0, 1] -> uint8 ``round(clip(x, 0, 1) * 255)``: what a saved 8-bit PNG holds."""
+    return np.round(np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def gaussian_band(n: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
     """``(n - size + 1, n)`` float32 matrix whose rows are the normalised 1-D Gaussian window at each
     valid offset: ``band @ x`` filters ``x`` along one axis as SSIM's window does (valid padding)."""
