@@ -34,19 +34,8 @@ from runconfig import JUDGE, STAGES, TrainError
 from rundir import RunDirs
 
 
-# Presets give defaults; any flag given on the command line wins. "oasis" follows the seed
-# project's set-up at 256x256 (Adam, batch 8 for the VQ-VAE; Adam at 3e-4, batch 32 and sparse
-# categorical cross-entropy for the prior) with a 32x32 code grid (down-sampling 8), and PixelSNAIL-style
-# attention after layers 6 and 12 (GPU work: on 2 CPU cores one attention block made a prior step 2.6x
-# slower for no held-out gain at the demo budget, so the demo prior has none). Both priors drop the
-# slice condition for 10 % of training examples, so they can also sample unconditionally and with
-# classifier-free guidance. The demo set has 60 training cases (1,920 slices): the VQ-VAE trains 4 epochs
-# = 480 steps of batch 16, the prior 13 epochs = 1,560 steps of batch 16 (2.3x the optimiser steps per
-# second of batch 32 on CPU, bench/bench_train.py --prior-ab) -- the step counts of the earlier 20-case
-# preset (12 and 40 epochs), spent on 3x the data. Both priors get a learned spatial map per slice position
-# (condition_map 8, location-dependent conditioning): on the demo it took the judge's median slice error of
-# samples from 5.5 to 1 position and its Frechet distance from 13x to 0.9x the real-vs-real floor (README);
-# the oasis preset's has not been measured at OASIS scale.
+# Presets give defaults; any flag given on the command line wins. Why each setting is what it is
+# (step counts, batch sizes, attention, condition maps): docs/training.md#presets.
 PRESETS = {
     "demo": {
         "image_size": 128, "downsample": 4, "vqvae_epochs": 4, "prior_epochs": 13,

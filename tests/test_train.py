@@ -264,65 +264,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_multiworker_two_processes_one_run_directory_equal_weights(oasis_tree, tmp_path):
-    """Two ``--distribute multiworker`` workers on loopback ports train both stages together.
-
-    Both exit 0; only the chief (worker 0) writes into --out, the other worker's temporary directory
-    is gone afterwards; both end with bit-identical models (the weights digests they print), which
-    are the chief's saved files. ``--restart-after 1`` makes dead-code restarts happen every step,
-    so the restart vectors must be the same on both workers too.
-    """
-    out = tmp_path / "run"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    ports = [_free_port(), _free_port()]
-    procs = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                     "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CONFIG": json.dumps(tf_config)}
-        with open(logs / f"{index}.out", "w") as stdout, open(logs / f"{index}.err", "w") as stderr:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(REPO / "train.py"), "--data", str(oasis_tree), "--out", str(out), *TINY,
-                 "--epochs", "1", "--num-samples", "0", "--restart-after", "1", "--distribute", "multiworker"],
-                stdout=stdout, stderr=stderr, env=env, cwd=REPO))
-    deadline = time.time() + 240
-    try:  # a worker that fails leaves the other waiting on its collectives: stop at the first failure
-        while time.time() < deadline and any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = [((logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i in range(2)]
-    for p, (stdout, stderr) in zip(procs, results):
-        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    chief, other = (r[0] for r in results)
-    assert "this worker is the chief" in chief and "worker done" in other
-    saved = re.compile(r"\[(vqvae|prior)\] saved (\S+) \(weights sha256 ([0-9a-f]{16})\)")
-    assert len(saved.findall(chief)) == 2 and saved.findall(chief) == saved.findall(other)
-
-    for name in ("config.json", "vqvae.keras", "pixelcnn.keras", "metrics.json", "history_vqvae.csv",
-                 "history_prior.csv", "codes.npz", "reconstructions.png", "training_curves.png"):
-        assert (out / name).is_file(), name
-    assert history_epochs(out / "history_vqvae.csv") == [0] and history_epochs(out / "history_prior.csv") == [0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "oasis", "run"]
-    temp = Path(re.search(r"this worker writes to (\S+) \(removed", other).group(1))
-    assert not temp.exists()
-
-    import keras
-
-    import modules  # noqa: F401
-    import rundir
-
-    digests = {stage: digest for stage, _, digest in saved.findall(chief)}
-    assert rundir.weights_digest(keras.models.load_model(out / "vqvae.keras")) == digests["vqvae"]
-    assert rundir.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
-
-
 def _start_workers(argv, logs: Path, tag: str, env: dict) -> list[subprocess.Popen]:
     """Two ``train.py --distribute multiworker`` processes on fresh loopback ports; output in ``logs/<tag><i>.out``."""
     ports = [_free_port(), _free_port()]
@@ -345,15 +286,23 @@ def _stop(procs) -> None:
 
 
 def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oasis_tree, tmp_path):
-    """Both workers of a multi-worker run are killed mid-stage; restarted with ``--resume`` they continue
-    from the chief's newest checkpoint (in --out: the other worker's copies died with its temp dir),
-    and the run ends with one complete run directory and bit-identical models on both workers."""
+    """Two ``--distribute multiworker`` workers on loopback ports train both stages together; both are
+    killed mid-stage, and restarted with ``--resume`` they continue from the chief's newest checkpoint
+    (in --out: the other worker's copies died with its temp dir).
+
+    The resumed workers exit 0; only the chief (worker 0) writes into --out, and the other worker's
+    temporary directory is gone afterwards; the run ends with one complete run directory and
+    bit-identical models on both workers (the weights digests they print), which are the chief's saved
+    files. ``--restart-after 1`` makes dead-code restarts happen every step, so the restart vectors
+    must be the same on both workers too.
+    """
     out, logs, temp = tmp_path / "run", tmp_path / "logs", tmp_path / "temp"
     logs.mkdir()
     temp.mkdir()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(temp)}  # the non-chief's write dir lands here
     argv = ["--data", oasis_tree, "--out", out, *TINY, "--vqvae-epochs", "3", "--prior-epochs", "1",
-            "--judge-epochs", "0", "--num-samples", "0"]
+            "--judge-epochs", "0", "--num-samples", "0",
+            "--restart-after", "1"]
     ckpt_dir = out / "checkpoints" / "vqvae"
     procs = _start_workers(argv, logs, "first", env)
     deadline = time.time() + 240
@@ -390,6 +339,8 @@ def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oas
     assert history_epochs(out / "history_vqvae.csv") == list(range(3))  # no epoch missing or twice
     assert history_epochs(out / "history_prior.csv") == [0]
     assert set(temp.iterdir()) == left_behind  # the resumed non-chief removed its own write dir
+    assert not Path(re.search(r"this worker writes to (\S+) \(removed", other).group(1)).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "oasis", "run", "temp"]
     saved = re.compile(r"\[(vqvae|prior)\] saved (\S+) \(weights sha256 ([0-9a-f]{16})\)")
     assert len(saved.findall(chief)) == 2 and saved.findall(chief) == saved.findall(other)
 
