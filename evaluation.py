@@ -805,7 +805,8 @@ def two_sample_test(real, generated, real_groups=None, generated_groups=None, se
         "num_generated"}``.
     """
     config = config or TwoSampleConfig()
-    real, generated = (two_sample_view(as_8bit(utils.as_image_batch(x)), view) for x in (real, generated))
+    # as_8bit first: it reads uint8 as pixel / 255 (as_image_batch alone would keep 0..255 floats)
+    real, generated = (two_sample_view(utils.as_image_batch(as_8bit(x)), view) for x in (real, generated))
     if real.shape[1:] != generated.shape[1:]:
         raise ValueError(f"two_sample_test: real images are {real.shape[1:]}, generated {generated.shape[1:]}")
     folds, train_accs, attempts = [], [], []

@@ -330,7 +330,9 @@ def test_two_sample_test_tells_real_from_blurred_real():
 
     real, cases = grainy_slices()
     blurred = gaussian_filter(real / np.float32(255), sigma=(0, 1.5, 1.5, 0))  # same anatomy, no grain
-    result = evaluation.two_sample_test(real[::2], blurred[1::2], cases[::2], cases[1::2], config=QUICK)
+    # 32 training images: the classifier needs more steps than QUICK gives to fit even this easy a difference
+    config = evaluation.TwoSampleConfig(filters=(8, 16, 16), epochs=60, batch_size=16, repeats=1, learning_rate=3e-3)
+    result = evaluation.two_sample_test(real[::2], blurred[1::2], cases[::2], cases[1::2], config=config)
     assert result["trained"] and result["accuracy"] >= 0.9, result
     # blurred and halved on both sides, grain is gone from the real side too: much harder to tell
     assert evaluation.two_sample_view(blurred, "blurred").shape == (64, 16, 16, 1)
@@ -359,6 +361,24 @@ def test_two_sample_test_is_reproducible_and_quantises_generated_images(monkeypa
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # the classifier sees 8-bit images only
     b = evaluation.two_sample_test(real[::2], fake[1::2], cases[::2], seed=3, config=QUICK)
     assert a == b
+
+
+def test_two_sample_test_reads_uint8_and_float_images_alike(monkeypatch):
+    """uint8 images are read as pixel / 255, floats in [0, 1] as they are: the same slices given either way
+    are the same classifier input (a uint8 PNG read as 0..255 floats would clip to a black-and-white mask)."""
+    real, cases = grainy_slices(cases=4, slices=6)
+    seen = []
+    fit = evaluation._fit_two_sample_classifier
+    monkeypatch.setattr(evaluation, "_fit_two_sample_classifier", lambda x, *a, **kw: seen.append(x) or fit(x, *a, **kw))
+    as_uint8 = evaluation.two_sample_test(real[::2], real[1::2], cases[::2], cases[1::2], seed=1, config=QUICK)
+    first = len(seen)
+    as_float = evaluation.two_sample_test(real[::2] / np.float32(255), real[1::2] / np.float32(255), cases[::2],
+                                          cases[1::2], seed=1, config=QUICK)
+    for x, y in zip(seen[:first], seen[first:]):
+        np.testing.assert_array_equal(x, y)
+    assert as_uint8 == as_float
+    levels = np.round(seen[0] * 255)
+    assert np.isin(levels, (0, 255)).mean() < 0.5 and len(np.unique(levels)) > 50  # grey levels, not a mask
 
 
 def test_a_classifier_that_cannot_learn_is_not_reported_as_indistinguishable(monkeypatch):
