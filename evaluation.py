@@ -660,6 +660,11 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
 # ----------------------------------------------------------------------------------------------
 
 TWO_SAMPLE_VIEWS = ("full", "interior", "blurred")
+# The power check of the test (two_sample_scores): real slices against real slices blurred by a Gaussian
+# of this many pixels, a small, known loss of grain and sharpness. On the full slice a classifier that
+# cannot tell them apart at least this well lacks the power to call anything "indistinguishable".
+TWO_SAMPLE_CONTROL_BLUR = 1.0
+TWO_SAMPLE_MIN_POWER = 0.7
 
 
 @dataclass(frozen=True)
@@ -858,12 +863,16 @@ def two_sample_unavailable(splits) -> str | None:
 
 def two_sample_scores(splits, reconstructions=None, samples=None, seed: int = 0, views=TWO_SAMPLE_VIEWS,
                       config: TwoSampleConfig | None = None, progress: bool = True,
-                      floor: bool = True) -> dict[str, Any]:
-    """The two-sample test of a run, on each view: its floor, its reconstructions, its samples.
+                      floor: bool = True, power: bool = True) -> dict[str, Any]:
+    """The two-sample test of a run, on each view: its floor, its power, its reconstructions, its samples.
 
     * ``two_sample_real_validate_<view>`` (with ``floor``): validation slices vs as many test slices
       (drawn at random from the larger split): two sets of real cases, the level a perfect generator
       reaches;
+    * ``two_sample_blurred_real_<view>`` (with ``power``): as the reconstructions below, with the test
+      slices blurred by a Gaussian of :data:`TWO_SAMPLE_CONTROL_BLUR` px in their place: a known loss
+      of grain that the test must detect. Below :data:`TWO_SAMPLE_MIN_POWER` on the full slice the
+      classifier lacks the power to call anything indistinguishable, and a warning says so;
     * ``two_sample_reconstructions_<view>``: the test cases dealt into two groups; real slices of
       one group vs the reconstructions of the other (no case is on both sides), both by case;
     * ``two_sample_samples_<view>``: every test slice vs the samples (at random).
@@ -891,10 +900,15 @@ def two_sample_scores(splits, reconstructions=None, samples=None, seed: int = 0,
     pairs = {}
     if floor:
         pairs["real_validate"] = (test.images[t_pick], val.images[v_pick], test_groups[t_pick], val_groups[v_pick])
+    real_side = _two_halves(len(test), test_groups, rng)
+    if power:
+        from scipy.ndimage import gaussian_filter
+
+        blurred = gaussian_filter(test.float()[~real_side], sigma=(0, TWO_SAMPLE_CONTROL_BLUR, TWO_SAMPLE_CONTROL_BLUR, 0))
+        pairs["blurred_real"] = (test.images[real_side], blurred, test_groups[real_side], test_groups[~real_side])
     if reconstructions is not None:
         if len(reconstructions) != len(test):
             raise ValueError(f"two_sample_scores: {len(reconstructions)} reconstructions for {len(test)} test slices")
-        real_side = _two_halves(len(test), test_groups, rng)
         pairs["reconstructions"] = (test.images[real_side], reconstructions[~real_side], test_groups[real_side],
                                     test_groups[~real_side])
     if samples is not None:
@@ -907,4 +921,10 @@ def two_sample_scores(splits, reconstructions=None, samples=None, seed: int = 0,
             out[f"two_sample_{name}_{view}"] = result["accuracy"]
             bar.update()
     bar.close()
+    detected = out.get("two_sample_blurred_real_full", 1.0)
+    if detected < TWO_SAMPLE_MIN_POWER:  # NaN (a classifier that did not train) has warned already
+        warnings.warn(f"two_sample_scores: the classifier told real test slices from the same slices blurred by "
+                      f"{TWO_SAMPLE_CONTROL_BLUR} px only {detected:.2f} of the time (< {TWO_SAMPLE_MIN_POWER}): it "
+                      "lacks the power to call the generated slices indistinguishable; give it more slices or "
+                      "epochs (TwoSampleConfig)", RuntimeWarning, stacklevel=2)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -412,10 +413,38 @@ def test_two_sample_scores_floor_reconstructions_and_samples(tmp_path):
                                           config=evaluation.TwoSampleConfig(filters=(8,), epochs=3, repeats=1,
                                                                             min_train_accuracy=0.0),
                                           progress=False)
-    assert set(scores) == {f"two_sample_{name}_{view}" for name in ("real_validate", "reconstructions", "samples")
-                           for view in ("full", "interior")}
+    assert set(scores) == {f"two_sample_{name}_{view}" for view in ("full", "interior")
+                           for name in ("real_validate", "blurred_real", "reconstructions", "samples")}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     few = {**splits, "test": test.subset(np.flatnonzero(test.case_ids < 7))}
     assert "needs at least 4" in evaluation.two_sample_unavailable(few)
     with pytest.raises(ValueError, match="the test split holds 3 case"):
         evaluation.two_sample_scores(few, progress=False)
+
+
+def test_a_two_sample_test_that_cannot_see_a_blur_warns_that_it_lacks_power(tmp_path, monkeypatch):
+    """The power check: real test slices against the same split's slices blurred by 1 px. A classifier that
+    does not tell those apart cannot call reconstructions or samples indistinguishable, and says so."""
+    import dataset
+    from conftest import write_tree
+
+    cases = {"train": [1], "validate": [2, 3], "test": [4, 5, 6, 7]}
+    splits = dataset.read_oasis(write_tree(tmp_path, size=16, cases=cases, slices=4))
+    calls = []
+
+    def blind(real, generated, *args, **kwargs):  # a classifier that sees nothing at all
+        calls.append(np.asarray(generated))
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr(evaluation, "two_sample_test", blind)
+    with pytest.warns(RuntimeWarning, match="lacks the power"):
+        scores = evaluation.two_sample_scores(splits, views=("full",), floor=False, progress=False)
+    assert scores == {"two_sample_blurred_real_full": 0.5}
+    test = splits["test"].float()
+    blurred = calls[0]
+    assert blurred.shape[1:] == test.shape[1:] and 0 < len(blurred) < len(test)
+    assert not any(np.allclose(b, t) for b in blurred for t in test)  # blurred: no test slice as it is
+    monkeypatch.setattr(evaluation, "two_sample_test", lambda *a, **kw: {"accuracy": 0.9})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a test that sees the blur: no warning
+        evaluation.two_sample_scores(splits, views=("full",), floor=False, progress=False)
