@@ -619,6 +619,35 @@ def slice_file_name(case_id: int, slice_index: int) -> str:
     return f"case_{case_id:03d}_slice_{slice_index}.nii.png"
 
 
+def previous_slice_index(split) -> np.ndarray:
+    """For each slice, the index (in ``split``) of the slice just below it in the same case, else -1.
+
+    Slice ``k`` of case ``c`` pairs with slice ``k - 1`` of case ``c``; a case's first slice, a slice
+    whose neighbour is missing, and a file whose name gives no case or slice get -1. This is the one
+    place that pairs consecutive slices (the previous-slice prior's training pairs, its NLL, the
+    real subjects of the evaluation).
+
+    Args:
+        split: anything with ``case_ids`` and ``slice_indices`` (a :class:`Split` or :class:`SplitInfo`).
+    Returns:
+        int64 ``(N,)``.
+    """
+    cases, slices = np.asarray(split.case_ids), np.asarray(split.slice_indices)
+    where = {(c, k): n for n, (c, k) in enumerate(zip(cases.tolist(), slices.tolist())) if c != UNKNOWN and k != UNKNOWN}
+    return np.array([where.get((c, k - 1), -1) if (c, k) in where else -1
+                     for c, k in zip(cases.tolist(), slices.tolist())], dtype=np.int64)
+
+
+def subjects(split) -> dict[int, np.ndarray]:
+    """``{case_id: indices into split, ordered by slice}`` for every case with a parsed name."""
+    cases, slices = np.asarray(split.case_ids), np.asarray(split.slice_indices)
+    out = {}
+    for c in sorted(set(cases.tolist()) - {UNKNOWN}):
+        idx = np.flatnonzero(cases == c)
+        out[int(c)] = idx[np.argsort(slices[idx], kind="stable")]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------

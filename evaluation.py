@@ -286,7 +286,19 @@ def reconstruction_metrics(images, recon) -> dict[str, Any]:
 # The prior
 # ----------------------------------------------------------------------------------------------
 
-def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
+def previous_codes(codes, previous_index, no_previous: int) -> np.ndarray:
+    """Each grid's previous slice's codes: ``codes[previous_index]``, ``no_previous`` where the index is -1.
+
+    Args: codes int ``(N, h, w)``; previous_index int ``(N,)`` (``dataset.previous_slice_index``).
+    Returns: int32 ``(N, h, w)``.
+    """
+    codes, index = np.asarray(codes, np.int32), np.asarray(previous_index)
+    out = codes[np.maximum(index, 0)].copy()
+    out[index < 0] = no_previous
+    return out
+
+
+def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) -> np.ndarray:
     """Per-position negative log-likelihood, in nats, of the given codes under the prior.
 
     The prior's logits at ``(i, j)`` see only codes before ``(i, j)`` in raster order, so this is
@@ -301,6 +313,8 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
             condition" slot (``prior.null_condition``, classifier-free guidance), which a prior
             trained without condition dropout does not have (``ValueError``).
         batch_size: grids per forward pass.
+        previous: int ``(N, h, w)``, the previous slices' codes (``previous_codes``), for a prior with
+            ``previous_slice``; None: its "no previous slice".
     Returns:
         float32 ``(N, h, w)``: the sparse categorical cross-entropy (from logits) at each position.
     """
@@ -319,13 +333,14 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(codes), batch_size):
         batch = codes[i:i + batch_size]
-        inputs = batch if condition is None else (batch, condition[i:i + batch_size])
-        logits = prior(inputs, training=False)
+        parts = [batch] + ([condition[i:i + batch_size]] if condition is not None else []) + (
+            [np.asarray(previous[i:i + batch_size], np.int32)] if previous is not None else [])
+        logits = prior(parts[0] if len(parts) == 1 else tuple(parts), training=False)
         out.append(np.asarray(keras.ops.sparse_categorical_crossentropy(batch, logits, from_logits=True)))
     return np.concatenate(out).astype(np.float32)
 
 
-def prior_nll(prior, codes, condition=None, batch_size: int = 64) -> dict[str, float]:
+def prior_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) -> dict[str, float]:
     """The prior's mean NLL of a set of code grids, in bits per code and in bits per slice.
 
     Bits per code depend on the grid (a 16x16 grid packs more of the image into each code than a
@@ -334,7 +349,7 @@ def prior_nll(prior, codes, condition=None, batch_size: int = 64) -> dict[str, f
     Returns:
         ``{"bits_per_code": float, "bits_per_slice": float}``.
     """
-    nll = code_nll(prior, codes, condition, batch_size).astype(np.float64)
+    nll = code_nll(prior, codes, condition, batch_size, previous).astype(np.float64)
     per_slice = nll.sum(axis=(1, 2)) / LOG2
     return {"bits_per_code": float(nll.mean() / LOG2), "bits_per_slice": float(per_slice.mean())}
 

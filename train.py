@@ -46,14 +46,17 @@ from rundir import RunDirs
 # preset (12 and 40 epochs), spent on 3x the data. Both priors get a learned spatial map per slice position
 # (condition_map 8, location-dependent conditioning): on the demo it took the judge's median slice error of
 # samples from 5.5 to 1 position and its Frechet distance from 13x to 0.9x the real-vs-real floor (README);
-# the oasis preset's has not been measured at OASIS scale.
+# the oasis preset's has not been measured at OASIS scale. The demo prior also sees the previous slice
+# (previous_slice: consecutive pairs of one case), so predict.py subject can draw whole subjects slice by
+# slice; for 25 % of examples it sees a learned "no previous slice" instead, so the same prior draws a
+# subject's first slice and single slices (docs/subjects.md).
 PRESETS = {
     "demo": {
         "image_size": 128, "downsample": 4, "vqvae_epochs": 4, "prior_epochs": 13,
         "vqvae_batch_size": 16, "prior_batch_size": 16, "vqvae_lr": 2e-3, "prior_lr": 2e-3,
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
-                         "condition_map": 8},
+                         "condition_map": 8, "previous_slice": True, "previous_dropout": 0.25},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
@@ -264,6 +267,42 @@ def prior_inputs(codes: dict, conditioned: bool):
     return (codes["codes"], codes["slices"].astype(np.int32)) if conditioned else codes["codes"]
 
 
+def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int, batch_size: int,
+                  shuffle_seed: int | None = None):
+    """``tf.data`` of ``(inputs, codes)`` batches for the prior.
+
+    With ``previous_slice`` each example is a consecutive pair from one case: the inputs are
+    ``(codes, slice, previous)``, ``previous`` gathered from the split's codes by
+    ``codes["previous"]`` (``dataset.previous_slice_index``; a case's first slice gets the "no
+    previous slice" grid), so the pairs cost no second copy of the codes.
+    """
+    import tensorflow as tf
+
+    target = codes["codes"]
+
+    def shuffled(ds):
+        return ds if shuffle_seed is None else ds.shuffle(len(target), seed=shuffle_seed)
+
+    if not prior_cfg.previous_slice:
+        ds = shuffled(tf.data.Dataset.from_tensor_slices((prior_inputs(codes, conditioned), target)))
+    else:
+        table = tf.constant(target, tf.int32)
+        none = tf.fill(tf.shape(table)[1:], num_embeddings)
+        slices = codes["slices"].astype(np.int32) if conditioned else None
+        index = np.asarray(codes["previous"], np.int64)
+
+        def pair(n, k):
+            previous = tf.where(k >= 0, tf.gather(table, tf.maximum(k, 0)), none)
+            current = tf.gather(table, n)
+            if slices is None:
+                return (current, previous), current
+            return (current, tf.gather(slices_t, n), previous), current
+
+        slices_t = None if slices is None else tf.constant(slices)
+        ds = shuffled(tf.data.Dataset.from_tensor_slices((np.arange(len(target), dtype=np.int64), index))).map(pair)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
     import keras
 
@@ -287,13 +326,9 @@ def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         return model
 
-    train = (prior_inputs(codes["train"], conditioned), codes["train"]["codes"])
-    val = (prior_inputs(codes["validate"], conditioned), codes["validate"]["codes"])
-    import tensorflow as tf
-
-    train_ds = (tf.data.Dataset.from_tensor_slices(train).shuffle(len(train[1]), seed=cfg["seed"])
-                .batch(t["prior_batch_size"]).prefetch(tf.data.AUTOTUNE))
-    val_ds = tf.data.Dataset.from_tensor_slices(val).batch(t["prior_batch_size"])
+    train_ds = prior_dataset(codes["train"], conditioned, prior_cfg, num_embeddings, t["prior_batch_size"],
+                             shuffle_seed=cfg["seed"])
+    val_ds = prior_dataset(codes["validate"], conditioned, prior_cfg, num_embeddings, t["prior_batch_size"])
     model = fit_stage("prior", build, train_ds, val_ds, t["prior_epochs"], dirs, resume, strategy)
     rundir.save_final(model, dirs.write / "pixelcnn.keras", "prior")
     return model
@@ -433,6 +468,10 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
 
     if "prior" in stages:
         codes = evaluation.encode_splits(vqvae, splits, dirs.write, model_path=vq_path)
+        import dataset
+
+        for name, split in splits.items():  # consecutive pairs, for a prior that sees the previous slice
+            codes[name]["previous"] = dataset.previous_slice_index(split)
         t0 = time.time()
         train_prior(cfg, codes, dirs, args.resume, strategy)
         timings["prior_train_s"] = time.time() - t0
