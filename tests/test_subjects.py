@@ -214,3 +214,38 @@ def test_evaluate_subjects_reports_every_metric(subject_run, tmp_path):
     assert metrics["adjacent_ssim_ratio"] == pytest.approx(
         metrics["adjacent_ssim_generated"] / metrics["adjacent_ssim_real"])
     assert (tmp_path / "ev" / "subjects_vs_real.png").exists()
+
+
+def test_nifti_affine_states_the_voxel_size(tmp_path):
+    import nibabel as nib
+
+    import predict
+
+    volume = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    predict._write_nifti(volume, (2.0, 2.0, 0.8), tmp_path / "v.nii.gz", "note")
+    img = nib.load(tmp_path / "v.nii.gz")
+    np.testing.assert_allclose(img.affine, np.diag([2.0, 2.0, 0.8, 1.0]))
+    np.testing.assert_allclose(img.header.get_zooms(), (2.0, 2.0, 0.8))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), volume)
+
+
+def test_training_pairs_are_consecutive_slices_of_one_case():
+    from types import SimpleNamespace
+
+    import dataset
+    import train
+    from modules import PriorConfig
+
+    # shuffled order, case 2 lacks slice 1, one file without a parsed name
+    split = SimpleNamespace(case_ids=np.array([1, 2, 1, 2, 1, -1]), slice_indices=np.array([2, 0, 0, 2, 1, -1]))
+    index = dataset.previous_slice_index(split)
+    np.testing.assert_array_equal(index, [4, -1, -1, -1, 2, -1])
+    codes = {"codes": np.arange(6 * 4, dtype=np.int32).reshape(6, 2, 2) % 5,
+             "slices": np.maximum(split.slice_indices, 0), "previous": index}
+    cfg = PriorConfig(condition_map=2, grid_shape=(2, 2), previous_slice=True, num_conditions=3)
+    (current, slices, previous), target = next(iter(train.prior_dataset(codes, True, cfg, 5, 6)))
+    np.testing.assert_array_equal(current, codes["codes"])
+    np.testing.assert_array_equal(target, codes["codes"])
+    np.testing.assert_array_equal(slices, codes["slices"])
+    for n, k in enumerate(index):
+        np.testing.assert_array_equal(previous[n], codes["codes"][k] if k >= 0 else np.full((2, 2), 5))
