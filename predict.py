@@ -248,8 +248,8 @@ def run_voxel_mm(run: Run) -> tuple[tuple[float, float, float], str]:
     root = run.config.get("data", {}).get("root")
     voxel = build_data.demo_voxel_mm(root, run.config["vqvae"]["image_size"]) if root else None
     if voxel is not None:
-        return voxel, "the demo data's voxel size at the run's image size (nominal slice spacing)"
-    return (1.0, 1.0, 1.0), "1 mm assumed: OASIS PNG slices carry no voxel size"
+        return voxel, "the demo data's at this image size"
+    return (1.0, 1.0, 1.0), "1 mm assumed (OASIS PNGs carry none)"
 
 
 def _write_nifti(volume: np.ndarray, voxel_mm, path: Path, note: str) -> None:
@@ -340,7 +340,7 @@ def _subject_command(args) -> None:
                                  batch_size=args.batch_size)
     out = Path(args.out or run.path / "subjects")
     voxel, source = run_voxel_mm(run)
-    note = f"synthetic, oasis-vqvae seed {args.seed}, voxel {source.split(':')[0][:30]}"
+    note = f"oasis-vqvae synthetic, seed {args.seed}; voxel size {source}"  # the NIfTI header's 80 characters
     paths = write_subjects(subjects, out, voxel, note)
     meta = {"num": args.num, "seed": args.seed, "temperature": args.temperature, "slices": subjects.images.shape[1],
             "voxel_mm": voxel, "voxel_mm_source": source, "kept_slices": subjects.kept, "kept_case": case,
