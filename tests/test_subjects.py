@@ -249,3 +249,18 @@ def test_training_pairs_are_consecutive_slices_of_one_case():
     np.testing.assert_array_equal(slices, codes["slices"])
     for n, k in enumerate(index):
         np.testing.assert_array_equal(previous[n], codes["codes"][k] if k >= 0 else np.full((2, 2), 5))
+
+
+def test_demo_preset_trains_the_previous_slice_and_drops_it_with_its_condition_map(tmp_path, capsys):
+    import train
+
+    parser = train.build_parser()
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "a")]), parser)
+    assert cfg["prior"]["previous_slice"] is True and cfg["prior"]["previous_dropout"] == 0.25
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "b"), "--prior-condition-map", "0"]),
+                                  parser)
+    assert cfg["prior"]["previous_slice"] is False and cfg["prior"]["previous_dropout"] == 0.0
+    assert "previous_slice -> off" in capsys.readouterr().out
+    args = parser.parse_args(["--out", str(tmp_path / "c"), "--prior-condition-map", "0", "--prior-previous-slice"])
+    with pytest.raises(train.TrainError, match="previous_slice needs condition_map"):  # asked for: an error
+        train.resolve_config(args, parser)
