@@ -179,7 +179,7 @@ def _check_subject_run(run: Run) -> None:
         raise PredictError(f"{run.path}: this run's prior does not see the previous slice (previous_slice is off"
                            f"{'' if run.conditioned else ' and it is not conditioned on slice position'}), so it "
                            f"cannot draw subjects; retrain its prior: python train.py --stage prior --out {run.path} "
-                           "--prior-previous-slice --prior-previous-dropout 0.25")
+                           "--prior-previous-slice --prior-previous-dropout 0.5")
 
 
 def generate_subjects(run: Run, num: int, seed: int = 0, temperature: float = 1.0, *, keep=None,

@@ -5,7 +5,9 @@ Gumbel-max trick: ``code = argmax(logits / T + g)`` with Gumbel noise ``g`` draw
 NumPy ``Generator`` seeded by ``(seed, sample_index)``. Both methods use the same noise, so they
 return the same codes, and chunking (``batch_size``) does not change any sample. ``top_k`` /
 ``top_p`` set the scores outside the kept codes to ``-inf`` before the same Gumbel-max draw;
-classifier-free ``guidance`` mixes the logits of the conditioned and the "no condition" prior.
+classifier-free ``guidance`` mixes the logits of the conditioned and the "no condition" prior;
+``previous`` passes a prior with ``previous_slice`` the previous slices' codes (its own business how
+they enter: the sampler hands them to the full-grid call and to ``init_cache``).
 
 * ``method="naive"``: the reference (keras.io): one full-grid forward pass of the model per position.
 * ``method="fast"``: the prior's ``init_cache`` / ``call_with_cache``: one raster position per call,

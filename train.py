@@ -48,7 +48,7 @@ from rundir import RunDirs
 # samples from 5.5 to 1 position and its Frechet distance from 13x to 0.9x the real-vs-real floor (README);
 # the oasis preset's has not been measured at OASIS scale. The demo prior also sees the previous slice
 # (previous_slice: consecutive pairs of one case), so predict.py subject can draw whole subjects slice by
-# slice; for 25 % of examples it sees a learned "no previous slice" instead, so the same prior draws a
+# slice; for half of the examples it sees a learned "no previous slice" instead, so the same prior draws a
 # subject's first slice and single slices (docs/subjects.md).
 PRESETS = {
     "demo": {
@@ -56,7 +56,7 @@ PRESETS = {
         "vqvae_batch_size": 16, "prior_batch_size": 16, "vqvae_lr": 2e-3, "prior_lr": 2e-3,
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
-                         "condition_map": 8, "previous_slice": True, "previous_dropout": 0.25},
+                         "condition_map": 8, "previous_slice": True, "previous_dropout": 0.5},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,

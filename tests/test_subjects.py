@@ -256,7 +256,7 @@ def test_demo_preset_trains_the_previous_slice_and_drops_it_with_its_condition_m
 
     parser = train.build_parser()
     cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "a")]), parser)
-    assert cfg["prior"]["previous_slice"] is True and cfg["prior"]["previous_dropout"] == 0.25
+    assert cfg["prior"]["previous_slice"] is True and cfg["prior"]["previous_dropout"] == 0.5
     cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "b"), "--prior-condition-map", "0"]),
                                   parser)
     assert cfg["prior"]["previous_slice"] is False and cfg["prior"]["previous_dropout"] == 0.0
