@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import re
 import sys
@@ -301,6 +302,24 @@ def _pixel_mm(template: DemoTemplate, image_size: int) -> float:
     of the image width, as the OASIS slices do."""
     head_mm = template.brain_length_mm + 2 * (np.mean(_BAND_MM) + np.mean(_RING_MM))
     return head_mm / (HEAD_LENGTH_FRACTION * image_size)
+
+
+def demo_voxel_mm(root: str | os.PathLike, image_size: int) -> tuple[float, float, float] | None:
+    """Voxel size (mm: rows, columns, slices) of the demo data set under ``root`` read at ``image_size``,
+    or None when ``root`` holds no ``demo.json`` (not a demo set).
+
+    In-plane: the pixel size the demo was rendered at (:func:`_pixel_mm`), scaled to ``image_size``;
+    across slices: the slab's height over its ``slices_per_case - 1`` steps (nominal: each case is
+    tilted and scaled a little).
+    """
+    path = Path(root) / "demo.json"
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    pixel = _pixel_mm(demo_template(), int(meta["image_size"])) * int(meta["image_size"]) / int(image_size)
+    z_lo, z_hi = meta["slab_mni_z_mm"]
+    step = (z_hi - z_lo) / max(int(meta["slices_per_case"]) - 1, 1)
+    return (float(pixel), float(pixel), float(step))
 
 
 def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:

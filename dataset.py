@@ -619,6 +619,76 @@ def slice_file_name(case_id: int, slice_index: int) -> str:
     return f"case_{case_id:03d}_slice_{slice_index}.nii.png"
 
 
+def previous_slice_index(split) -> np.ndarray:
+    """For each slice, the index (in ``split``) of the slice just below it in the same case, else -1.
+
+    Slice ``k`` of case ``c`` pairs with slice ``k - 1`` of case ``c``; a case's first slice, a slice
+    whose neighbour is missing, and a file whose name gives no case or slice get -1. This is the one
+    place that pairs consecutive slices (the previous-slice prior's training pairs, its NLL, the
+    real subjects of the evaluation).
+
+    Args:
+        split: anything with ``case_ids`` and ``slice_indices`` (a :class:`Split` or :class:`SplitInfo`).
+    Returns:
+        int64 ``(N,)``.
+    """
+    cases, slices = np.asarray(split.case_ids), np.asarray(split.slice_indices)
+    where = {(c, k): n for n, (c, k) in enumerate(zip(cases.tolist(), slices.tolist())) if c != UNKNOWN and k != UNKNOWN}
+    return np.array([where.get((c, k - 1), -1) if (c, k) in where else -1
+                     for c, k in zip(cases.tolist(), slices.tolist())], dtype=np.int64)
+
+
+def prior_inputs(codes: dict, conditioned: bool):
+    """The prior's inputs from a split's cached codes: ``codes`` alone, or ``(codes, slice)`` when conditioned."""
+    return (codes["codes"], codes["slices"].astype(np.int32)) if conditioned else codes["codes"]
+
+
+def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int, batch_size: int,
+                  shuffle_seed: int | None = None):
+    """``tf.data`` of ``(inputs, codes)`` batches for the prior.
+
+    With ``previous_slice`` each example is a consecutive pair from one case: the inputs are
+    ``(codes, slice, previous)``, ``previous`` gathered from the split's codes by
+    ``codes["previous"]`` (``dataset.previous_slice_index``; a case's first slice gets the "no
+    previous slice" grid), so the pairs cost no second copy of the codes.
+    """
+    import tensorflow as tf
+
+    target = codes["codes"]
+
+    def shuffled(ds):
+        return ds if shuffle_seed is None else ds.shuffle(len(target), seed=shuffle_seed)
+
+    if not prior_cfg.previous_slice:
+        ds = shuffled(tf.data.Dataset.from_tensor_slices((prior_inputs(codes, conditioned), target)))
+    else:
+        table = tf.constant(target, tf.int32)
+        none = tf.fill(tf.shape(table)[1:], num_embeddings)
+        slices = codes["slices"].astype(np.int32) if conditioned else None
+        index = np.asarray(codes["previous"], np.int64)
+
+        def pair(n, k):
+            previous = tf.where(k >= 0, tf.gather(table, tf.maximum(k, 0)), none)
+            current = tf.gather(table, n)
+            if slices is None:
+                return (current, previous), current
+            return (current, tf.gather(slices_t, n), previous), current
+
+        slices_t = None if slices is None else tf.constant(slices)
+        ds = shuffled(tf.data.Dataset.from_tensor_slices((np.arange(len(target), dtype=np.int64), index))).map(pair)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def subjects(split) -> dict[int, np.ndarray]:
+    """``{case_id: indices into split, ordered by slice}`` for every case with a parsed name."""
+    cases, slices = np.asarray(split.case_ids), np.asarray(split.slice_indices)
+    out = {}
+    for c in sorted(set(cases.tolist()) - {UNKNOWN}):
+        idx = np.flatnonzero(cases == c)
+        out[int(c)] = idx[np.argsort(slices[idx], kind="stable")]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------

@@ -286,7 +286,19 @@ def reconstruction_metrics(images, recon) -> dict[str, Any]:
 # The prior
 # ----------------------------------------------------------------------------------------------
 
-def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
+def previous_codes(codes, previous_index, no_previous: int) -> np.ndarray:
+    """Each grid's previous slice's codes: ``codes[previous_index]``, ``no_previous`` where the index is -1.
+
+    Args: codes int ``(N, h, w)``; previous_index int ``(N,)`` (``dataset.previous_slice_index``).
+    Returns: int32 ``(N, h, w)``.
+    """
+    codes, index = np.asarray(codes, np.int32), np.asarray(previous_index)
+    out = codes[np.maximum(index, 0)].copy()
+    out[index < 0] = no_previous
+    return out
+
+
+def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) -> np.ndarray:
     """Per-position negative log-likelihood, in nats, of the given codes under the prior.
 
     The prior's logits at ``(i, j)`` see only codes before ``(i, j)`` in raster order, so this is
@@ -301,6 +313,8 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
             condition" slot (``prior.null_condition``, classifier-free guidance), which a prior
             trained without condition dropout does not have (``ValueError``).
         batch_size: grids per forward pass.
+        previous: int ``(N, h, w)``, the previous slices' codes (``previous_codes``), for a prior with
+            ``previous_slice``; None: its "no previous slice".
     Returns:
         float32 ``(N, h, w)``: the sparse categorical cross-entropy (from logits) at each position.
     """
@@ -319,13 +333,14 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(codes), batch_size):
         batch = codes[i:i + batch_size]
-        inputs = batch if condition is None else (batch, condition[i:i + batch_size])
-        logits = prior(inputs, training=False)
+        parts = [batch] + ([condition[i:i + batch_size]] if condition is not None else []) + (
+            [np.asarray(previous[i:i + batch_size], np.int32)] if previous is not None else [])
+        logits = prior(parts[0] if len(parts) == 1 else tuple(parts), training=False)
         out.append(np.asarray(keras.ops.sparse_categorical_crossentropy(batch, logits, from_logits=True)))
     return np.concatenate(out).astype(np.float32)
 
 
-def prior_nll(prior, codes, condition=None, batch_size: int = 64) -> dict[str, float]:
+def prior_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) -> dict[str, float]:
     """The prior's mean NLL of a set of code grids, in bits per code and in bits per slice.
 
     Bits per code depend on the grid (a 16x16 grid packs more of the image into each code than a
@@ -334,7 +349,7 @@ def prior_nll(prior, codes, condition=None, batch_size: int = 64) -> dict[str, f
     Returns:
         ``{"bits_per_code": float, "bits_per_slice": float}``.
     """
-    nll = code_nll(prior, codes, condition, batch_size).astype(np.float64)
+    nll = code_nll(prior, codes, condition, batch_size, previous).astype(np.float64)
     per_slice = nll.sum(axis=(1, 2)) / LOG2
     return {"bits_per_code": float(nll.mean() / LOG2), "bits_per_slice": float(per_slice.mean())}
 
@@ -927,4 +942,119 @@ def two_sample_scores(splits, reconstructions=None, samples=None, seed: int = 0,
                       f"{TWO_SAMPLE_CONTROL_BLUR} px only {detected:.2f} of the time (< {TWO_SAMPLE_MIN_POWER}): it "
                       "lacks the power to call the generated slices indistinguishable; give it more slices or "
                       "epochs (TwoSampleConfig)", RuntimeWarning, stacklevel=2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole subjects: slabs of consecutive slices (predict.py subject)
+# ----------------------------------------------------------------------------------------------
+
+def _as_slabs(slabs) -> np.ndarray:
+    """``(N, S, H, W[, 1])`` in [0, 1] (or uint8) -> float32 ``(N, S, H, W, 1)``."""
+    x = np.asarray(slabs)
+    x = np.divide(x, 255, dtype=np.float32) if x.dtype == np.uint8 else x.astype(np.float32)
+    if x.ndim == 4:
+        x = x[..., None]
+    if x.ndim != 5 or x.shape[1] < 2:
+        raise ValueError(f"slabs must be (N, S, H, W[, 1]) with S >= 2 slices, got {np.shape(slabs)}")
+    return x
+
+
+def adjacent_slice_ssim(slabs) -> np.ndarray:
+    """SSIM of each slice with the next one in its slab: ``(N, S, H, W[, 1]) -> (N, S - 1)``.
+
+    Consecutive slices of one head are alike but not equal: a generated slab whose value sits far
+    below real slabs' jumps between slices, one far above copies the slice before.
+    """
+    x = _as_slabs(slabs)
+    n, s = x.shape[:2]
+    return ssim(x[:, :-1].reshape(-1, *x.shape[2:]), x[:, 1:].reshape(-1, *x.shape[2:])).reshape(n, s - 1)
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equal-length sequences (NaN when one is constant)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def slab_order(judge, slabs) -> np.ndarray:
+    """Per slab, the Spearman correlation of the judge's predicted slice position with the slice index
+    (1: the slab runs from low to high in order, as a real one does): ``(N,)``."""
+    from judge import judge_outputs
+
+    x = _as_slabs(slabs)
+    _, predicted = judge_outputs(judge, x.reshape(-1, *x.shape[2:]))
+    predicted = predicted.reshape(x.shape[:2])
+    return np.array([spearman(p, np.arange(len(p))) for p in predicted])
+
+
+def between_subject_ms_ssim(slabs, max_pairs: int = 256, seed: int = 0) -> float:
+    """Mean MS-SSIM between the same slice of two different slabs (lower: subjects differ more).
+
+    Pairs of slabs ``(a, b)`` and a slice ``k`` are drawn at random (seeded) among all of them.
+    """
+    x = _as_slabs(slabs)
+    n, s = x.shape[:2]
+    if n < 2:
+        raise ValueError("between-subject diversity needs at least two slabs")
+    i, j = np.triu_indices(n, k=1)
+    pairs = [(a, b, k) for a, b in zip(i, j) for k in range(s)]
+    rng = np.random.default_rng(seed)
+    if len(pairs) > max_pairs:
+        pairs = [pairs[p] for p in rng.choice(len(pairs), size=max_pairs, replace=False)]
+    a = np.stack([x[p, k] for p, _, k in pairs])
+    b = np.stack([x[q, k] for _, q, k in pairs])
+    return float(np.concatenate([ms_ssim(a[t:t + 64], b[t:t + 64]) for t in range(0, len(a), 64)]).mean())
+
+
+def subject_scores(generated, real, independent=None, test_images=None, judge=None,
+                   two_sample_splits=None, seed: int = 0) -> dict[str, Any]:
+    """Every whole-subject metric of generated slabs beside real ones.
+
+    Args:
+        generated: ``(N, S, H, W[, 1])`` generated subjects (slice 0 lowest).
+        real: ``(M, S, H, W[, 1])`` real test subjects (``dataset.subjects`` of the test split).
+        independent: optional ``(N, S, ...)`` slabs of slices drawn independently at positions
+            0..S-1 (no previous slice): what consecutive slices look like without the condition.
+        test_images: the test split's images, for realism (best SSIM of each generated slice).
+        judge: the run's judge, for the slice order of each slab (Spearman).
+        two_sample_splits: the run's splits, for the classifier two-sample test of the generated
+            slices against the test slices (full view; 0.5: indistinguishable, 1: told apart).
+    Returns:
+        ``adjacent_ssim_{generated,real,independent}`` (means over slices and slabs),
+        ``adjacent_ssim_ratio`` (generated / real; the target is 0.85-1.05),
+        ``judge_spearman_{generated,real,independent}`` (mean over slabs), ``realism_mean``,
+        ``realism_fraction_above_0.6``, ``between_subject_ms_ssim_{generated,real}`` (diversity) and
+        ``two_sample_subjects_full``.
+    """
+    generated, real = _as_slabs(generated), _as_slabs(real)
+    out: dict[str, Any] = {"num_subjects": len(generated), "num_real_subjects": len(real),
+                           "slices_per_subject": int(generated.shape[1])}
+    slabs = {"generated": generated, "real": real}
+    if independent is not None:
+        slabs["independent"] = _as_slabs(independent)
+    for name, x in slabs.items():
+        out[f"adjacent_ssim_{name}"] = float(adjacent_slice_ssim(x).mean())
+    out["adjacent_ssim_ratio"] = _ratio(out["adjacent_ssim_generated"], out["adjacent_ssim_real"])
+    if judge is not None:
+        for name, x in slabs.items():
+            order = slab_order(judge, x)  # NaN for a slab the judge puts at one position throughout
+            out[f"judge_spearman_{name}"] = float(np.nanmean(order)) if np.isfinite(order).any() else float("nan")
+    flat = generated.reshape(-1, *generated.shape[2:])
+    if test_images is not None:
+        realism, _ = nearest_by_ssim(flat, test_images, desc="subjects: realism")
+        out["realism_mean"] = float(realism.mean())
+        out["realism_fraction_above_0.6"] = float((realism > 0.6).mean())
+    if len(generated) > 1:
+        out["between_subject_ms_ssim_generated"] = between_subject_ms_ssim(generated, seed=seed)
+    if len(real) > 1:
+        out["between_subject_ms_ssim_real"] = between_subject_ms_ssim(real, seed=seed)
+    if two_sample_splits is not None:
+        scores = two_sample_scores(two_sample_splits, samples=flat, seed=seed, views=("full",), floor=False,
+                                   progress=False)
+        out["two_sample_subjects_full"] = scores.get("two_sample_samples_full")
     return out

@@ -9,7 +9,7 @@ Contents:
 * :class:`VQVAEConfig` / :class:`VQVAE` -- encoder, vector quantiser and decoder as one
   ``keras.Model`` that trains with ``compile(optimizer=...)`` + ``fit(images)``.
 * :class:`MaskedConv2D`, :class:`GatedPixelCNNBlock`, :class:`MaskedResidualBlock`,
-  :class:`CausalAttentionBlock`, :class:`PriorConfig` / :class:`PixelCNN` -- autoregressive priors
+  :class:`CausalAttentionBlock`, :class:`PreviousSliceMap`, :class:`PriorConfig` / :class:`PixelCNN` -- autoregressive priors
   over the code grid: the plain masked stack (mask A, then mask B) and the gated PixelCNN without a
   blind spot, optionally with causal self-attention blocks and conditioned on the slice position
   (with a "no condition" slot for classifier-free guidance). Each of these layers has an
@@ -51,7 +51,7 @@ def _config_from_dict(cls, d: dict[str, Any] | None):
 __all__ = ["VectorQuantizer", "ResidualBlock", "VQVAEConfig", "VQVAE", "build_encoder", "build_decoder",
            "build_discriminator", "hinge_discriminator_loss", "adaptive_weight",
            "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "CausalAttentionBlock",
-           "grid_position_encoding", "PriorConfig", "PixelCNN"]
+           "grid_position_encoding", "PreviousSliceMap", "PriorConfig", "PixelCNN"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1335,6 +1335,55 @@ class CausalAttentionBlock(layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class PreviousSliceMap(layers.Layer):
+    """Spatial condition map from the previous slice's code grid: ``(B, h, w)`` int -> ``(B, h, w, M)``.
+
+    The slice before is known in full before the current one is drawn, so it enters as a condition,
+    not through the raster order, and needs no mask: an embedding of its codes (one more row, index
+    ``num_embeddings``, is the learned "no previous slice"), ``num_convs`` ordinary 3x3 convs with ReLU
+    (each widens the view by one code each way) and a 1x1 conv to ``channels`` = M. ``PixelCNN`` adds
+    the map to the slice's condition map, so every gated layer sees it through its own 1x1 map convs
+    (location-dependent conditioning, van den Oord et al. 2016), in ``call`` over the grid and, row
+    by row, in ``step``: the sampler needs nothing new beyond computing the map once per grid.
+    """
+
+    def __init__(self, num_embeddings, channels, filters=32, num_convs=2, **kwargs):
+        super().__init__(**kwargs)
+        self.num_embeddings, self.channels = int(num_embeddings), int(channels)
+        self.filters, self.num_convs = int(filters), int(num_convs)
+        self.embedding = layers.Embedding(self.num_embeddings + 1, self.filters, name="embedding")
+        self.convs = [layers.Conv2D(self.filters, 3, padding="same", activation="relu", name=f"conv_{n}")
+                      for n in range(self.num_convs)]
+        self.out = layers.Conv2D(self.channels, 1, name="out")
+
+    @property
+    def no_previous(self) -> int:
+        """The code value that means "no previous slice" (``num_embeddings``)."""
+        return self.num_embeddings
+
+    def build(self, input_shape=None):
+        self.embedding.build((None, None, None))
+        for conv in self.convs:
+            conv.build((None, None, None, self.filters))
+        self.out.build((None, None, None, self.filters))
+
+    def call(self, previous):
+        x = self.embedding(ops.cast(previous, "int32"))  # (B, h, w, filters)
+        for conv in self.convs:
+            x = conv(x)
+        return self.out(x)  # (B, h, w, M)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.channels,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_embeddings=self.num_embeddings, channels=self.channels, filters=self.filters,
+                      num_convs=self.num_convs)
+        return config
+
+
 @dataclass
 class PriorConfig:
     """Settings of a PixelCNN prior (saved as ``config.json`` beside the weights).
@@ -1372,6 +1421,13 @@ class PriorConfig:
                 "gates through a 1x1 conv (location-dependent conditioning, van den Oord et al. 2016): where "
                 "the anatomy of that slice lies; an unconditioned prior learns one map. 0: none (needs "
                 "gated and grid_shape)"})
+    previous_slice: bool = field(default=False, metadata={
+        "help": "also condition on the previous slice's code grid (known in full before this slice is drawn): an "
+                "embedding of its codes and a few ordinary convs make a condition_map-channel map added to the "
+                "slice's condition map, for drawing whole subjects slice by slice (needs condition_map)"})
+    previous_dropout: float = field(default=0.0, metadata={
+        "help": "fraction of training examples whose previous slice is replaced by a learned 'no previous "
+                "slice', so one prior also draws a subject's first slice and single slices (needs previous_slice)"})
 
     def __post_init__(self):
         for name in ("kernel_size", "first_kernel_size"):
@@ -1393,6 +1449,13 @@ class PriorConfig:
             raise ValueError(f"PriorConfig.condition_map must be >= 0 (0: none), got {self.condition_map!r}")
         if self.condition_map and (not self.gated or self.grid_shape is None):
             raise ValueError("PriorConfig.condition_map needs gated=True and grid_shape (the grid its maps cover)")
+        if self.previous_slice and not self.condition_map:
+            raise ValueError("PriorConfig.previous_slice needs condition_map > 0 (the previous slice enters as a "
+                             "spatial map added to the slice's condition map)")
+        if not 0.0 <= self.previous_dropout < 1.0:
+            raise ValueError(f"PriorConfig.previous_dropout must be in [0, 1), got {self.previous_dropout!r}")
+        if self.previous_dropout and not self.previous_slice:
+            raise ValueError("PriorConfig.previous_dropout needs previous_slice=True")
         if self.grid_shape is not None:
             self.grid_shape = tuple(int(s) for s in self.grid_shape)
             if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
@@ -1418,7 +1481,9 @@ class PixelCNN(keras.Model):
         **overrides: PriorConfig fields overriding ``config`` (and Keras' name/trainable/dtype).
 
     Call: ``codes`` int ``(B, h, w)``; or ``(codes, condition)`` with ``condition`` int ``(B,)`` when
-    ``config.num_conditions > 0``. Returns logits ``(B, h, w, K)`` float32 whose value at ``(i, j)``
+    ``config.num_conditions > 0``; a prior with ``previous_slice`` also takes ``(codes, condition,
+    previous)`` (or ``(codes, previous)`` when unconditioned), ``previous`` int ``(B, h, w)`` the codes
+    of the slice before (the value ``no_previous`` everywhere, or leaving it out: "no previous slice"). Returns logits ``(B, h, w, K)`` float32 whose value at ``(i, j)``
     depends only on codes before ``(i, j)`` in raster order (and on the condition). Train with
     ``compile(loss=SparseCategoricalCrossentropy(from_logits=True))``; ``fit(codes, codes)``.
 
@@ -1434,6 +1499,12 @@ class PixelCNN(keras.Model):
     row, the "no condition" slot ``null_condition`` (= ``num_conditions``); ``fit`` replaces the
     condition of that fraction of examples by it, and calling with ``condition == null_condition``
     gives the unconditional prior. Priors saved without ``condition_dropout`` load as before.
+
+    Previous slice: with ``previous_slice`` a :class:`PreviousSliceMap` turns the previous slice's codes
+    into an ``(B, h, w, M)`` map that is added to the slice's condition map before the gated layers, so
+    the previous slice reaches every layer's gates the way the slice position does; ``previous_dropout``
+    trains that fraction of examples with the learned "no previous slice" (a subject's first slice, and
+    plain single-slice sampling). Priors saved without it load as before (default off).
 
     Sampling (``sampler.sample_codes``) uses ``init_cache`` and ``call_with_cache``: one raster
     position per call, each layer updating its own cache through its ``step`` method.
@@ -1479,6 +1550,10 @@ class PixelCNN(keras.Model):
                                                       name=f"attention_{a}") for a in range(n_attention)]
         if self.has_null_condition:
             self.condition_seed = keras.random.SeedGenerator(0, name="condition_dropout_seed")
+        if c.previous_slice:
+            self.previous_map = PreviousSliceMap(self.num_embeddings, c.condition_map, c.filters, name="previous_map")
+            if c.previous_dropout:
+                self.previous_seed = keras.random.SeedGenerator(1, name="previous_dropout_seed")
         self.head_hidden = layers.Conv2D(c.filters, 1, name="head_hidden")
         self.head_out = layers.Conv2D(self.num_embeddings, 1, dtype="float32", name="logits")
 
@@ -1496,9 +1571,18 @@ class PixelCNN(keras.Model):
                              "(e.g. 0.1) to sample without a condition or with guidance")
         return self.config.num_conditions
 
+    @property
+    def no_previous(self) -> int:
+        """The code value meaning "no previous slice" in a ``previous`` grid (``num_embeddings``)."""
+        if not self.config.previous_slice:
+            raise ValueError("this prior is not conditioned on the previous slice (previous_slice=False)")
+        return self.num_embeddings
+
     def build(self, input_shape=None):
         f = self.config.filters
         self.embedding.build((None, None, None))
+        if self.config.previous_slice:
+            self.previous_map.build()
         if self.config.gated:
             self.input_block.build()
             if self.config.condition_map:  # one map per condition slot (one map if unconditioned)
@@ -1519,22 +1603,46 @@ class PixelCNN(keras.Model):
         self.head_out.build((None, None, None, f))
 
     def _split_inputs(self, inputs):
-        conditioned = self.config.num_conditions > 0
+        """``(codes, cond, previous)`` from the accepted input forms (see the class docstring)."""
+        c = self.config
+        conditioned = c.num_conditions > 0
+        forms = ("(codes, condition)" if conditioned else "codes") + (
+            (", or (codes, condition, previous)" if conditioned else ", or (codes, previous)")
+            if c.previous_slice else "")
+        cond = previous = None
         if isinstance(inputs, (list, tuple)):
-            if len(inputs) != 2 or not conditioned:
-                raise ValueError("PixelCNN takes codes (B, h, w), or (codes, condition) for a "
-                                 f"conditioned prior; got a {len(inputs)}-tuple with "
-                                 f"num_conditions={self.config.num_conditions}")
-            codes, cond = inputs
+            if len(inputs) == 2 and conditioned:
+                codes, cond = inputs
+            elif len(inputs) == 2 and c.previous_slice:
+                codes, previous = inputs
+            elif len(inputs) == 3 and conditioned and c.previous_slice:
+                codes, cond, previous = inputs
+            else:
+                raise ValueError(f"this PixelCNN (num_conditions={c.num_conditions}, previous_slice="
+                                 f"{c.previous_slice}) takes {forms}; got a {len(inputs)}-tuple")
         else:
             if conditioned:
                 raise ValueError("This PixelCNN is conditioned (num_conditions="
-                                 f"{self.config.num_conditions}): call it with (codes, condition)")
-            codes, cond = inputs, None
+                                 f"{c.num_conditions}): call it with {forms}")
+            codes = inputs
         codes = ops.cast(codes, "int32")
         if cond is not None:
             cond = ops.reshape(ops.cast(cond, "int32"), (-1,))
-        return codes, cond
+        if previous is not None:
+            previous = ops.cast(previous, "int32")
+        return codes, cond, previous
+
+    def _previous_map(self, previous, batch_size, grid_shape, training=None):
+        """The previous slice's map ``(B, h, w, M)``; ``previous=None``: the "no previous slice" map."""
+        if previous is None:
+            previous = ops.full((batch_size, *grid_shape), self.num_embeddings, "int32")
+        else:
+            previous = ops.cast(previous, "int32")
+        if training and self.config.previous_dropout:
+            # one prior for first slices and single slices too: train some examples without the slice before
+            drop = keras.random.uniform((batch_size,), seed=self.previous_seed) < self.config.previous_dropout
+            previous = ops.where(drop[:, None, None], self.num_embeddings, previous)
+        return self.previous_map(previous)
 
     def _attention_after(self, n: int):
         """The attention block after layer ``n`` (1-based, counting the gated first layer), or None."""
@@ -1542,7 +1650,7 @@ class PixelCNN(keras.Model):
         return self.attention_blocks[n // every - 1] if every and n % every == 0 else None
 
     def call(self, inputs, training=None):
-        codes, cond = self._split_inputs(inputs)
+        codes, cond, previous = self._split_inputs(inputs)
         if cond is not None and training and self.has_null_condition:
             # classifier-free guidance (Ho & Salimans 2022): drop the condition of some examples
             drop = keras.random.uniform(ops.shape(cond), seed=self.condition_seed) < self.config.condition_dropout
@@ -1551,7 +1659,10 @@ class PixelCNN(keras.Model):
         x = self.embedding(codes)  # (B, h, w, F)
         if self.config.condition_map:
             _check_grid(x, self.config.grid_shape)
-            extra = [cond, ops.take(self.condition_maps, self._map_index(codes, cond), axis=0)]
+            cmap = ops.take(self.condition_maps, self._map_index(codes, cond), axis=0)  # (B, h, w, M)
+            if self.config.previous_slice:
+                cmap = cmap + self._previous_map(previous, ops.shape(codes)[0], self.config.grid_shape, training)
+            extra = [cond, cmap]
         if self.config.gated:
             v, h = self.input_block([x, x] + extra, training=training)
             for n, block in enumerate(self.blocks, 2):
@@ -1580,17 +1691,24 @@ class PixelCNN(keras.Model):
         return stream if block is None else block([stream, embedded], training=training)
 
     # ---- incremental generation: one raster position per call, each layer owning its step
-    def init_cache(self, batch_size: int, grid_shape):
+    def init_cache(self, batch_size: int, grid_shape, previous=None):
         """Zero caches of every layer for sampling ``batch_size`` grids of ``grid_shape``.
 
         A nested structure of tensors (what ``tf.while_loop`` carries); only ``call_with_cache``
-        reads it.
+        reads it. ``previous``: int ``(B, h, w)``, the previous slices' codes, for a prior with
+        ``previous_slice`` (None: "no previous slice"); their map is computed here, once per grid,
+        and read row by row.
         """
         grid_shape = tuple(int(s) for s in grid_shape)
         first = self.input_block if self.config.gated else self.input_conv
-        return {"input": first.init_cache(batch_size, grid_shape),
-                "blocks": [b.init_cache(batch_size, grid_shape) for b in self.blocks],
-                "attention": [a.init_cache(batch_size, grid_shape) for a in self.attention_blocks]}
+        cache = {"input": first.init_cache(batch_size, grid_shape),
+                 "blocks": [b.init_cache(batch_size, grid_shape) for b in self.blocks],
+                 "attention": [a.init_cache(batch_size, grid_shape) for a in self.attention_blocks]}
+        if self.config.previous_slice:
+            cache["previous_map"] = ops.cast(self._previous_map(previous, batch_size, grid_shape), self.compute_dtype)
+        elif previous is not None:
+            raise ValueError("init_cache: previous given but this prior is not conditioned on the previous slice")
+        return cache
 
     def call_with_cache(self, prev_codes, i, j, cache, condition=None):
         """Logits at raster position ``(i, j)`` given the codes drawn so far (inference mode).
@@ -1615,6 +1733,8 @@ class PixelCNN(keras.Model):
         if self.config.condition_map:
             map_row = ops.take(ops.take(self.condition_maps, i, axis=1), self._map_index(prev_codes, condition),
                                axis=0)
+            if self.config.previous_slice:
+                map_row = map_row + ops.take(cache["previous_map"], i, axis=1)
 
         def attend(n, stream):
             block = self._attention_after(n)
@@ -1642,7 +1762,10 @@ class PixelCNN(keras.Model):
                 out = attend(n + 1, out)
         hidden = ops.relu(_pointwise(self.head_hidden, ops.relu(out)))
         logits = ops.cast(_pointwise(self.head_out, hidden), "float32")
-        return logits, {"input": first, "blocks": blocks, "attention": attention}
+        new_cache = {"input": first, "blocks": blocks, "attention": attention}
+        if "previous_map" in cache:
+            new_cache["previous_map"] = cache["previous_map"]
+        return logits, new_cache
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,

@@ -6,6 +6,7 @@
     python predict.py evaluate --num 64                 # realism, sharpness, diversity, judge, NLL
     python predict.py anomaly --images some/pngs/       # NLL maps, healed slices, anomaly maps, scores
     python predict.py complete --images some/pngs/ --keep-rows 12 --seeds 3   # prior fills the rest
+    python predict.py subject --num 4 --out synth/   # whole subjects: NIfTI, OASIS-style PNGs, montages
 
 Everything is rebuilt from the run directory that ``train.py`` wrote: its ``config.json``,
 ``vqvae.keras`` and ``pixelcnn.keras``. Grid shape, codebook size and slice conditioning come from
@@ -35,7 +36,9 @@ from sampler import sample_codes  # noqa: E402,F401  (public: `from predict impo
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUN = REPO / "runs" / "demo"
-COMMANDS = ("sample", "reconstruct", "evaluate", "anomaly", "complete")
+COMMANDS = ("sample", "reconstruct", "evaluate", "anomaly", "complete", "subject")
+SYNTHETIC_CASE = 9000  # case id of the first synthetic subject in the OASIS-style folder (real ids stay below)
+SYNTHETIC_SPLIT = "keras_png_slices_train"  # so that dataset.read_oasis / train.py --data read the folder as is
 
 
 class PredictError(Exception):
@@ -152,6 +155,214 @@ def _spread_slices(run: Run, num: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# Whole subjects: slabs of consecutive slices, each drawn given its position and the slice before
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Subjects:
+    """Synthetic subjects: ``codes`` int32 ``(N, S, h, w)``, ``images`` float32 ``(N, S, H, W, 1)`` in
+    [0, 1], slice 0 lowest; the first ``kept`` slices are a real case's (completion), the same in all."""
+
+    codes: np.ndarray
+    images: np.ndarray
+    kept: int = 0
+
+
+def _slice_seed(seed: int, k: int) -> int:
+    """The sampling seed of slice ``k`` of subjects drawn with ``seed`` (each slice its own noise)."""
+    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
+
+
+def _check_subject_run(run: Run) -> None:
+    cfg = run.prior.config
+    if not getattr(cfg, "previous_slice", False) or not run.conditioned:
+        raise PredictError(f"{run.path}: this run's prior does not see the previous slice (previous_slice is off"
+                           f"{'' if run.conditioned else ' and it is not conditioned on slice position'}), so it "
+                           f"cannot draw subjects; retrain its prior: python train.py --stage prior --out {run.path} "
+                           "--prior-previous-slice --prior-previous-dropout 0.5")
+
+
+def generate_subjects(run: Run, num: int, seed: int = 0, temperature: float = 1.0, *, keep=None,
+                      batch_size: int | None = None, progress: bool = True) -> Subjects:
+    """Draw ``num`` subjects of ``run.num_conditions`` consecutive slices, slice 0 first.
+
+    Slice 0 is drawn at position 0 with the prior's "no previous slice"; each next slice ``k`` at
+    position ``k`` given the codes of slice ``k - 1``. Slice ``k`` uses the seed
+    ``_slice_seed(seed, k)``, so the same seed gives the same subjects, and subject ``n`` does not
+    depend on ``num`` or ``batch_size``.
+
+    Args:
+        run: a run whose prior has ``previous_slice`` and slice conditioning.
+        num: subjects, >= 1. temperature: as in :func:`sampler.sample_codes`.
+        keep: optional uint8 or float images ``(K, H, W[, 1])``, a real case's slices 0..K-1
+            (volume completion): they are encoded and kept as they are in every subject, and the
+            slices from K on are drawn given them.
+    Returns:
+        :class:`Subjects`.
+    Raises:
+        PredictError: a prior that does not see the previous slice, ``num`` < 1, a bad ``keep``.
+    """
+    from tqdm import tqdm
+
+    import evaluation
+    import utils
+
+    if int(num) != num or num < 1:
+        raise PredictError(f"--num must be at least 1, got {num}")
+    _check_subject_run(run)
+    num, n_slices = int(num), run.num_conditions
+    h, w = run.prior.config.grid_shape
+    size = int(run.config["vqvae"]["image_size"])
+    codes = np.zeros((num, n_slices, h, w), np.int32)
+    images = np.zeros((num, n_slices, size, size, 1), np.float32)
+    kept = 0
+    if keep is not None:
+        keep = np.asarray(keep)
+        x = utils.as_image_batch(keep.astype(np.float32) / 255.0 if keep.dtype == np.uint8 else keep)
+        kept = len(x)
+        if x.shape[1:3] != (size, size):
+            raise PredictError(f"kept slices are {x.shape[1]}x{x.shape[2]} but this run's images are {size}x{size}")
+        if not 1 <= kept < n_slices:
+            raise PredictError(f"--keep {kept}: keep 1 to {n_slices - 1} slices (this prior draws {n_slices})")
+        codes[:, :kept] = evaluation.encode_images(run.vqvae, x)[None]
+        images[:, :kept] = x[None]
+    bar = tqdm(range(kept, n_slices), desc=f"subjects: {num} x {n_slices} slices", unit="slice", disable=not progress)
+    for k in bar:
+        previous = codes[:, k - 1] if k > 0 else None
+        try:
+            codes[:, k] = sample_codes(run.prior, num, temperature=temperature, seed=_slice_seed(seed, k),
+                                       condition=k, previous=previous, batch_size=batch_size)
+        except ValueError as e:
+            raise PredictError(f"{run.path}: {e}") from None
+        images[:, k] = evaluation.decode_codes(run.vqvae, codes[:, k], batch_size or 32)
+    return Subjects(codes, images, kept)
+
+
+def run_voxel_mm(run: Run) -> tuple[tuple[float, float, float], str]:
+    """The voxel size (mm: rows, columns, slices) of the run's images, and where it comes from.
+
+    The demo data knows its own (``build_data.demo_voxel_mm``); OASIS PNGs carry none, so 1 mm.
+    """
+    import build_data
+
+    root = run.config.get("data", {}).get("root")
+    voxel = build_data.demo_voxel_mm(root, run.config["vqvae"]["image_size"]) if root else None
+    if voxel is not None:
+        return voxel, "the demo data's at this image size"
+    return (1.0, 1.0, 1.0), "1 mm assumed (OASIS PNGs carry none)"
+
+
+def _write_nifti(volume: np.ndarray, voxel_mm, path: Path, note: str) -> None:
+    """uint8 ``(H, W, S)`` as a NIfTI-1 file whose affine states ``voxel_mm``; gzip without a time stamp,
+    so the same volume gives the same bytes."""
+    import gzip
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(volume, np.diag([*map(float, voxel_mm), 1.0]))
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = note[:79].encode()
+    data = img.to_bytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def write_subjects(subjects: Subjects, out: Path, voxel_mm, note: str, first_case: int = SYNTHETIC_CASE) -> list[Path]:
+    """Write each subject as ``subject_NNN.nii.gz`` (uint8 H x W x slices), as PNG slices
+    ``SYNTHETIC_SPLIT/case_<first_case + n>_slice_<k>.nii.png`` (an OASIS-style folder) and as
+    ``subject_NNN_montage.png``. Returns the NIfTI paths."""
+    import dataset
+    import utils
+
+    out = Path(out)
+    folder = out / SYNTHETIC_SPLIT
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, slab in enumerate(subjects.images):
+        pixels = utils.to_uint8(slab[..., 0])  # (S, H, W): exactly what the PNGs hold
+        path = out / f"subject_{n:03d}.nii.gz"
+        _write_nifti(np.ascontiguousarray(pixels.transpose(1, 2, 0)), voxel_mm, path, note)
+        paths.append(path)
+        for k, image in enumerate(slab):
+            _save_png(image, folder / dataset.slice_file_name(first_case + n, k))
+        utils.save_image_grid(slab, out / f"subject_{n:03d}_montage.png", ncols=8,
+                              titles=[f"slice {k}" + (" (kept)" if k < subjects.kept else "") for k in range(len(slab))],
+                              suptitle=f"synthetic subject {n} (case {first_case + n})", cell_inches=1.2)
+    return paths
+
+
+def plot_subjects(subjects: Subjects, path: Path, real=None, columns: int = 8) -> Path:
+    """One row per subject (every ``S / columns``-th slice), a real subject's row first if given
+    (``real`` float ``(S, H, W, 1)``)."""
+    import utils
+
+    n_slices = subjects.images.shape[1]
+    pick = np.linspace(0, n_slices - 1, min(columns, n_slices)).round().astype(int)
+    rows = ([("real test subject", real[pick])] if real is not None else []) + [
+        (f"synthetic {n}", slab[pick]) for n, slab in enumerate(subjects.images)]
+    titles = [[f"slice {k}" for k in pick]] + [None] * (len(rows) - 1)
+    return utils.plot_image_rows(rows, path, titles=titles, cell_inches=1.3)
+
+
+def _kept_case(run: Run, folder: Path, keep: int, case: int | None):
+    """Slices 0..keep-1 of one case in ``folder`` as uint8 ``(keep, H, W, 1)``, and the case id."""
+    import dataset
+
+    try:
+        split = dataset.read_split(folder, image_size=run.config["vqvae"]["image_size"])
+    except dataset.DatasetError as e:
+        raise PredictError(f"--images: {e}") from None
+    by_case = dataset.subjects(split)
+    if not by_case:
+        raise PredictError(f"--images {folder}: no file is named case_<id>_slice_<k>.nii.png, so no case to complete")
+    if case is None:
+        case = min(by_case)
+    if case not in by_case:
+        raise PredictError(f"--case {case}: {folder} holds cases {', '.join(map(str, sorted(by_case)))}; pick one")
+    idx = by_case[case]
+    have = np.asarray(split.slice_indices)[idx]
+    if len(have) < keep or not np.array_equal(have[:keep], np.arange(keep)):
+        raise PredictError(f"--keep {keep}: case {case} in {folder} does not hold slices 0 to {keep - 1} "
+                           f"(it has {len(have)} slices from {have.min()}); pass a smaller --keep or another --case")
+    return split.images[idx[:keep]], case
+
+
+def _subject_command(args) -> None:
+    import dataset
+    import utils
+
+    run = load_run(args.run)
+    _check_subject_run(run)
+    keep, case = None, None
+    if args.keep is not None:
+        keep, case = _kept_case(run, args.images, args.keep, args.case)
+        print(f"completion: keeping slices 0 to {args.keep - 1} of case {case} from {args.images}")
+    subjects = generate_subjects(run, args.num, seed=args.seed, temperature=args.temperature, keep=keep,
+                                 batch_size=args.batch_size)
+    out = Path(args.out or run.path / "subjects")
+    voxel, source = run_voxel_mm(run)
+    note = f"oasis-vqvae synthetic, seed {args.seed}; voxel size {source}"  # the NIfTI header's 80 characters
+    paths = write_subjects(subjects, out, voxel, note)
+    meta = {"num": args.num, "seed": args.seed, "temperature": args.temperature, "slices": subjects.images.shape[1],
+            "voxel_mm": voxel, "voxel_mm_source": source, "kept_slices": subjects.kept, "kept_case": case,
+            "kept_from": None if keep is None else str(args.images),
+            "cases": [SYNTHETIC_CASE + n for n in range(args.num)], "run": str(run.path)}
+    utils.save_json(meta, out / "subjects.json")
+    if args.figure:
+        real = None
+        try:
+            test = run.read_splits()["test"]
+            groups = dataset.subjects(test)
+            if groups:
+                real = test.subset(groups[min(groups)]).float()
+        except dataset.DatasetError as e:
+            print(f"predict.py: notice: no real subject in the figure: {e}", file=sys.stderr)
+        plot_subjects(subjects, Path(args.figure), real=real)
+    print(f"wrote {args.num} subjects to {out}: subject_NNN.nii.gz ({subjects.images.shape[2]}x"
+          f"{subjects.images.shape[3]}x{subjects.images.shape[1]} uint8, voxel {voxel[0]:.3g} x {voxel[1]:.3g} x "
+          f"{voxel[2]:.3g} mm: {source}), montages and the OASIS-style folder {out / SYNTHETIC_SPLIT}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation (every metric is computed in evaluation.py)
 # ----------------------------------------------------------------------------------------------
 
@@ -252,6 +463,46 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     return metrics
 
 
+def evaluate_subjects(run: Run, num: int = 8, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
+                      out_dir: Path | None = None, two_sample: bool = True) -> dict:
+    """Draw ``num`` subjects and score them (``evaluation.subject_scores``) beside the real test subjects and
+    beside ``num`` slabs of slices drawn independently at positions 0..S-1 (no previous slice); write
+    ``subject_metrics.json`` and ``subjects_vs_real.png`` in ``out_dir`` (default: ``RUN/evaluation``)."""
+    import dataset
+    import evaluation
+
+    out_dir = Path(out_dir or run.path / "evaluation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        splits = run.read_splits()
+    except dataset.DatasetError as e:
+        raise PredictError(str(e)) from None
+    test = splits["test"]
+    subjects = generate_subjects(run, num, seed=seed, temperature=temperature, batch_size=batch_size)
+    n_slices = subjects.images.shape[1]
+    real = [idx for idx in dataset.subjects(test).values() if len(idx) == n_slices]
+    if not real:
+        raise PredictError(f"the test split holds no case with all {n_slices} slices to compare subjects with")
+    real_slabs = np.stack([test.subset(idx).images for idx in real])
+    positions = np.tile(np.arange(n_slices, dtype=np.int32), num)
+    _, independent = generate(run, num * n_slices, temperature=temperature, seed=seed + 1, condition=positions,
+                              batch_size=batch_size)
+    metrics = {"num_subjects": num, "temperature": temperature, "seed": seed}
+    unavailable = evaluation.two_sample_unavailable(splits)
+    if two_sample and unavailable:
+        print(f"predict.py: notice: the two-sample test is skipped: {unavailable}", file=sys.stderr)
+    metrics.update(evaluation.subject_scores(
+        subjects.images, real_slabs, independent.reshape(num, n_slices, *independent.shape[1:]),
+        test_images=test.images, judge=load_judge(run),
+        two_sample_splits=splits if two_sample and not unavailable else None, seed=seed))
+    import utils
+
+    utils.save_json(metrics, out_dir / "subject_metrics.json")
+    plot_subjects(Subjects(subjects.codes[:3], subjects.images[:3]), out_dir / "subjects_vs_real.png",
+                  real=real_slabs[0].astype(np.float32) / 255.0)
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  reconstruct  encode and decode the PNGs in --images, with per-image SSIM / PSNR\n"
                "  evaluate     realism, sharpness, diversity, judge metrics, NLL and the two-sample test of samples\n"
                "  anomaly      per-code NLL maps, healed slices and anomaly maps of the PNGs in --images\n"
-               "  complete     keep the top --keep-rows code rows of each slice in --images, sample the rest")
+               "  complete     keep the top --keep-rows code rows of each slice in --images, sample the rest\n"
+               "  subject      whole subjects slice by slice: NIfTI volumes, an OASIS-style folder, montages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp):
@@ -315,7 +567,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples for the classifier two-sample test (a small CNN trained to tell them from real "
                         "test slices; 0.5: indistinguishable, 1.0: always told apart), drawn at the test slices' "
                         "positions besides --num (default: as many as the test split; 0: skip the test)")
+    e.add_argument("--subjects", type=int, default=None, metavar="N",
+                   help="instead of single slices, draw N whole subjects (predict.py subject) and write "
+                        "subject_metrics.json: adjacent-slice SSIM beside real test subjects and beside slices drawn "
+                        "independently, the judge's slice order (Spearman), realism, diversity between subjects, "
+                        "the two-sample test (skipped with --two-sample-num 0)")
     add_anomaly_parsers(sub, common)
+    j = sub.add_parser("subject", help="draw whole subjects: 32-slice slabs, each slice given the one before",
+                       description="Draw --num subjects slice by slice (slice 0 first; each next slice given its "
+                                   "position and the slice before) with a prior trained with --prior-previous-slice. "
+                                   "Writes per subject subject_NNN.nii.gz (H x W x slices, uint8, the affine "
+                                   "stating the voxel size), subject_NNN_montage.png, the slices as an OASIS-style "
+                                   f"folder {SYNTHETIC_SPLIT}/case_{SYNTHETIC_CASE}_slice_K.nii.png, and "
+                                   "subjects.json. With --keep K --images DIR: volume completion, keeping a real "
+                                   "case's first K slices.")
+    common(j)
+    j.add_argument("--num", type=int, default=4, help="subjects to draw (default: 4)")
+    j.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
+    j.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives identical files (default: 0)")
+    j.add_argument("--keep", type=int, default=None, metavar="K",
+                   help="volume completion: keep the first K real slices of one case of --images and draw the rest")
+    j.add_argument("--images", type=Path, default=None, help="with --keep: folder of a real case's PNG slices")
+    j.add_argument("--case", type=int, default=None, help="with --keep: the case id to complete (default: the lowest)")
+    j.add_argument("--figure", type=Path, default=None,
+                   help="also draw a figure PATH: a row per subject (8 slices), a real test subject's row first")
     return p
 
 
@@ -380,6 +655,8 @@ def main(argv=None) -> int:
             parser.error(f"--top-p must lie in (0, 1], got {args.top_p}")
         if args.command == "sample" and args.unconditional and args.slice is not None:
             parser.error("--unconditional and --slice exclude each other: drop one")
+        if args.command == "evaluate" and args.subjects is not None and args.subjects < 2:
+            parser.error(f"--subjects must be at least 2 (diversity compares pairs of subjects), got {args.subjects}")
         if args.command == "evaluate" and args.num < 2:
             parser.error(f"--num must be at least 2 for evaluate (diversity compares pairs of samples), got {args.num}")
         if args.command == "evaluate" and args.two_sample_num is not None and not (
@@ -388,6 +665,14 @@ def main(argv=None) -> int:
                          f"got {args.two_sample_num}")
     if args.command == "complete":
         _check_positive(parser, "--seeds", args.seeds)
+    if args.command == "subject":
+        _check_positive(parser, "--num", args.num)
+        if (args.keep is None) != (args.images is None):
+            parser.error("--keep and --images go together: --keep K --images DIR completes a real case")
+        if args.keep is not None and args.keep < 1:
+            parser.error(f"--keep must be at least 1, got {args.keep}")
+        if args.case is not None and args.keep is None:
+            parser.error("--case needs --keep K --images DIR")
     if args.command == "anomaly":
         _check_positive(parser, "--rounds", args.rounds)
     if args.command == "anomaly" and args.percentile is not None and not 0 < args.percentile < 100:
@@ -462,6 +747,12 @@ def _run_command(args) -> int:
         _anomaly_command(args)
     elif args.command == "complete":
         _complete_command(args)
+    elif args.command == "subject":
+        _subject_command(args)
+    elif args.subjects is not None:
+        metrics = evaluate_subjects(load_run(args.run), args.subjects, args.temperature, args.seed, args.batch_size,
+                                    args.out, two_sample=args.two_sample_num != 0)
+        print(json.dumps(metrics, indent=2))
     else:
         run = load_run(args.run)
         metrics = evaluate(run, args.num, args.temperature, args.seed, args.batch_size, args.out,

@@ -50,16 +50,26 @@ def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size
 
 
 def evaluate_prior(prior, codes, conditioned: bool, batch_size: int) -> dict:
-    """The prior's NLL of the validate and test codes, in bits per code and bits per slice."""
+    """The prior's NLL of the validate and test codes, in bits per code and bits per slice.
+
+    A prior with ``previous_slice`` is scored twice: without the previous slice (its "no previous
+    slice", comparable with a single-slice prior) and ``_given_previous`` (each slice given the one
+    below it in its case, ``codes[split]["previous"]`` from ``dataset.previous_slice_index``).
+    """
     import evaluation
 
     out = {}
     for split in ("validate", "test"):
         condition = codes[split]["slices"].astype(np.int32) if conditioned else None
-        nll = evaluation.prior_nll(prior, codes[split]["codes"], condition, batch_size)
         name = "val" if split == "validate" else split
+        nll = evaluation.prior_nll(prior, codes[split]["codes"], condition, batch_size)
         out[f"prior_{name}_nll_bits"] = nll["bits_per_code"]
         out[f"prior_{name}_nll_bits_per_slice"] = nll["bits_per_slice"]
+        if prior.config.previous_slice and "previous" in codes[split]:
+            previous = evaluation.previous_codes(codes[split]["codes"], codes[split]["previous"], prior.no_previous)
+            nll = evaluation.prior_nll(prior, codes[split]["codes"], condition, batch_size, previous)
+            out[f"prior_{name}_nll_bits_given_previous"] = nll["bits_per_code"]
+            out[f"prior_{name}_nll_bits_per_slice_given_previous"] = nll["bits_per_slice"]
     return out
 
 

@@ -109,6 +109,12 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
         print(f"note: --no-prior-gated: the plain prior has no slice condition map, so condition_map "
               f"{cfg['prior']['condition_map']} -> 0 (it needs a gated prior)")
         cfg["prior"]["condition_map"] = 0
+    if cfg["prior"].get("previous_slice") and not cfg["prior"].get("condition_map") and not (
+            requested["prior"].get("previous_slice")):
+        # the preset's previous-slice condition enters through the condition map that this prior has not
+        print("note: condition_map 0: the previous slice enters the prior through its condition map, so "
+              "previous_slice -> off (predict.py subject needs it)")
+        cfg["prior"]["previous_slice"], cfg["prior"]["previous_dropout"] = False, 0.0
 
     train = cfg["training"]
     for stage in STAGES:

@@ -5,7 +5,9 @@ Gumbel-max trick: ``code = argmax(logits / T + g)`` with Gumbel noise ``g`` draw
 NumPy ``Generator`` seeded by ``(seed, sample_index)``. Both methods use the same noise, so they
 return the same codes, and chunking (``batch_size``) does not change any sample. ``top_k`` /
 ``top_p`` set the scores outside the kept codes to ``-inf`` before the same Gumbel-max draw;
-classifier-free ``guidance`` mixes the logits of the conditioned and the "no condition" prior.
+classifier-free ``guidance`` mixes the logits of the conditioned and the "no condition" prior;
+``previous`` passes a prior with ``previous_slice`` the previous slices' codes (its own business how
+they enter: the sampler hands them to the full-grid call and to ``init_cache``).
 
 * ``method="naive"``: the reference (keras.io): one full-grid forward pass of the model per position.
 * ``method="fast"``: the prior's ``init_cache`` / ``call_with_cache``: one raster position per call,
@@ -54,7 +56,7 @@ last_exact_rows = 0
 
 # --------------------------------------------------------------------------- arguments and noise
 def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method, batch_size,
-                  guidance, top_k, top_p, codes, keep):
+                  guidance, top_k, top_p, codes, keep, previous=None):
     if int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     if not float(temperature) > 0.0:
@@ -124,11 +126,23 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
         if kept.size and (kept.min() < 0 or kept.max() >= prior.num_embeddings):
             raise ValueError(f"kept codes must lie in [0, {prior.num_embeddings}), got [{kept.min()}, {kept.max()}]")
         codes = np.where(keep, codes, 0).astype("int32")
+    if previous is not None:
+        if not getattr(cfg, "previous_slice", False):
+            raise ValueError("previous= given but the prior is not conditioned on the previous slice "
+                             "(previous_slice=False); drop previous=, or train a prior with previous_slice")
+        previous = np.asarray(previous)
+        if previous.shape != (n, *grid_shape) or not np.issubdtype(previous.dtype, np.integer):
+            raise ValueError(f"previous must be an int array {(n, *grid_shape)} (the previous slices' codes), "
+                             f"got {previous.dtype} {previous.shape}")
+        if previous.min() < 0 or previous.max() > prior.num_embeddings:
+            raise ValueError(f"previous codes must lie in [0, {prior.num_embeddings}] ({prior.num_embeddings}: "
+                             f"no previous slice), got [{previous.min()}, {previous.max()}]")
+        previous = previous.astype("int32")
     options = {"top_k": None if top_k is None or top_k >= prior.num_embeddings else int(top_k),
                "top_p": None if top_p is None or top_p >= 1.0 else float(top_p),
                "guided": guidance is not None}
     chunk = min(n, DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size))
-    return n, grid_shape, float(temperature), cond, chunk, guidance, options, codes, keep
+    return n, grid_shape, float(temperature), cond, chunk, guidance, options, codes, keep, previous
 
 
 def gumbel_noise(seed: int, sample_indices: Sequence[int], grid_shape, num_embeddings: int):
@@ -187,30 +201,31 @@ def _mix(logits, guidance):
     return uncond + guidance * (cond - uncond)
 
 
-def _model_inputs(grid, cond, guided, null):
-    """Batch for a full-grid call: the grid (twice, with the null condition second, when guided)."""
-    if cond is None:
-        return grid
+def _model_inputs(grid, cond, guided, null, previous=None):
+    """Batch for a full-grid call: the grid, the condition and the previous slices' codes when the prior
+    takes them (all twice, with the null condition second, when guided: guidance is on slice position)."""
     if guided:
-        return np.concatenate([grid, grid]), np.concatenate([cond, np.full_like(cond, null)])
-    return grid, cond
+        grid, cond = np.concatenate([grid, grid]), np.concatenate([cond, np.full_like(cond, null)])
+        previous = None if previous is None else np.concatenate([previous, previous])
+    parts = [grid] + [a for a in (cond, previous) if a is not None]
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int, guidance) -> tf.Tensor:
+def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int, guidance, previous=None) -> tf.Tensor:
     """Logits ``(B, K)`` at ``(i, j)`` from one full-grid forward pass (the reference)."""
     guided = guidance is not None
     null = prior.config.num_conditions
-    logits = tf.convert_to_tensor(prior(_model_inputs(grid, cond, guided, null), training=False))[:, i, j, :]
+    logits = tf.convert_to_tensor(prior(_model_inputs(grid, cond, guided, null, previous), training=False))[:, i, j, :]
     return _mix(logits, guidance) if guided else logits
 
 
-def _exact_draw(prior, grid, cond, i, j, noise_ij, temperature, guidance, options, codes, keep):
+def _exact_draw(prior, grid, cond, i, j, noise_ij, temperature, guidance, options, codes, keep, previous=None):
     """The code at ``(i, j)`` of every row of ``grid`` as the naive sampler decides it (kept codes stay).
 
     Rows are independent, so the fast sampler passes only its tied rows (and their ``cond``,
-    ``noise_ij``, ``codes``, ``keep``).
+    ``noise_ij``, ``codes``, ``keep``, ``previous``).
     """
-    logits = _exact_logits(prior, grid, cond, i, j, guidance)
+    logits = _exact_logits(prior, grid, cond, i, j, guidance, previous)
     drawn, _ = _draw(logits, tf.constant(noise_ij), tf.constant(temperature, tf.float32),
                      options["top_k"], options["top_p"])
     return np.where(keep[:, i, j], codes[:, i, j], drawn.numpy()).astype("int32")
@@ -255,7 +270,7 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
                  seed: int | None = None, condition=None, method: str = "fast",
                  batch_size: int | None = None, progress: bool = False, *,
                  guidance: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 codes=None, keep=None) -> np.ndarray:
+                 codes=None, keep=None, previous=None) -> np.ndarray:
     """Draw code grids from a PixelCNN prior, position by position in raster order.
 
     Args:
@@ -284,13 +299,17 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
             takes the given code instead of a draw; every other position is drawn in raster
             order given all earlier codes, kept or drawn (completion, anomaly healing).
             ``keep=None``: nothing kept.
+        previous: for a prior with ``previous_slice``: int ``(N, h, w)``, the codes of each sample's
+            previous slice (a sample is drawn given them, as given its slice position); None: "no
+            previous slice" (a subject's first slice, or a single slice). Guidance leaves it in
+            both halves: it mixes over the slice position only.
 
     Returns:
         int32 array ``(N, h, w)`` with values in ``[0, num_embeddings)``.
     """
-    n, (h, w), temperature, cond, chunk, guidance, options, codes, keep = _resolve_args(
+    n, (h, w), temperature, cond, chunk, guidance, options, codes, keep, previous = _resolve_args(
         prior, num_samples, grid_shape, temperature, condition, method, batch_size,
-        guidance, top_k, top_p, codes, keep)
+        guidance, top_k, top_p, codes, keep, previous)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2 ** 63))
     k = prior.num_embeddings
@@ -306,42 +325,44 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
             idx = np.arange(start, min(start + chunk, n))
             noise = gumbel_noise(seed, idx, (h, w), k)
             c = None if cond is None else cond[idx]
+            p = None if previous is None else previous[idx]
             if method == "naive":
-                out[idx] = _sample_naive(model, noise, temperature, c, guidance, options, codes[idx], keep[idx])
+                out[idx] = _sample_naive(model, noise, temperature, c, guidance, options, codes[idx], keep[idx], p)
             else:
                 out[idx] = _sample_fast(model, noise, temperature, c, guidance, options, codes[idx], keep[idx],
-                                        pad_to=chunk)
+                                        pad_to=chunk, previous=p)
             bar.update(len(idx))
         bar.close()
     return out
 
 
-def _sample_naive(prior, noise, temperature, cond, guidance, options, codes, keep):
+def _sample_naive(prior, noise, temperature, cond, guidance, options, codes, keep, previous=None):
     b, h, w, _ = noise.shape
     grid = np.zeros((b, h, w), dtype="int32")
     for i in range(h):
         for j in range(w):
             grid[:, i, j] = _exact_draw(prior, grid, cond, i, j, noise[:, i, j], temperature, guidance,
-                                        options, codes, keep)
+                                        options, codes, keep, previous)
     return grid
 
 
-def _pad_rows(pad_to, noise, cond, codes, keep):
+def _pad_rows(pad_to, noise, cond, codes, keep, previous=None):
     """Pad a short last chunk to ``pad_to`` rows with fully kept rows (they never tie, cost no exact pass)."""
     extra = pad_to - len(noise)
     if extra <= 0:
-        return noise, cond, codes, keep
+        return noise, cond, codes, keep, previous
 
     def pad(a, value):
         return np.concatenate([a, np.full((extra, *a.shape[1:]), value, a.dtype)])
 
-    return pad(noise, 0.0), (None if cond is None else pad(cond, cond[0])), pad(codes, 0), pad(keep, True)
+    return (pad(noise, 0.0), (None if cond is None else pad(cond, cond[0])), pad(codes, 0), pad(keep, True),
+            None if previous is None else pad(previous, 0))
 
 
-def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep, pad_to=None):
+def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep, pad_to=None, previous=None):
     global last_exact_fallbacks, last_exact_rows
     n = len(noise)
-    noise, cond, codes, keep = _pad_rows(pad_to or n, noise, cond, codes, keep)
+    noise, cond, codes, keep, previous = _pad_rows(pad_to or n, noise, cond, codes, keep, previous)
     b, h, w, _ = noise.shape
     key = tuple(sorted(options.items()))
     fns = _FAST_FNS.setdefault(prior, {})
@@ -350,14 +371,16 @@ def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep
     run = fns[key]
     guided = options["guided"]
     rows = 2 * b if guided else b
-    if cond is None:
-        cond_t = None
-    else:
-        cond_t = tf.constant(_model_inputs(codes, cond, guided, prior.config.num_conditions)[1], tf.int32)
+    null = prior.config.num_conditions
+    cond_t = None if cond is None else tf.constant(_model_inputs(codes, cond, guided, null)[1], tf.int32)
+    cache_kw = {}
+    if previous is not None:  # the prior turns the previous slices into its condition map once, here
+        prev_rows = np.concatenate([previous, previous]) if guided else previous
+        cache_kw = {"previous": tf.constant(prev_rows, tf.int32)}
     args = (tf.constant(noise), tf.constant(temperature, tf.float32),
             tf.constant(1.0 if guidance is None else guidance, tf.float32),
             tf.constant(keep), tf.constant(codes))
-    state = (tf.zeros((b, h, w), tf.int32), tf.zeros((rows,), tf.int32), prior.init_cache(rows, (h, w)))
+    state = (tf.zeros((b, h, w), tf.int32), tf.zeros((rows,), tf.int32), prior.init_cache(rows, (h, w), **cache_kw))
     pos = 0
     while pos < h * w:
         pos_t, tied, state = run(*args, cond_t, tf.constant(pos, tf.int32), state)
@@ -367,7 +390,8 @@ def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep
             grid = state[0].numpy()  # codes before pos; at pos the loop's draws, 0 for the tied rows
             r = np.flatnonzero(tied.numpy())
             grid[r, i, j] = _exact_draw(prior, grid[r], None if cond is None else cond[r], i, j, noise[r, i, j],
-                                        temperature, guidance, options, codes[r], keep[r])
+                                        temperature, guidance, options, codes[r], keep[r],
+                                        None if previous is None else previous[r])
             code = grid[:, i, j]
             prev = np.concatenate([code, code]) if guided else code
             state = (tf.constant(grid), tf.constant(prev), state[2])

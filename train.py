@@ -42,7 +42,7 @@ PRESETS = {
         "vqvae_batch_size": 16, "prior_batch_size": 16, "vqvae_lr": 2e-3, "prior_lr": 2e-3,
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
-                         "condition_map": 8},
+                         "condition_map": 8, "previous_slice": True, "previous_dropout": 0.5},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
@@ -249,12 +249,10 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     return model
 
 
-def prior_inputs(codes: dict, conditioned: bool):
-    return (codes["codes"], codes["slices"].astype(np.int32)) if conditioned else codes["codes"]
-
-
 def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
     import keras
+
+    import dataset
 
     from modules import PixelCNN, PriorConfig
 
@@ -276,13 +274,9 @@ def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         return model
 
-    train = (prior_inputs(codes["train"], conditioned), codes["train"]["codes"])
-    val = (prior_inputs(codes["validate"], conditioned), codes["validate"]["codes"])
-    import tensorflow as tf
-
-    train_ds = (tf.data.Dataset.from_tensor_slices(train).shuffle(len(train[1]), seed=cfg["seed"])
-                .batch(t["prior_batch_size"]).prefetch(tf.data.AUTOTUNE))
-    val_ds = tf.data.Dataset.from_tensor_slices(val).batch(t["prior_batch_size"])
+    train_ds = dataset.prior_dataset(codes["train"], conditioned, prior_cfg, num_embeddings, t["prior_batch_size"],
+                             shuffle_seed=cfg["seed"])
+    val_ds = dataset.prior_dataset(codes["validate"], conditioned, prior_cfg, num_embeddings, t["prior_batch_size"])
     model = fit_stage("prior", build, train_ds, val_ds, t["prior_epochs"], dirs, resume, strategy)
     rundir.save_final(model, dirs.write / "pixelcnn.keras", "prior")
     return model
@@ -422,6 +416,10 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
 
     if "prior" in stages:
         codes = evaluation.encode_splits(vqvae, splits, dirs.write, model_path=vq_path)
+        import dataset
+
+        for name, split in splits.items():  # consecutive pairs, for a prior that sees the previous slice
+            codes[name]["previous"] = dataset.previous_slice_index(split)
         t0 = time.time()
         train_prior(cfg, codes, dirs, args.resume, strategy)
         timings["prior_train_s"] = time.time() - t0

@@ -488,3 +488,125 @@ def test_condition_map_needs_a_gated_prior_on_a_grid():
         PriorConfig(condition_map=4, gated=False, grid_shape=(4, 4))
     with pytest.raises(ValueError, match="condition_map must be >= 0"):
         PriorConfig(condition_map=-1)
+
+
+# ----------------------------------------------- the previous slice as a condition (previous_slice)
+def make_previous_prior(nc=3, grid=(6, 6), **kw):
+    """A prior conditioned on slice position and on the previous slice, with random condition maps."""
+    kw = {"condition_map": 2, "previous_slice": True, "previous_dropout": 0.25, **kw}
+    if nc:
+        kw.setdefault("condition_dropout", 0.2)
+    prior = _randomise_maps(make_prior(True, nc, grid=grid, **kw))
+    prior.head_out.kernel.assign(np.asarray(prior.head_out.kernel) * 10.0)  # logits spread like a trained prior's
+    prior.previous_map.out.kernel.assign(np.asarray(prior.previous_map.out.kernel) * 10.0)  # a strong condition
+    return prior
+
+
+def _prev_logits(prior, codes, cond, previous):
+    inputs = (codes, np.asarray(cond, "int32"), previous) if cond is not None else (codes, previous)
+    return np.asarray(prior(inputs, training=False))
+
+
+@pytest.mark.parametrize("nc", [0, 3])
+def test_previous_slice_is_a_condition_and_the_current_slice_stays_causal(nc):
+    prior = make_previous_prior(nc, num_layers=4)
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, K, (2, 6, 6)).astype("int32")
+    prev = rng.integers(0, K, (2, 6, 6)).astype("int32")
+    cond = [1, 2] if nc else None
+    base = _prev_logits(prior, codes, cond, prev)
+    # another previous slice changes the logits at every position, the first one included
+    other = _prev_logits(prior, codes, cond, rng.integers(0, K, (2, 6, 6)).astype("int32"))
+    assert (np.abs(other - base).max(axis=-1) > 1e-6).all()
+    # it is known in full, so a code late in the previous slice reaches an earlier position of this one
+    late = prev.copy()
+    late[:, 5, 5] = (late[:, 5, 5] + 1) % K
+    assert np.abs(_prev_logits(prior, codes, cond, late) - base)[:, 4, 4].max() > 1e-6
+    # ... while a code of the current slice still only reaches the positions after it (no blind spot)
+    h, w = codes.shape[1:]
+    dep = np.zeros((h * w, h * w), bool)
+    for q in range(h * w):
+        changed = codes.copy()
+        changed[:, q // w, q % w] = (changed[:, q // w, q % w] + 1 + q % (K - 1)) % K
+        dep[q] = np.abs(_prev_logits(prior, changed, cond, prev) - base).max(axis=(0, 3)).reshape(-1) > 0
+    assert np.array_equal(dep, np.triu(np.ones_like(dep), 1))
+    # leaving the previous slice out is "no previous slice": the grid of no_previous codes
+    none = np.full_like(prev, prior.no_previous)
+    without = np.asarray(prior(_inputs(codes, nc, cond), training=False))
+    np.testing.assert_allclose(without, _prev_logits(prior, codes, cond, none), atol=1e-6)
+    assert np.abs(without - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("nc,kw", [
+    (3, {"condition": [0, 2, 1], "guidance": 2.0, "top_k": 5}),
+    (3, {"condition": [1, 1, 0], "top_p": 0.8, "keep": True}),
+    (0, {}),
+])
+def test_previous_slice_fast_equals_naive_with_guidance_filters_and_kept_codes(tmp_path, nc, kw):
+    prior = make_previous_prior(nc, grid=GRID, positional=True, attention_every=2 if nc else 0)
+    rng = np.random.default_rng(3)
+    previous = rng.integers(0, K, (3, *GRID)).astype("int32")
+    # the cached step reads the previous slice's map row by row and equals the full pass
+    codes = rng.integers(0, K, (3, *GRID)).astype("int32")
+    cond = np.array([1, 2, 0], "int32") if nc else None
+    full = _prev_logits(prior, codes, cond, previous)
+    cache = prior.init_cache(3, GRID, previous=previous)
+    for i, j in _raster():
+        logits, cache = prior.call_with_cache(_previous(codes, i, j), i, j, cache, cond)
+        np.testing.assert_allclose(np.asarray(logits), full[:, i, j], atol=1e-5)
+    kw = dict(kw)
+    if kw.pop("keep", False):
+        keep = np.zeros((3, *GRID), bool)
+        keep[:, 0] = True
+        keep[1, 2, 3] = True
+        kw.update(keep=keep, codes=codes)
+    for prev in (previous, None):
+        fast = sample_codes(prior, 3, seed=4, previous=prev, **kw)
+        np.testing.assert_array_equal(fast, sample_codes(prior, 3, seed=4, method="naive", previous=prev, **kw))
+        if "keep" in kw:
+            np.testing.assert_array_equal(fast[kw["keep"]], codes[kw["keep"]])
+    assert not np.array_equal(sample_codes(prior, 3, seed=4, previous=previous, **kw),
+                              sample_codes(prior, 3, seed=4, **kw))  # the previous slice matters
+    path = str(tmp_path / "previous.keras")
+    prior.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.config.previous_slice and loaded.config.previous_dropout == 0.25
+    np.testing.assert_array_equal(_prev_logits(loaded, codes, cond, previous), full)
+
+
+def test_previous_dropout_uses_no_previous_slice_in_training_only():
+    prior = make_previous_prior(3, previous_dropout=0.5, condition_dropout=0.0)
+    rng = np.random.default_rng(5)
+    codes = np.repeat(rng.integers(0, K, (1, 6, 6)), 64, axis=0).astype("int32")
+    prev = np.repeat(rng.integers(0, K, (1, 6, 6)), 64, axis=0).astype("int32")
+    cond = np.ones(64, "int32")
+    with_prev = _prev_logits(prior, codes[:1], [1], prev[:1])[0]
+    without = _prev_logits(prior, codes[:1], [1], np.full_like(prev[:1], prior.no_previous))[0]
+    train = np.asarray(prior((codes, cond, prev), training=True))
+    dropped = np.array([np.allclose(t, without, atol=1e-5) for t in train])
+    kept = np.array([np.allclose(t, with_prev, atol=1e-5) for t in train])
+    assert (dropped ^ kept).all() and 0.25 < dropped.mean() < 0.75
+    np.testing.assert_allclose(_prev_logits(prior, codes, cond, prev), np.broadcast_to(with_prev, train.shape),
+                               atol=1e-5)
+
+
+def test_previous_slice_settings_and_bad_arguments():
+    with pytest.raises(ValueError, match="previous_slice needs condition_map"):
+        PriorConfig(previous_slice=True)
+    with pytest.raises(ValueError, match="previous_dropout needs previous_slice"):
+        PriorConfig(previous_dropout=0.1)
+    with pytest.raises(ValueError, match="previous_dropout must be in"):
+        PriorConfig(previous_slice=True, condition_map=2, grid_shape=(4, 4), previous_dropout=1.0)
+    # a config saved before the field existed loads with it off
+    old = {k: v for k, v in PriorConfig().to_dict().items() if not k.startswith("previous")}
+    assert PriorConfig.from_dict(old).previous_slice is False
+    plain = make_prior(True, 3, grid=GRID, condition_map=2)
+    with pytest.raises(ValueError, match="not conditioned on the previous slice"):
+        sample_codes(plain, 1, seed=0, condition=1, previous=np.zeros((1, *GRID), "int32"))
+    prior = make_previous_prior(3, grid=GRID)
+    with pytest.raises(ValueError, match="previous must be an int array"):
+        sample_codes(prior, 2, seed=0, condition=1, previous=np.zeros((1, *GRID), "int32"))
+    with pytest.raises(ValueError, match="previous codes must lie in"):
+        sample_codes(prior, 1, seed=0, condition=1, previous=np.full((1, *GRID), K + 1, "int32"))
+    with pytest.raises(ValueError, match="takes"):
+        prior((np.zeros((1, *GRID), "int32"),) * 4)
