@@ -38,7 +38,7 @@ from rundir import RunDirs
 # (step counts, batch sizes, attention, condition maps): docs/training.md#presets.
 PRESETS = {
     "demo": {
-        "image_size": 128, "downsample": 4, "vqvae_epochs": 4, "prior_epochs": 13,
+        "image_size": 128, "downsample": 4, "vqvae_epochs": 8, "prior_epochs": 13,
         "vqvae_batch_size": 16, "prior_batch_size": 16, "vqvae_lr": 2e-3, "prior_lr": 2e-3,
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,

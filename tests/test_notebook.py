@@ -21,7 +21,8 @@ def test_walkthrough_notebook_executes(tiny_run, monkeypatch):
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code_cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    # Every cell after the set-up draws a figure inline (samples, reconstructions, anomaly map, completion).
+    # Every cell after the set-up draws a figure inline (samples, reconstructions, anomaly map, completion,
+    # a synthetic subject).
     with_png = [any("image/png" in o.get("data", {}) for o in c.outputs) for c in code_cells]
-    assert with_png == [False, True, True, True, True], with_png
+    assert with_png == [False, True, True, True, True, True], with_png
     assert str(tiny_run) in "".join(o.get("text", "") for o in code_cells[0].outputs)
