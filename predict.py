@@ -341,7 +341,7 @@ def _subject_command(args) -> None:
     out = Path(args.out or run.path / "subjects")
     voxel, source = run_voxel_mm(run)
     note = f"oasis-vqvae synthetic, seed {args.seed}; voxel size {source}"  # the NIfTI header's 80 characters
-    paths = write_subjects(subjects, out, voxel, note)
+    write_subjects(subjects, out, voxel, note)
     meta = {"num": args.num, "seed": args.seed, "temperature": args.temperature, "slices": subjects.images.shape[1],
             "voxel_mm": voxel, "voxel_mm_source": source, "kept_slices": subjects.kept, "kept_case": case,
             "kept_from": None if keep is None else str(args.images),
@@ -379,6 +379,18 @@ def load_judge(run: Run):
     return keras.models.load_model(path)
 
 
+def _evaluation_setup(run: Run, out_dir) -> tuple[Path, dict]:
+    """The evaluation commands' output folder (made; default ``RUN/evaluation``) and the run's splits."""
+    import dataset
+
+    out_dir = Path(out_dir or run.path / "evaluation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return out_dir, run.read_splits()
+    except dataset.DatasetError as e:
+        raise PredictError(str(e)) from None
+
+
 def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
              out_dir: Path | None = None, *, guidance: float | None = None, top_k: int | None = None,
              top_p: float | None = None, two_sample_num: int | None = None) -> dict:
@@ -396,16 +408,10 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     """
     import time
 
-    import dataset
     import evaluation
     import utils
 
-    out_dir = Path(out_dir or run.path / "evaluation")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        splits = run.read_splits()
-    except dataset.DatasetError as e:
-        raise PredictError(str(e)) from None
+    out_dir, splits = _evaluation_setup(run, out_dir)
     test = splits["test"]
     pick = evaluation.reference_pick(len(test), num, seed)
     condition = None
@@ -471,12 +477,7 @@ def evaluate_subjects(run: Run, num: int = 8, temperature: float = 1.0, seed: in
     import dataset
     import evaluation
 
-    out_dir = Path(out_dir or run.path / "evaluation")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        splits = run.read_splits()
-    except dataset.DatasetError as e:
-        raise PredictError(str(e)) from None
+    out_dir, splits = _evaluation_setup(run, out_dir)
     test = splits["test"]
     subjects = generate_subjects(run, num, seed=seed, temperature=temperature, batch_size=batch_size)
     n_slices = subjects.images.shape[1]
