@@ -448,3 +448,22 @@ def test_a_two_sample_test_that_cannot_see_a_blur_warns_that_it_lacks_power(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a test that sees the blur: no warning
         evaluation.two_sample_scores(splits, views=("full",), floor=False, progress=False)
+
+
+def test_subject_scores_report_the_two_sample_test_with_its_power_check(tmp_path, monkeypatch):
+    import dataset
+    from conftest import write_tree
+
+    cases = {"train": [1], "validate": [2, 3], "test": [4, 5, 6, 7]}
+    splits = dataset.read_oasis(write_tree(tmp_path, size=16, cases=cases, slices=4))
+    generated = np.random.default_rng(0).random((2, 4, 16, 16, 1)).astype("float32")
+    seen = {}
+
+    def fake(real, other, *args, **kwargs):  # records what each comparison was given
+        seen[len(seen)] = np.asarray(other)
+        return {"accuracy": 0.6 if len(seen) == 1 else 0.9}
+
+    monkeypatch.setattr(evaluation, "two_sample_test", fake)
+    out = evaluation.subject_scores(generated, generated, two_sample_splits=splits)
+    assert out["two_sample_blurred_real_full"] == 0.6 and out["two_sample_subjects_full"] == 0.9
+    np.testing.assert_array_equal(seen[1], generated.reshape(-1, 16, 16, 1))  # every slice of every subject
