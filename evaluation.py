@@ -12,9 +12,10 @@ and the tests all call these functions.
   (:func:`brain_interior_mask`, :func:`sharpness`);
 * in the judge's feature space (``judge.py``): :func:`frechet_distance` and
   :func:`precision_recall` (Kynkaanniemi et al. 2019); :func:`score_samples` gathers all of them;
-* the classifier two-sample test (Lopez-Paz & Oquab 2017): :func:`two_sample_test` on one pair of
-  image sets, :func:`two_sample_scores` for the floor, reconstructions and samples of a run, each
-  on the views of :data:`TWO_SAMPLE_VIEWS`.
+* the classifier two-sample test (Lopez-Paz & Oquab 2017), in ``two_sample.py`` and importable from
+  here: :func:`two_sample_test` on one pair of image sets (paired by case or not, with an interval
+  and a p-value), :func:`two_sample_scores` for the floor, power rows, reconstructions and samples of
+  a run, each on the views of :data:`TWO_SAMPLE_VIEWS`.
 
 Images are float32 ``(N, H, W, 1)`` in ``[0, 1]``; codes are int ``(N, h, w)``.
 
@@ -41,6 +42,18 @@ from typing import Any
 import numpy as np
 
 import utils
+from two_sample import (  # noqa: F401  (the two-sample test lives in two_sample.py; its names stay importable here)
+    POWER_ROWS as TWO_SAMPLE_POWER_ROWS,
+    VIEWS as TWO_SAMPLE_VIEWS,
+    TwoSampleConfig,
+    as_8bit,
+    build_two_sample_classifier,
+    two_sample_scores,
+    two_sample_table,
+    two_sample_test,
+    two_sample_unavailable,
+    two_sample_view,
+)
 
 LOG2 = math.log(2.0)
 
@@ -675,281 +688,6 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
 
 
 # ----------------------------------------------------------------------------------------------
-# Classifier two-sample test (Lopez-Paz & Oquab 2017, "Revisiting classifier two-sample tests")
-# ----------------------------------------------------------------------------------------------
-
-TWO_SAMPLE_VIEWS = ("full", "interior", "blurred")
-# The power check of the test (two_sample_scores): real slices against real slices blurred by a Gaussian
-# of this many pixels, a small, known loss of grain and sharpness. On the full slice a classifier that
-# cannot tell them apart at least this well lacks the power to call anything "indistinguishable".
-TWO_SAMPLE_CONTROL_BLUR = 1.0
-TWO_SAMPLE_MIN_POWER = 0.7
-
-
-@dataclass(frozen=True)
-class TwoSampleConfig:
-    """The classifier of :func:`two_sample_test`: stride-2 convolutions, one logit per image."""
-
-    filters: tuple[int, ...] = (16, 32, 64, 64)  # one stride-2 4x4 convolution each
-    epochs: int = 10
-    batch_size: int = 32
-    # Two-fold tests on this many different splits, averaged: real slices are split by case, and with
-    # a few dozen cases one split's figure moves by ~0.1 with the luck of which cases fall where.
-    repeats: int = 2
-    learning_rate: float = 1e-3
-    # The collapse guard: a classifier that did not fit its own training half to this balanced
-    # accuracy did not train. A dead one (constant output) scores exactly 0.5 there; one that learned
-    # anything, even by memorising indistinguishable sets, scores well above it (real vs real on the
-    # demo's interior crops: 0.62-0.75 after 10 epochs). It is retrained from another seed with twice
-    # the epochs of the attempt before, up to ``restarts`` attempts in all, and never reported as 0.5.
-    min_train_accuracy: float = 0.6
-    restarts: int = 3
-
-
-def as_8bit(images) -> np.ndarray:
-    """Float32 images in [0, 1] on the 8-bit grid, exactly as a saved PNG would hold them.
-
-    uint8 input is read as ``pixel / 255``; float input is clipped to [0, 1] and rounded to the
-    nearest of the 256 levels (without this a classifier could win on quantisation alone).
-    """
-    x = np.asarray(images)
-    return _as_float_images(x if x.dtype == np.uint8 else utils.to_uint8(x))
-
-
-def two_sample_view(images, view: str) -> np.ndarray:
-    """One view of the two-sample test: ``full``; ``interior``, the central half (:func:`center_crop`);
-    ``blurred``, a Gaussian of 1.5 px then every second pixel (anatomy without grain or sharp borders)."""
-    x = utils.as_image_batch(images)
-    if view == "full":
-        return x
-    if view == "interior":
-        return center_crop(x)
-    if view == "blurred":
-        from scipy.ndimage import gaussian_filter
-
-        return gaussian_filter(x, sigma=(0, 1.5, 1.5, 0))[:, ::2, ::2]
-    raise ValueError(f"two_sample_view: view must be one of {TWO_SAMPLE_VIEWS}, got {view!r}")
-
-
-def build_two_sample_classifier(input_shape, config: TwoSampleConfig = TwoSampleConfig()):
-    """A small CNN of stock Keras layers: ``(N, H, W, 1)`` in [0, 1] -> one logit ("generated")."""
-    import keras
-    from keras import layers
-
-    x = inputs = keras.Input(tuple(input_shape))
-    x = layers.Rescaling(2.0, offset=-1.0)(x)
-    for f in config.filters:
-        x = layers.Conv2D(f, 4, strides=2, padding="same")(x)
-        x = layers.LeakyReLU(0.2)(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, layers.Dense(1)(x), name="two_sample_classifier")
-
-
-def _balanced_accuracy(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean of the per-class accuracies (0.5 for a constant guess whatever the class sizes)."""
-    guess = np.asarray(logits).reshape(-1) > 0
-    return float(np.mean([np.mean(guess[labels == c] == bool(c)) for c in (0, 1)]))
-
-
-def _logits(model, x, batch_size: int = 256) -> np.ndarray:
-    """The classifier's logits ``(N,)``, called in chunks (no ``predict``: no retracing per new model)."""
-    return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False)).reshape(-1)
-                           for i in range(0, len(x), batch_size)])
-
-
-def _fit_two_sample_classifier(x, y, config: TwoSampleConfig, seed):
-    """Train until the classifier fits its training half (the collapse guard): up to ``restarts`` attempts,
-    each from another seed with twice the epochs of the one before.
-
-    Returns ``(model or None, training balanced accuracy of the last attempt, attempts)``.
-    """
-    import keras
-
-    train_acc = float("nan")
-    for attempt in range(config.restarts):
-        keras.utils.set_random_seed(int(np.random.SeedSequence([*seed, attempt]).generate_state(1)[0] % 2**31))
-        model = build_two_sample_classifier(x.shape[1:], config)
-        model.compile(keras.optimizers.Adam(config.learning_rate),
-                      keras.losses.BinaryCrossentropy(from_logits=True))
-        # classes weighted to equal total weight: unequal halves do not bias the guess
-        weight = {c: len(y) / (2.0 * max(1, int((y == c).sum()))) for c in (0, 1)}
-        model.fit(x, y.astype("float32"), epochs=config.epochs * 2 ** attempt, batch_size=config.batch_size,
-                  shuffle=True, class_weight=weight, verbose=0)
-        logits = _logits(model, x)
-        train_acc = _balanced_accuracy(y, logits) if np.all(np.isfinite(logits)) else float("nan")
-        if train_acc >= config.min_train_accuracy:
-            return model, train_acc, attempt + 1
-    return None, train_acc, config.restarts
-
-
-def _two_halves(n: int, groups, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of half A: whole groups (cases) kept together when ``groups`` is given, else at random;
-    groups are dealt, largest first in a seeded order, to the half that holds fewer images."""
-    if groups is None:
-        mask = np.zeros(n, bool)
-        mask[rng.permutation(n)[: n // 2]] = True
-        return mask
-    groups = np.asarray(groups)
-    names, sizes = np.unique(groups, return_counts=True)
-    order = rng.permutation(len(names))
-    order = order[np.argsort(-sizes[order], kind="stable")]
-    in_a, count = set(), [0, 0]
-    for g in order:
-        half = 0 if count[0] <= count[1] else 1
-        count[half] += sizes[g]
-        if half == 0:
-            in_a.add(names[g])
-    return np.isin(groups, list(in_a))
-
-
-def two_sample_test(real, generated, real_groups=None, generated_groups=None, seed: int = 0,
-                    config: TwoSampleConfig | None = None, view: str = "full") -> dict[str, Any]:
-    """Classifier two-sample test: how well a small CNN tells ``generated`` images from ``real`` ones.
-
-    Both sets are put on the 8-bit grid (:func:`as_8bit`), then seen in ``view``
-    (:func:`two_sample_view`), and split in two halves: the real images
-    by ``real_groups`` (case ids: a classifier must not win by recognising a case), the generated
-    ones at random unless ``generated_groups`` is given (reconstructions of real cases are grouped
-    too). A classifier trained on half A of both sets is scored on half B, and one trained on B on
-    A; this is repeated on ``config.repeats`` different splits, and the score is the mean of the
-    held-out balanced accuracies: 0.5 means the classifier cannot tell the sets apart, 1.0 that it
-    always can.
-
-    A classifier that does not fit its own training half (:class:`TwoSampleConfig`
-    ``min_train_accuracy``) did not train, and its held-out 0.5 would read as "indistinguishable":
-    it is retrained from another seed with twice the epochs, and if no attempt trains the score is
-    NaN with ``trained = False`` and a warning.
-
-    Args:
-        real, generated: images ``(N, H, W, 1)`` (uint8, or float in [0, 1]), same H and W.
-        real_groups, generated_groups: ``(N,)`` group labels (e.g. case ids) or None.
-        seed: seeds the halves and the classifiers: the same inputs give the same figure.
-    Returns:
-        ``{"accuracy", "fold_accuracies", "train_accuracies", "attempts", "trained", "num_real",
-        "num_generated"}``.
-    """
-    config = config or TwoSampleConfig()
-    # as_8bit first: it reads uint8 as pixel / 255 (as_image_batch alone would keep 0..255 floats)
-    real, generated = (two_sample_view(utils.as_image_batch(as_8bit(x)), view) for x in (real, generated))
-    if real.shape[1:] != generated.shape[1:]:
-        raise ValueError(f"two_sample_test: real images are {real.shape[1:]}, generated {generated.shape[1:]}")
-    folds, train_accs, attempts = [], [], []
-    for repeat in range(config.repeats):
-        rng = np.random.default_rng([int(seed), 2, repeat])
-        a_real = _two_halves(len(real), real_groups, rng)
-        a_gen = _two_halves(len(generated), generated_groups, rng)
-        for name, mask in (("real", a_real), ("generated", a_gen)):
-            if min(mask.sum(), (~mask).sum()) < 2:
-                raise ValueError(f"two_sample_test: the {name} images do not split into two halves of at least 2 "
-                                 f"(got {mask.sum()} and {(~mask).sum()}; with groups, at least two groups are "
-                                 "needed)")
-        for fold, (r_train, g_train) in enumerate(((a_real, a_gen), (~a_real, ~a_gen))):
-            x = np.concatenate([real[r_train], generated[g_train]])
-            y = np.r_[np.zeros(r_train.sum()), np.ones(g_train.sum())].astype("int64")
-            model, train_acc, tries = _fit_two_sample_classifier(x, y, config, seed=[int(seed), repeat, fold])
-            train_accs.append(train_acc)
-            attempts.append(tries)
-            if model is None:
-                folds.append(float("nan"))
-                continue
-            x_test = np.concatenate([real[~r_train], generated[~g_train]])
-            y_test = np.r_[np.zeros((~r_train).sum()), np.ones((~g_train).sum())].astype("int64")
-            folds.append(_balanced_accuracy(y_test, _logits(model, x_test)))
-    trained = bool(np.all(np.isfinite(folds)))
-    if not trained:
-        warnings.warn(f"two_sample_test: the classifier did not fit its training half to balanced accuracy "
-                      f"{config.min_train_accuracy} in {config.restarts} attempts (reached {train_accs}); "
-                      "no accuracy is reported (NaN), since an untrained classifier's 0.5 would read as "
-                      "'indistinguishable'", RuntimeWarning, stacklevel=2)
-    return {"accuracy": float(np.mean(folds)) if trained else float("nan"), "fold_accuracies": folds,
-            "train_accuracies": train_accs, "attempts": attempts, "trained": trained,
-            "num_real": len(real), "num_generated": len(generated)}
-
-
-def two_sample_unavailable(splits) -> str | None:
-    """Why :func:`two_sample_scores` cannot run on these splits (one line), or None when it can."""
-    from dataset import case_groups
-
-    # by case: the validate split into two halves; the test split into halves, and (reconstructions)
-    # first into a real side and a reconstructed side
-    for name, need in (("test", 4), ("validate", 2)):
-        cases = len(set(case_groups(splits[name])))
-        if cases < need:
-            return (f"the {name} split holds {cases} case(s); the two-sample test splits real slices by case and "
-                    f"needs at least {need} there")
-    return None
-
-
-def two_sample_scores(splits, reconstructions=None, samples=None, seed: int = 0, views=TWO_SAMPLE_VIEWS,
-                      config: TwoSampleConfig | None = None, progress: bool = True,
-                      floor: bool = True, power: bool = True) -> dict[str, Any]:
-    """The two-sample test of a run, on each view: its floor, its power, its reconstructions, its samples.
-
-    * ``two_sample_real_validate_<view>`` (with ``floor``): validation slices vs as many test slices
-      (drawn at random from the larger split): two sets of real cases, the level a perfect generator
-      reaches;
-    * ``two_sample_blurred_real_<view>`` (with ``power``): as the reconstructions below, with the test
-      slices blurred by a Gaussian of :data:`TWO_SAMPLE_CONTROL_BLUR` px in their place: a known loss
-      of grain that the test must detect. Below :data:`TWO_SAMPLE_MIN_POWER` on the full slice the
-      classifier lacks the power to call anything indistinguishable, and a warning says so;
-    * ``two_sample_reconstructions_<view>``: the test cases dealt into two groups; real slices of
-      one group vs the reconstructions of the other (no case is on both sides), both by case;
-    * ``two_sample_samples_<view>``: every test slice vs the samples (at random).
-
-    Args:
-        splits: ``{"validate", "test"} -> dataset.Split``.
-        reconstructions: the VQ-VAE's reconstructions of ``splits["test"].images``, aligned, or None.
-        samples: float ``(N, H, W, 1)`` generated slices, or None.
-        views: any of :data:`TWO_SAMPLE_VIEWS`.
-    Returns:
-        ``{key: accuracy}`` (NaN where the classifier did not train: see :func:`two_sample_test`).
-    """
-    from tqdm import tqdm
-
-    from dataset import case_groups
-
-    reason = two_sample_unavailable(splits)
-    if reason:
-        raise ValueError(f"two_sample_scores: {reason}")
-    test, val = splits["test"], splits["validate"]
-    test_groups, val_groups = np.asarray(case_groups(test)), np.asarray(case_groups(val))
-    rng = np.random.default_rng([int(seed), 3])
-    n = min(len(test), len(val))
-    t_pick, v_pick = (np.sort(rng.choice(len(s), n, replace=False)) for s in (test, val))
-    pairs = {}
-    if floor:
-        pairs["real_validate"] = (test.images[t_pick], val.images[v_pick], test_groups[t_pick], val_groups[v_pick])
-    real_side = _two_halves(len(test), test_groups, rng)
-    if power:
-        from scipy.ndimage import gaussian_filter
-
-        blurred = gaussian_filter(test.float()[~real_side], sigma=(0, TWO_SAMPLE_CONTROL_BLUR, TWO_SAMPLE_CONTROL_BLUR, 0))
-        pairs["blurred_real"] = (test.images[real_side], blurred, test_groups[real_side], test_groups[~real_side])
-    if reconstructions is not None:
-        if len(reconstructions) != len(test):
-            raise ValueError(f"two_sample_scores: {len(reconstructions)} reconstructions for {len(test)} test slices")
-        pairs["reconstructions"] = (test.images[real_side], reconstructions[~real_side], test_groups[real_side],
-                                    test_groups[~real_side])
-    if samples is not None:
-        pairs["samples"] = (test.images, samples, test_groups, None)
-    out = {}
-    bar = tqdm(total=len(pairs) * len(views), desc="two-sample test", unit="test", disable=not progress)
-    for name, (real, fake, real_groups, fake_groups) in pairs.items():
-        for view in views:
-            result = two_sample_test(real, fake, real_groups, fake_groups, seed=seed, config=config, view=view)
-            out[f"two_sample_{name}_{view}"] = result["accuracy"]
-            bar.update()
-    bar.close()
-    detected = out.get("two_sample_blurred_real_full", 1.0)
-    if detected < TWO_SAMPLE_MIN_POWER:  # NaN (a classifier that did not train) has warned already
-        warnings.warn(f"two_sample_scores: the classifier told real test slices from the same slices blurred by "
-                      f"{TWO_SAMPLE_CONTROL_BLUR} px only {detected:.2f} of the time (< {TWO_SAMPLE_MIN_POWER}): it "
-                      "lacks the power to call the generated slices indistinguishable; give it more slices or "
-                      "epochs (TwoSampleConfig)", RuntimeWarning, stacklevel=2)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Whole subjects: slabs of consecutive slices (predict.py subject)
 # ----------------------------------------------------------------------------------------------
 
@@ -1032,7 +770,8 @@ def subject_scores(generated, real, independent=None, test_images=None, judge=No
         ``adjacent_ssim_ratio`` (generated / real; the target is 0.85-1.05),
         ``judge_spearman_{generated,real,independent}`` (mean over slabs), ``realism_mean``,
         ``realism_fraction_above_0.6``, ``between_subject_ms_ssim_{generated,real}`` (diversity) and
-        ``two_sample_subjects_full`` with its power check ``two_sample_blurred_real_full``.
+        ``two_sample_subjects_full`` (with ``_interval`` and ``_p``) and the test's power rows beside it
+        (``two_sample_blurred_real_full``, ...: ``two_sample.POWER_ROWS``).
     """
     generated, real = _as_slabs(generated), _as_slabs(real)
     out: dict[str, Any] = {"num_subjects": len(generated), "num_real_subjects": len(real),
@@ -1059,6 +798,6 @@ def subject_scores(generated, real, independent=None, test_images=None, judge=No
     if two_sample_splits is not None:
         scores = two_sample_scores(two_sample_splits, samples=flat, seed=seed, views=("full",), floor=False,
                                    progress=False)
-        out["two_sample_subjects_full"] = scores["two_sample_samples_full"]
-        out["two_sample_blurred_real_full"] = scores["two_sample_blurred_real_full"]  # the test's power
+        # the subjects' slices against real slices, with the test's power rows beside them
+        out.update({k.replace("two_sample_samples_", "two_sample_subjects_"): v for k, v in scores.items()})
     return out

@@ -402,9 +402,10 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     sharpness, diversity and, with the run's ``judge.keras``, Frechet distance, precision / recall
     and slice agreement; validation reconstructions scored alike as the decoder's ceiling), the
     prior's NLL of the test codes in bits per code and per slice, and the classifier two-sample
-    test (``evaluation.two_sample_scores``: real vs real, reconstructions vs real, samples vs real,
-    on the full slice, the interior and blurred) on ``two_sample_num`` further samples drawn at the
-    test slices' positions (None: as many as the test split; 0: skip the test).
+    test (``evaluation.two_sample_scores``: its floor and power rows, reconstructions vs real paired by
+    case, samples vs real and vs reconstructions, on every view, each with its interval and p-value;
+    the table also in ``two_sample.md``) on ``two_sample_num`` further samples drawn at the positions
+    of validate and test slices (None: as many as those two splits hold; 0: skip the test).
     """
     import time
 
@@ -430,31 +431,37 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
                                test.slice_indices.astype(np.int32) if run.conditioned else None)
     metrics["prior_test_nll_bits"] = nll["bits_per_code"]
     metrics["prior_test_nll_bits_per_slice"] = nll["bits_per_slice"]
-    m = len(test) if two_sample_num is None else int(two_sample_num)
+    real_all = np.concatenate([splits["validate"].slice_indices, test.slice_indices])
+    m = len(real_all) if two_sample_num is None else int(two_sample_num)
     unavailable = evaluation.two_sample_unavailable(splits)
     if m and unavailable:
         print(f"predict.py: notice: the two-sample test is skipped: {unavailable}", file=sys.stderr)
     elif m:
-        pick_m = evaluation.reference_pick(len(test), m, seed)
-        cond_m = np.resize(test.slice_indices[pick_m].astype(np.int32), m) if run.conditioned else None
+        # samples at the positions of the real slices they are compared with (validate and test)
+        pick_m = evaluation.reference_pick(len(real_all), m, seed)
+        cond_m = np.resize(real_all[pick_m].astype(np.int32), m) if run.conditioned else None
         start = time.perf_counter()
         _, many = generate(run, m, temperature=temperature, seed=seed, condition=cond_m, batch_size=batch_size,
                            guidance=guidance, top_k=top_k, top_p=top_p)
         metrics["two_sample_num_samples"] = m
         metrics["two_sample_sampling_seconds"] = time.perf_counter() - start
-        print(f"two-sample test: drew {m} samples at the test slices' positions in "
+        print(f"two-sample test: drew {m} samples at the real slices' positions in "
               f"{metrics['two_sample_sampling_seconds']:.0f} s; training its classifiers", file=sys.stderr)
         start = time.perf_counter()
         recon = evaluation.decode_codes(run.vqvae, test_codes)
-        metrics.update(evaluation.two_sample_scores(splits, recon, many, seed=seed))
+        _, val_recon = evaluation.reconstruct(run.vqvae, splits["validate"].images)
+        metrics.update(evaluation.two_sample_scores(splits, recon, many, seed=seed, validate_reconstructions=val_recon))
         metrics["two_sample_classifier_seconds"] = time.perf_counter() - start
-        # what the classifier sees, for the eye: real test slices, their reconstructions, samples drawn at
+        table = evaluation.two_sample_table(metrics)
+        (out_dir / "two_sample.md").write_text(table + "\n")
+        print(table, file=sys.stderr)
+        show = pick_m[:4]  # the first samples were drawn at these real slices' positions
+        # what the classifier sees, for the eye: real slices, their reconstructions, samples drawn at
         # their positions, each beside a 4x zoom of its centre (grain and grey / white borders)
-        show = np.arange(min(4, m))
-        real = test.subset(pick_m[show]).float()
+        real = np.concatenate([splits["validate"].float(), test.float()])[show]
         rows = []
-        for label, images in (("real test", real), ("reconstruction", recon[pick_m[show]]),
-                              ("sample", many[show])):
+        for label, images in (("real", real), ("reconstruction", np.concatenate([val_recon, recon])[show]),
+                              ("sample", many[:len(show)])):
             rows += [(label, images), (f"{label}, centre x4", evaluation.center_crop(images, 0.25))]
         utils.plot_image_rows(rows, out_dir / "real_recon_samples_zoom.png", cell_inches=2.4)
     utils.save_json(metrics, out_dir / "generation_metrics.json")
@@ -566,8 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(e, 64)
     e.add_argument("--two-sample-num", type=int, default=None, metavar="N",
                    help="samples for the classifier two-sample test (a small CNN trained to tell them from real "
-                        "test slices; 0.5: indistinguishable, 1.0: always told apart), drawn at the test slices' "
-                        "positions besides --num (default: as many as the test split; 0: skip the test)")
+                        "slices and from reconstructions; 0.5: indistinguishable, 1.0: always told apart), drawn at "
+                        "the validate and test slices' positions besides --num (default: as many as those splits "
+                        "hold; 0: skip the test); its table, with intervals and power rows, goes to two_sample.md")
     e.add_argument("--subjects", type=int, default=None, metavar="N",
                    help="instead of single slices, draw N whole subjects (predict.py subject) and write "
                         "subject_metrics.json: adjacent-slice SSIM beside real test subjects and beside slices drawn "

@@ -16,8 +16,9 @@ import numpy as np
 
 
 def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size: int = 32) -> dict:
-    """Test-split reconstruction SSIM / PSNR, code usage and the two-sample test of reconstructions vs real
-    slices on the full slice (``evaluation``), and their figures."""
+    """Test-split reconstruction SSIM / PSNR, code usage and the two-sample test of reconstructions vs their
+    real slices, paired by case, on the full slice, with its 1-px-blur power row (``evaluation``), and
+    their figures."""
     import evaluation
     import utils
 
@@ -42,10 +43,16 @@ def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size
     if unavailable:
         print(f"[vqvae] notice: no two-sample test of the reconstructions: {unavailable}")
     else:
-        out.update(evaluation.two_sample_scores(splits, recon, views=("full",), floor=False, progress=False))
-        print(f"[vqvae] two-sample test, reconstructions vs real test slices (0.5: indistinguishable): "
-              f"{out['two_sample_reconstructions_full']:.3f}; its power, 1-px-blurred real slices vs real: "
-              f"{out['two_sample_blurred_real_full']:.3f}")
+        out.update(evaluation.two_sample_scores(splits, recon, views=("full",), floor=False, progress=False,
+                                                power=("blurred_real",)))
+
+        def cell(row):
+            key = f"two_sample_{row}_full"
+            return f"{out[key]:.3f} ({out[key + '_interval'][0]:.2f}-{out[key + '_interval'][1]:.2f})"
+
+        print(f"[vqvae] two-sample test, test slices vs their reconstructions, paired by case (0.5: "
+              f"indistinguishable): {cell('reconstructions')}; its power, vs the same slices blurred by 1 px: "
+              f"{cell('blurred_real')}")
     return out
 
 

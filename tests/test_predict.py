@@ -228,7 +228,7 @@ def test_evaluate_without_a_judge_skips_its_metrics_with_a_notice(trained_run, t
     assert any("judge.keras not found" in line and "--stage judge" in line for line in lines), lines
 
 
-def test_evaluate_runs_the_two_sample_test_on_samples_at_the_test_positions(trained_run, tmp_path, monkeypatch):
+def test_evaluate_runs_the_two_sample_test_on_samples_at_the_real_positions(trained_run, tmp_path, monkeypatch):
     import dataset
     import evaluation
     import predict
@@ -251,23 +251,27 @@ def test_evaluate_runs_the_two_sample_test_on_samples_at_the_test_positions(trai
 
     def spy(splits, reconstructions, samples, **kw):
         seen.update(splits=splits, reconstructions=reconstructions, samples=samples)
-        return scores(splits, reconstructions, samples, config=evaluation.TwoSampleConfig(filters=(4,), epochs=1,
-                      repeats=1, min_train_accuracy=0.0), **kw)
+        return scores(splits, reconstructions, samples, config=evaluation.TwoSampleConfig(
+            filters=(4,), epochs=1, min_steps=0, min_train_accuracy=0.0, bootstrap=50, permutations=50), **kw)
 
     monkeypatch.setattr(evaluation, "two_sample_scores", spy)
     loaded = predict.load_run(run)
     m = predict.evaluate(loaded, num=2, seed=1, out_dir=tmp_path / "ev", two_sample_num=6)
-    assert {f"two_sample_{a}_{b}" for a in ("real_validate", "reconstructions", "samples")
-            for b in evaluation.TWO_SAMPLE_VIEWS} <= set(m)
+    rows = ("real_validate", "blurred_real", "blurred_validate", "reconstructions", "samples",
+            "samples_reconstructions")
+    assert {f"two_sample_{a}_{b}{c}" for a in rows for b in evaluation.TWO_SAMPLE_VIEWS
+            for c in ("", "_interval", "_p")} <= set(m)
     assert m["two_sample_num_samples"] == 6 and m["two_sample_sampling_seconds"] > 0
     assert (tmp_path / "ev" / "real_recon_samples_zoom.png").is_file()
-    test = seen["splits"]["test"]
+    table = (tmp_path / "ev" / "two_sample.md").read_text()
+    assert "paired" in table and f"{m['two_sample_reconstructions_full']:.2f} (" in table
+    test, val = seen["splits"]["test"], seen["splits"]["validate"]
     np.testing.assert_allclose(seen["reconstructions"], np.asarray(loaded.vqvae(test.float(), training=False)),
                                atol=1e-5)
-    pick = evaluation.reference_pick(len(test), 6, 1)
-    _, expected = predict.generate(loaded, 6, seed=1, condition=test.slice_indices[pick].astype(np.int32),
-                                   progress=False)
-    np.testing.assert_array_equal(seen["samples"], expected)  # 6 samples at test slices' positions
+    positions = np.concatenate([val.slice_indices, test.slice_indices])
+    pick = evaluation.reference_pick(len(positions), 6, 1)
+    _, expected = predict.generate(loaded, 6, seed=1, condition=positions[pick].astype(np.int32), progress=False)
+    np.testing.assert_array_equal(seen["samples"], expected)  # 6 samples at validate and test slices' positions
     assert isinstance(test, dataset.Split) and len(test) == 16
 
 
