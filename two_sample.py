@@ -53,9 +53,12 @@ class TwoSampleConfig:
 
     filters: tuple[int, ...] = (16, 32, 64, 64)  # one stride-2 4x4 convolution each
     # The classifier trains at least ``epochs`` epochs and at least ``min_steps`` steps of
-    # ``batch_size``, so that small sets (a few hundred slices) get the steps they need to fit.
+    # ``batch_size``, so that small sets (a few hundred slices) get the steps they need. It fits its
+    # training half long before it generalises: on the demo's 544 test slices, paired with copies
+    # blurred by 0.5 px, the held-out figure was 0.67 after 400 steps, 0.79 after 800 and 0.83 after
+    # 1,600 (full slice; training accuracy 1.0 from 800 on).
     epochs: int = 8
-    min_steps: int = 400
+    min_steps: int = 1200
     batch_size: int = 32
     # Two-fold tests on this many different splits by case; each image is held out once per repeat
     # and its decisions are averaged over the repeats.
