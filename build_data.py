@@ -3,6 +3,7 @@
 :mod:`dataset` reads data sets; this module writes them (the layout is described there)::
 
     ROOT/keras_png_slices_{train,validate,test}/case_001_slice_0.nii.png    256x256 8-bit grayscale
+    ROOT/keras_png_slices_seg_{train,validate,test}/seg_001_slice_0.nii.png tissue masks (0/85/170/255)
 
 * :func:`make_demo_dataset` / :func:`ensure_demo_dataset`: the demo set that every new user trains on
   first, made from the MNI ICBM152 2009a templates that ship inside nilearn (no download). How each
@@ -30,12 +31,13 @@ from typing import Sequence
 
 import numpy as np
 
-from dataset import (IMAGE_SUFFIX, RESIZE_FILTER, SPLIT_DIRS, SPLITS, UNKNOWN, DatasetError, DatasetWarning,
-                     _find_split_root, _natural_key, _one_line, parse_slice_name, run_command, slice_file_name)
+from dataset import (IMAGE_SUFFIX, RESIZE_FILTER, SEG_DIRS, SPLIT_DIRS, SPLITS, UNKNOWN, DatasetError, DatasetWarning,
+                     _find_split_root, _natural_key, _one_line, labels_to_mask, parse_slice_name, run_command,
+                     seg_file_name, slice_file_name)
 
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parent / "data" / "oasis_demo"
 DEMO_MARKER = "demo.json"  # written last by make_demo_dataset: its presence means the tree is complete
-DEMO_VERSION = 3  # bump when the demo generator changes, so ensure_demo_dataset rebuilds old trees
+DEMO_VERSION = 4  # bump when the demo generator changes, so ensure_demo_dataset rebuilds old trees (4: tissue masks)
 # 60 / 8 / 17 cases of 32 slices: the test split is OASIS's (544 slices); the realism search needs as many
 # test cases as OASIS has -- against 4 test cases, real unseen slices found a match above SSIM 0.6 for 75 %
 # only, against 17 for all -- and with 60 training cases instead of 20 the demo prior's validation NLL fell
@@ -87,8 +89,9 @@ def _check_output_root(out_dir: Path, own_markers: Sequence[str]) -> None:
 
 
 def _clear_own_slices(folder: Path) -> None:
-    for p in folder.glob("case_*_slice_*.nii.png"):
-        p.unlink()
+    for pattern in ("case_*_slice_*.nii.png", "seg_*_slice_*.nii.png"):
+        for p in folder.glob(pattern):
+            p.unlink()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,8 +332,14 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
 
 
 def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int, image_size: int,
-                     rng: np.random.Generator) -> np.ndarray:
+                     rng: np.random.Generator, masks: bool = False):
     """One synthetic subject as ``n_slices`` axial uint8 slices ``(n, S, S)``, low to high.
+
+    With ``masks=True`` returns ``(slices, labels)``: ``labels`` uint8 ``(n, S, S)`` holds the tissue of
+    each pixel (:data:`dataset.TISSUES`: 0 background, 1 CSF, 2 grey matter, 3 white matter) from the
+    very tissue fractions the pixel's intensity was made of: inside the skull (fractions summing to at
+    least 0.5) the tissue with the largest fraction, background elsewhere. Computing them draws nothing
+    from ``rng``, so the slices are the same with or without masks.
 
     How each property of the OASIS slices is imitated:
 
@@ -402,6 +411,7 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
     frac = (subject.sulcal_px - np.floor(subject.sulcal_px)) or 1.0
     sigma = np.float32(subject.wm / subject.snr)
     out = np.zeros((n_slices, S, S), np.uint8)
+    labels = np.zeros((n_slices, S, S), np.uint8) if masks else None
     for k in range(n_slices):
         box = _node_box(head_nodes[:, :, k])
         if box is None:
@@ -437,6 +447,10 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
             keep = np.where(tissue > 1 - wide, np.clip(1 - wide, 0, None) / np.maximum(tissue, 1e-6), 1.0)
             gm, wm, csf = gm * keep, wm * keep, wide
         x = subject.gm * gm + subject.wm * wm + subject.csf * csf
+        if labels is not None:  # the tissue this pixel is mostly made of (CSF, grey, white), inside the skull
+            fractions = np.stack([csf, gm, wm])
+            tissue_k = np.where(fractions.sum(0) >= 0.5, 1 + np.argmax(fractions, axis=0), 0)
+            labels[k, i0 * g:i0 * g + x.shape[0], j0 * g:j0 * g + x.shape[1]] = tissue_k
         # Head, by depth inside its outer edge (issue 17, OASIS's profile): a linear ramp from skin * scalp
         # at the edge up to the ring's peak at peak_mm (a soft outline, as the scanner's point spread and
         # the resampling make it), a linear fall to the grey band's level 30 % of the way into the band,
@@ -452,7 +466,7 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         x = np.sqrt((x + noise[0]) ** 2 + noise[1] ** 2)  # Rician: |signal + complex Gaussian noise|
         x[depth <= 0] = 0.0  # outside the head: exactly 0, as in OASIS
         out[k, i0 * g:i0 * g + x.shape[0], j0 * g:j0 * g + x.shape[1]] = np.rint(np.clip(x, 0, 255))
-    return out
+    return (out, labels) if masks else out
 
 
 def _node_box(nodes: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -484,12 +498,14 @@ def _zoom_nodes(block: np.ndarray, g: int) -> np.ndarray:
 
 
 def demo_case(template: DemoTemplate, seed: int, case_id: int, slices_per_case: int = 32,
-              image_size: int = 256) -> tuple[DemoSubject, np.ndarray]:
+              image_size: int = 256, masks: bool = False):
     """Demo case ``case_id`` of the set made with ``seed``: its :class:`DemoSubject` and its uint8 slices
-    ``(slices_per_case, S, S)``. It depends only on ``(seed, case_id)`` and the sizes."""
+    ``(slices_per_case, S, S)`` (with ``masks=True`` also their tissue labels, see :func:`render_demo_case`).
+    It depends only on ``(seed, case_id)`` and the sizes."""
     rng = np.random.default_rng([seed, case_id])
     subject = DemoSubject.draw(rng)
-    return subject, render_demo_case(template, subject, slices_per_case, image_size, rng)
+    rendered = render_demo_case(template, subject, slices_per_case, image_size, rng, masks=masks)
+    return (subject, *rendered) if masks else (subject, rendered)
 
 
 def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = DEMO_DEFAULTS["n_train"],
@@ -543,11 +559,14 @@ def _demo_lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _render_demo_case(folder: Path, seed: int, case_id: int, slices_per_case: int, image_size: int) -> dict:
-    """Render demo case ``case_id`` into ``folder``; its subject's draws as a dict (runs in a worker)."""
-    subject, slices = demo_case(demo_template(), seed, case_id, slices_per_case, image_size)
-    for k, image in enumerate(slices):
+def _render_demo_case(folder: Path, seg_folder: Path, seed: int, case_id: int, slices_per_case: int,
+                      image_size: int) -> dict:
+    """Render demo case ``case_id`` into ``folder`` and its tissue masks (OASIS's grey levels) into
+    ``seg_folder``; its subject's draws as a dict (runs in a worker)."""
+    subject, slices, labels = demo_case(demo_template(), seed, case_id, slices_per_case, image_size, masks=True)
+    for k, (image, label) in enumerate(zip(slices, labels)):
         _write_png(folder / slice_file_name(case_id, k), image)
+        _write_png(seg_folder / seg_file_name(case_id, k), labels_to_mask(label))
     return asdict(subject)
 
 
@@ -583,22 +602,23 @@ def _build_demo(out_dir: Path, n_train: int, n_validate: int, n_test: int, slice
                   slab_mni_z_mm=list(template.slab_mni_mm))
     jobs, cases = [], {}  # case ids 1..n_train are train, then validate, then test
     for name in SPLITS:
-        folder = out_dir / SPLIT_DIRS[name]
-        folder.mkdir(exist_ok=True)
-        _clear_own_slices(folder)
+        folder, seg_folder = out_dir / SPLIT_DIRS[name], out_dir / SEG_DIRS[name]
+        for f in (folder, seg_folder):
+            f.mkdir(exist_ok=True)
+            _clear_own_slices(f)
         cases[name] = list(range(len(jobs) + 1, len(jobs) + counts[name] + 1))
-        jobs += [(folder, case_id) for case_id in cases[name]]
+        jobs += [(folder, seg_folder, case_id) for case_id in cases[name]]
     bar = tqdm(total=len(jobs), desc="demo cases", unit="case", disable=not progress)
     subjects = {}
     if workers == 1:
-        for folder, case_id in jobs:
-            subjects[str(case_id)] = _render_demo_case(folder, seed, case_id, slices_per_case, image_size)
+        for folder, seg_folder, case_id in jobs:
+            subjects[str(case_id)] = _render_demo_case(folder, seg_folder, seed, case_id, slices_per_case, image_size)
             bar.update()
     else:  # spawn: the workers start clean (no copy of a parent's TensorFlow threads) and load the template
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_render_demo_case, folder, seed, case_id, slices_per_case, image_size)
-                       for folder, case_id in jobs]
-            for (_, case_id), future in zip(jobs, futures):
+            futures = [pool.submit(_render_demo_case, folder, seg_folder, seed, case_id, slices_per_case, image_size)
+                       for folder, seg_folder, case_id in jobs]
+            for (_, _, case_id), future in zip(jobs, futures):
                 subjects[str(case_id)] = future.result()
                 bar.update()
     bar.close()
@@ -632,10 +652,11 @@ def demo_is_complete(root: str | os.PathLike, **params) -> bool:
     if meta.get("version") != DEMO_VERSION or any(meta.get(k) != v for k, v in want.items()):
         return False
     for name, key in (("train", "n_train"), ("validate", "n_validate"), ("test", "n_test")):
-        folder = root / SPLIT_DIRS[name]
-        found = len(list(folder.glob("case_*_slice_*.nii.png"))) if folder.is_dir() else 0
-        if found != want[key] * want["slices_per_case"]:
-            return False
+        for folder, pattern in ((root / SPLIT_DIRS[name], "case_*_slice_*.nii.png"),
+                                (root / SEG_DIRS[name], "seg_*_slice_*.nii.png")):
+            found = len(list(folder.glob(pattern))) if folder.is_dir() else 0
+            if found != want[key] * want["slices_per_case"]:
+                return False
     return True
 
 
