@@ -337,8 +337,9 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
 
     With ``masks=True`` returns ``(slices, labels)``: ``labels`` uint8 ``(n, S, S)`` holds the tissue of
     each pixel (:data:`dataset.TISSUES`: 0 background, 1 CSF, 2 grey matter, 3 white matter) from the
-    very tissue fractions the pixel's intensity was made of: inside the skull (fractions summing to at
-    least 0.5) the tissue with the largest fraction, background elsewhere. Computing them draws nothing
+    very tissue fractions the pixel's intensity was made of: inside the skull (the intracranial
+    fraction and the tissue fractions each at least 0.5) the tissue with the largest fraction,
+    background elsewhere. Computing them draws nothing
     from ``rng``, so the slices are the same with or without masks.
 
     How each property of the OASIS slices is imitated:
@@ -439,7 +440,8 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         wm[inner] = ndimage.map_coordinates(template.wm, pts, order=1, output=np.float32)
         # Intracranial = the closed outline plus an outer CSF layer (the first 40 % of the band); CSF fills
         # whatever grey and white matter leave of it.
-        csf = np.clip(np.clip((0.4 * band - head) / px + 0.5, 0, 1) - gm - wm, 0, 1)
+        intracranial = np.clip((0.4 * band - head) / px + 0.5, 0, 1)
+        csf = np.clip(intracranial - gm - wm, 0, 1)
         # Ageing 2: CSF widened into the cortex (grey dilation of the CSF map); tissue scaled to make room.
         if foot is not None:
             wide = csf + frac * (ndimage.grey_dilation(csf, footprint=foot) - csf)
@@ -449,7 +451,8 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         x = subject.gm * gm + subject.wm * wm + subject.csf * csf
         if labels is not None:  # the tissue this pixel is mostly made of (CSF, grey, white), inside the skull
             fractions = np.stack([csf, gm, wm])
-            tissue_k = np.where(fractions.sum(0) >= 0.5, 1 + np.argmax(fractions, axis=0), 0)
+            inside = (fractions.sum(0) >= 0.5) & (intracranial >= 0.5)  # not the CSF widened past the skull
+            tissue_k = np.where(inside, 1 + np.argmax(fractions, axis=0), 0)
             labels[k, i0 * g:i0 * g + x.shape[0], j0 * g:j0 * g + x.shape[1]] = tissue_k
         # Head, by depth inside its outer edge (issue 17, OASIS's profile): a linear ramp from skin * scalp
         # at the edge up to the ring's peak at peak_mm (a soft outline, as the scanner's point spread and

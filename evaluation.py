@@ -14,7 +14,11 @@ and the tests all call these functions.
   :func:`precision_recall` (Kynkaanniemi et al. 2019); :func:`score_samples` gathers all of them;
 * the classifier two-sample test (Lopez-Paz & Oquab 2017): :func:`two_sample_test` on one pair of
   image sets, :func:`two_sample_scores` for the floor, reconstructions and samples of a run, each
-  on the views of :data:`TWO_SAMPLE_VIEWS`.
+  on the views of :data:`TWO_SAMPLE_VIEWS`;
+* the anatomy judge, which segments what the models make (``segmenter.py``): tissue areas by slice
+  position, fragmentation, ventricles, the segmenter's confidence, Frechet distance of its features,
+  subjects' tissue volumes, Dice (:func:`anatomy_scores`, :func:`subject_anatomy`,
+  :func:`tissue_dice`; they live in ``anatomy.py`` and are re-exported here).
 
 Images are float32 ``(N, H, W, 1)`` in ``[0, 1]``; codes are int ``(N, h, w)``.
 
@@ -554,6 +558,12 @@ def reference_pick(num_test: int, num: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).choice(num_test, size=min(num, num_test), replace=False)
 
 
+def validate_pick(num_validate: int, num: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``min(num, num_validate)`` distinct validate slices, seeded: the real unseen slices
+    scored like samples (the floor of each metric) and reconstructed (the decoder's ceiling)."""
+    return np.random.default_rng([seed, 1]).choice(num_validate, size=min(num, num_validate), replace=False)
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
@@ -607,7 +617,7 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
     if len(val) < 2 or len(test) < 2:
         raise ValueError(f"score_samples: needs at least two validate and two test slices, got {len(val)} and {len(test)}")
     pick = reference_pick(len(test), n, seed) if pick is None else np.asarray(pick)
-    val_pick = np.random.default_rng([seed, 1]).choice(len(val), size=min(n, len(val)), replace=False)
+    val_pick = validate_pick(len(val), n, seed)
     val_images = _as_float_images(val.images[val_pick])
 
     def desc(text):
@@ -1062,3 +1072,9 @@ def subject_scores(generated, real, independent=None, test_images=None, judge=No
         out["two_sample_subjects_full"] = scores["two_sample_samples_full"]
         out["two_sample_blurred_real_full"] = scores["two_sample_blurred_real_full"]  # the test's power
     return out
+
+
+# The anatomy judge (segmenting samples, reconstructions and real slices alike) lives in anatomy.py;
+# re-exported so that every metric is reached from here.
+from anatomy import (AnatomyReadout, anatomy_readout, anatomy_scores, area_difference, plot_anatomy,  # noqa: E402,F401
+                     subject_anatomy, tissue_dice)

@@ -1,0 +1,289 @@
+"""Tissue masks, the segmenter and the anatomy judge (issue 24), on small phantom trees with masks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+from dataset import SEG_LEVELS, DatasetError
+
+LEVELS = np.array([0.0, 0.15, 0.45, 0.75])  # background, CSF, grey, white: a T1-like order
+
+
+def phantom(size: int, case: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A head-like slice ``uint8 (size, size)`` and its tissue labels: outer CSF ring, grey ribbon,
+    white matter, two mirror-symmetric ventricles; the head grows with ``k`` and varies by case."""
+    rng = np.random.default_rng(100 * case + k)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
+    scale = 0.5 + 0.07 * k + 0.03 * (case % 3)
+    r = np.sqrt((yy / (0.8 * scale)) ** 2 + (xx / scale) ** 2)
+    labels = np.select([r < 0.7, r < 0.88, r < 1.0], [3, 2, 1], 0).astype(np.uint8)
+    for side in (-1, 1):  # ventricles, mirrored across the middle row
+        v = ((yy - side * 0.16 * scale) / (0.1 * scale)) ** 2 + (xx / (0.3 * scale)) ** 2 < 1
+        labels[v] = 1
+    image = LEVELS[labels] + rng.normal(0, 0.03, labels.shape) * (labels > 0)
+    image = np.where(labels > 0, np.clip(image, 0.05, 1), 0.0)
+    return (image * 255).round().astype(np.uint8), labels
+
+
+def write_seg_tree(root: Path, size: int = 48, cases=None, slices: int = 6) -> Path:
+    cases = cases or {"train": list(range(1, 9)), "validate": [9, 10], "test": [11, 12]}
+    for split, ids in cases.items():
+        img_dir, seg_dir = root / dataset.SPLIT_DIRS[split], root / dataset.SEG_DIRS[split]
+        img_dir.mkdir(parents=True, exist_ok=True)
+        seg_dir.mkdir(parents=True, exist_ok=True)
+        for case in ids:
+            for k in range(slices):
+                image, labels = phantom(size, case, k)
+                Image.fromarray(image, mode="L").save(img_dir / dataset.slice_file_name(case, k))
+                Image.fromarray(dataset.labels_to_mask(labels), mode="L").save(seg_dir / dataset.seg_file_name(case, k))
+    return root
+
+
+@pytest.fixture
+def seg_tree(tmp_path) -> Path:
+    return write_seg_tree(tmp_path / "oasis", size=32, cases={"train": [1, 2], "validate": [3], "test": [4]}, slices=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks in the loader
+# ----------------------------------------------------------------------------------------------
+
+
+def test_masks_are_matched_to_images_by_case_and_slice_not_by_sorted_order(seg_tree):
+    # slice_10 sorts before slice_2 by plain name but after it by number: only matching by key is right
+    write_seg_tree(seg_tree, size=32, cases={"train": [1, 2]}, slices=12)
+    splits = dataset.read_oasis(seg_tree, masks=True)
+    for split in splits.values():
+        assert split.masks is not None and split.masks.shape == split.images.shape[:3]
+        for i, (c, k) in enumerate(zip(split.case_ids, split.slice_indices)):
+            np.testing.assert_array_equal(split.masks[i], phantom(32, int(c), int(k))[1])
+    resized = dataset.read_oasis(seg_tree, image_size=16, masks=True)["test"]
+    assert resized.masks.shape == (len(resized), 16, 16) and set(np.unique(resized.masks)) <= {0, 1, 2, 3}
+    assert dataset.read_oasis(seg_tree)["train"].masks is None  # masks only when asked
+    # a validation split carved out of train takes the masks of its own images
+    import shutil
+
+    shutil.rmtree(seg_tree / dataset.SPLIT_DIRS["validate"])
+    shutil.rmtree(seg_tree / dataset.SEG_DIRS["validate"])
+    val = dataset.read_oasis(seg_tree, masks=True, val_fraction=0.5)["validate"]
+    for i, (c, k) in enumerate(zip(val.case_ids, val.slice_indices)):
+        np.testing.assert_array_equal(val.masks[i], phantom(32, int(c), int(k))[1])
+
+
+def test_a_shuffled_mask_tree_fails_with_a_one_line_error_naming_the_mask(seg_tree):
+    seg = seg_tree / dataset.SEG_DIRS["train"]
+    paths = sorted(seg.glob("*.png"))
+    contents = [p.read_bytes() for p in paths]
+    for p, data in zip(paths, contents[::-1]):  # every mask now holds another slice's (reversed order)
+        p.write_bytes(data)
+    with pytest.raises(DatasetError, match=r"seg_\d+_slice_\d+\.nii\.png: .*misaligned") as e:
+        dataset.read_oasis(seg_tree, masks=True)
+    assert "\n" not in str(e.value)
+
+
+def test_renamed_masks_fail_as_missing_and_extra(seg_tree):
+    seg = seg_tree / dataset.SEG_DIRS["test"]
+    for p in seg.glob("seg_004_*"):  # renumbered as another case: sorted order still pairs them up
+        p.rename(seg / p.name.replace("seg_004_", "seg_104_"))
+    with pytest.raises(DatasetError, match=r"case_004_slice_0\.nii\.png: no mask .*seg_004_slice_0\.nii\.png"):
+        dataset.read_oasis(seg_tree, masks=True)
+
+
+def test_missing_extra_and_bad_masks_each_give_a_one_line_error(seg_tree):
+    seg = seg_tree / dataset.SEG_DIRS["validate"]
+    (seg / "seg_003_slice_2.nii.png").rename(seg_tree / "kept.png")
+    with pytest.raises(DatasetError, match=r"case_003_slice_2\.nii\.png: no mask"):
+        dataset.read_oasis(seg_tree, masks=True)
+    (seg_tree / "kept.png").rename(seg / "seg_003_slice_2.nii.png")
+    extra = seg / "seg_003_slice_9.nii.png"
+    extra.write_bytes((seg / "seg_003_slice_2.nii.png").read_bytes())
+    with pytest.raises(DatasetError, match=r"seg_003_slice_9\.nii\.png: a mask without an image"):
+        dataset.read_oasis(seg_tree, masks=True)
+    extra.unlink()
+    bad = seg / "seg_003_slice_1.nii.png"
+    mask = np.asarray(Image.open(bad)).copy()
+    mask[mask == 170] = 128  # a smoothed or rescaled mask
+    Image.fromarray(mask, mode="L").save(bad)
+    with pytest.raises(DatasetError, match=r"seg_003_slice_1\.nii\.png: grey level\(s\) \[128\] outside"):
+        dataset.read_oasis(seg_tree, masks=True)
+    Image.fromarray(mask[:16], mode="L").save(bad)  # another size than its image
+    with pytest.raises(DatasetError, match=r"seg_003_slice_1\.nii\.png: mask is 32x16 .* misaligned"):
+        dataset.read_oasis(seg_tree, masks=True)
+
+
+def test_dataset_check_reports_masks_and_their_errors(seg_tree, capsys):
+    assert dataset.main(["check", str(seg_tree)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("masks aligned") == 3 and "white" in out
+    (seg_tree / dataset.SEG_DIRS["test"] / "seg_004_slice_0.nii.png").unlink()
+    assert dataset.main(["check", str(seg_tree)]) == 2
+    err = capsys.readouterr().err
+    assert "case_004_slice_0.nii.png: no mask" in err and err.count("\n") == 1
+
+
+def test_the_demo_builder_writes_aligned_masks_in_oasis_levels(tmp_path):
+    import build_data
+
+    root = build_data.make_demo_dataset(tmp_path / "demo", n_train=1, n_validate=1, n_test=1, slices_per_case=3,
+                                        image_size=64, progress=False, workers=1)
+    for name in ("train", "validate", "test"):
+        images = sorted(p.name for p in (root / dataset.SPLIT_DIRS[name]).glob("*.png"))
+        masks = sorted(p.name for p in (root / dataset.SEG_DIRS[name]).glob("*.png"))
+        assert masks == [n.replace("case_", "seg_") for n in images]
+    splits = dataset.read_oasis(root, masks=True)
+    for split in splits.values():
+        for image, labels in zip(split.images[..., 0], split.masks):
+            assert (image[labels > 0] > 0).all()  # every tissue pixel lies on the head
+            means = [image[labels == k].mean() for k in (1, 2, 3)]
+            assert means[0] < means[1] < means[2]  # T1: CSF darker than grey, grey darker than white
+    raw = np.asarray(Image.open(next((root / dataset.SEG_DIRS["test"]).glob("*.png"))))
+    assert set(np.unique(raw)) <= set(SEG_LEVELS) and len(np.unique(raw)) == 4
+    assert build_data.demo_is_complete(root, n_train=1, n_validate=1, n_test=1, slices_per_case=3, image_size=64)
+    next((root / dataset.SEG_DIRS["train"]).glob("*.png")).unlink()  # a mask gone: the tree is rebuilt
+    assert not build_data.demo_is_complete(root, n_train=1, n_validate=1, n_test=1, slices_per_case=3, image_size=64)
+
+
+# ----------------------------------------------------------------------------------------------
+# The segmenter
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A segmenter trained on a 48x48 phantom tree (8 train cases x 6 slices), and the tree's splits."""
+    from segmenter import SegmenterConfig, train_segmenter
+
+    root = write_seg_tree(tmp_path_factory.mktemp("seg") / "oasis")
+    splits = dataset.read_oasis(root, masks=True)
+    config = SegmenterConfig(image_size=48, filters=8, depth=2, crop=1.0, epochs=12, batch_size=8, learning_rate=5e-3)
+    return train_segmenter(splits["train"], splits["validate"], config), splits
+
+
+def test_the_segmenter_trains_only_on_real_splits_with_masks(trained):
+    from segmenter import SegmenterConfig, train_segmenter
+
+    _, splits = trained
+    config = SegmenterConfig(image_size=48, depth=2, epochs=1)
+    with pytest.raises(TypeError, match="only on real slices"):
+        train_segmenter(splits["train"].float(), None, config)
+    with pytest.raises(ValueError, match="masks"):
+        train_segmenter(dataset.Split(splits["train"].images, splits["train"].names, splits["train"].case_ids,
+                                      splits["train"].slice_indices), None, config)
+
+
+def test_the_segmenter_learns_the_phantom_and_round_trips_through_keras(trained, tmp_path):
+    import keras
+
+    import segmenter  # noqa: F401  (registers its loss)
+    from anatomy import tissue_dice
+    from segmenter import segment, segmenter_outputs
+
+    model, splits = trained
+    dice = tissue_dice(segment(model, splits["test"].images), splits["test"].masks)
+    assert min(dice.values()) > 0.9, dice
+    model.save(tmp_path / "segmenter.keras")
+    again = keras.models.load_model(tmp_path / "segmenter.keras")
+    a, fa = segmenter_outputs(model, splits["test"].images[:4])
+    b, fb = segmenter_outputs(again, splits["test"].images[:4])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(fa, fb, atol=1e-6)
+    assert fa.shape == (4, 8 * 4)  # the bottleneck's channels: filters * 2 ** depth
+
+
+def test_tissue_dice_is_exact_and_refuses_empty_sets():
+    from anatomy import tissue_dice
+
+    true = np.array([[[0, 1, 2, 3]]])
+    pred = np.array([[[0, 1, 2, 2]]])
+    assert tissue_dice(pred, true) == {"csf": 1.0, "grey": 2 * 1 / 3, "white": 0.0}
+    with pytest.raises(ValueError):
+        tissue_dice(np.zeros((0, 4, 4)), np.zeros((0, 4, 4)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The anatomy judge
+# ----------------------------------------------------------------------------------------------
+
+
+def mottle(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Darken 4x4 blocks of the white matter (a third of them) to the grey matter's level."""
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    n, h, w = labels.shape
+    for i in range(n):
+        for r in range(0, h, 4):
+            for c in range(0, w, 4):
+                block = labels[i, r:r + 4, c:c + 4] == 3
+                if block.all() and rng.random() < 0.33:
+                    out[i, r:r + 4, c:c + 4, 0] = np.uint8(LEVELS[2] * 255)
+    return out
+
+
+def _scores(model, splits, samples):
+    from anatomy import anatomy_scores
+
+    val, test = splits["validate"], splits["test"]
+    return anatomy_scores(model, {"samples": (samples, splits["train"].slice_indices),
+                                  "real_validate": (val.images, val.slice_indices)},
+                          test.images, test.slice_indices, test_masks=test.masks)[0]
+
+
+def test_the_judge_on_real_slices_sits_at_the_floor_and_mottling_moves_it_away(trained):
+    model, splits = trained
+    real = _scores(model, splits, splits["train"].images)
+    assert real["anatomy_segmenter_test_dice_grey"] > 0.9
+    floor = {k[:-len("_real_validate")]: v for k, v in real.items() if k.endswith("_real_validate")}
+    assert real["anatomy_area_difference_samples"] < max(0.1, 2 * floor["anatomy_area_difference"])
+    assert real["anatomy_components_samples"] == pytest.approx(floor["anatomy_components"], rel=0.25)
+    assert real["anatomy_confidence_samples"] == pytest.approx(floor["anatomy_confidence"], abs=0.03)
+    assert real["anatomy_ventricle_symmetry_samples"] > 0.8 and floor["anatomy_ventricle_symmetry"] > 0.8
+    assert real["anatomy_ventricle_area_samples"] == pytest.approx(floor["anatomy_ventricle_area"], rel=0.3)
+    assert real["anatomy_frechet_samples_vs_test"] < 3 * max(real["anatomy_frechet_real_validate_vs_test"], 1e-3)
+
+    mottled = mottle(splits["train"].images, splits["train"].masks)
+    bad = _scores(model, splits, mottled)
+    assert bad["anatomy_components_samples"] > 2 * floor["anatomy_components"]
+    assert bad["anatomy_components_white_samples"] > 2 * floor["anatomy_components_white"]
+    assert bad["anatomy_area_difference_white_samples"] > 0.15 > real["anatomy_area_difference_white_samples"]
+    assert bad["anatomy_frechet_samples_vs_test"] > 3 * real["anatomy_frechet_samples_vs_test"]
+
+
+def test_the_judge_warns_about_an_untrained_segmenter_and_refuses_empty_sets(trained):
+    from anatomy import anatomy_scores, subject_anatomy
+    from segmenter import SegmenterConfig, build_segmenter
+
+    _, splits = trained
+    untrained = build_segmenter(SegmenterConfig(image_size=48, depth=2))
+    with pytest.warns(UserWarning, match="Dice on the real test split"):
+        _scores(untrained, splits, splits["train"].images[:8])
+    with pytest.raises(ValueError, match="at least two"):
+        anatomy_scores(untrained, {"samples": (splits["train"].images[:1], None)}, splits["test"].images, None)
+    with pytest.raises(ValueError):
+        subject_anatomy(untrained, splits["train"].images[None, :6], splits["test"].images[None, :6])
+
+
+def test_subject_volumes_of_real_subjects_score_like_real_ones(trained):
+    from anatomy import subject_anatomy
+
+    model, splits = trained
+    train = splits["train"]
+    slabs = np.stack([train.subset(idx).images for idx in dataset.subjects(train).values()])
+    out = subject_anatomy(model, slabs[:4], slabs[4:])
+    assert out["anatomy_volume_z_generated"] < 2.5
+    shrunk = slabs[:4].copy()
+    shrunk[:, :, :, :24] = 0  # half of each head gone
+    assert subject_anatomy(model, shrunk, slabs[4:])["anatomy_volume_z_generated"] > 5
+
+
+def test_evaluation_re_exports_the_anatomy_judge():
+    import anatomy
+    import evaluation
+
+    for name in ("anatomy_scores", "anatomy_readout", "subject_anatomy", "tissue_dice", "plot_anatomy"):
+        assert getattr(evaluation, name) is getattr(anatomy, name)
