@@ -5,28 +5,30 @@ slices excellent; anatomy is measured by segmenting, as Tudosiu et al. 2022 ("Mo
 autoregressive 3D generative modelling of the brain") judge generated brains by the volumes of their
 segmented structures. The run's segmenter (``segmenter.py``, trained on real slices and masks only)
 labels samples, reconstructions and real slices alike; :func:`anatomy_readout` measures each slice,
-:func:`anatomy_scores` compares a set with the real test split, each figure beside the real validate
-slices' value -- the floor a perfect generator reaches:
+``evaluation.anatomy_scores`` compares a set with the real test split, each figure beside the real
+validate slices' value -- the floor a perfect generator reaches:
 
 * tissue area by slice position: the mean area of CSF, grey and white matter at each position,
   against real test slices at the same positions (mean absolute difference / real area);
 * fragmentation: connected components of each tissue per slice (8-connected; mottling makes many
   small ones);
 * ventricles: the largest component of deep CSF (at least :data:`VENTRICLE_DEPTH` of the side inside
-  the head), its area as a fraction of the head's, and its left-right symmetry (Dice of it with its
-  mirror image across the head's midline; rows run left-right in OASIS's slices);
+  the head) with any at least a quarter its size (the two lateral ventricles often part at the
+  septum), their area as a fraction of the head's, and their left-right symmetry (Dice of them with
+  their mirror image across the head's midline; rows run left-right in OASIS's slices);
 * confidence: the mean highest class probability inside the head (a slice the segmenter cannot read
   is not anatomy);
 * a Frechet distance of the segmenter's bottleneck features (``evaluation.frechet_distance``);
 * per subject (:func:`subject_anatomy`): each tissue's volume, against real subjects'.
 
-``evaluation`` re-exports these functions; ``predict.py evaluate`` (and ``--subjects``) calls them
-when the run has ``segmenter.keras``.
+This module measures; ``evaluation.anatomy_scores`` gathers the figures of each set beside the floor
+(it needs ``evaluation.frechet_distance``, so it lives there, and ``evaluation`` re-exports this
+module's functions). ``predict.py evaluate`` (and ``--subjects``) calls it when the run has
+``segmenter.keras``.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import numpy as np
 
 TISSUE_NAMES = ("csf", "grey", "white")  # labels 1, 2, 3 of dataset.TISSUES (0 is background)
 VENTRICLE_DEPTH = 0.1  # deep CSF: at least this fraction of the image side inside the head's outline
-MIN_SEGMENTER_DICE = 0.7  # below this on the real test split, the segmenter's readings mean little
+VENTRICLE_PART = 0.25  # a deep CSF component this fraction of the largest one's size belongs to the ventricles
 
 
 def tissue_dice(predicted, true) -> dict[str, float]:
@@ -66,7 +68,7 @@ class AnatomyReadout:
 
     ``labels`` uint8 ``(N, H, W)``; ``areas`` ``(N, 3)`` pixels of CSF, grey, white matter;
     ``components`` ``(N, 3)`` their 8-connected components; ``head_area`` ``(N,)`` pixels;
-    ``ventricle_area`` ``(N,)`` the largest deep CSF component as a fraction of the head (0: none);
+    ``ventricle_area`` ``(N,)`` the ventricles (see :func:`_ventricle`) as a fraction of the head (0: none);
     ``ventricle_symmetry`` ``(N,)`` its Dice with its mirror image (NaN: no ventricle);
     ``confidence`` ``(N,)`` mean highest class probability inside the head (NaN: no head);
     ``features`` ``(N, D)`` bottleneck features.
@@ -86,13 +88,15 @@ class AnatomyReadout:
 
 
 def _head(image: np.ndarray) -> np.ndarray:
-    from evaluation import brain_interior_mask
+    """The head of one slice in [0, 1]: ``dataset.head_mask`` (above 20 / 255, closed, holes filled)."""
+    from dataset import head_mask
 
-    return brain_interior_mask(image, margin=0)
+    return head_mask(image * 255.0)
 
 
 def _ventricle(labels: np.ndarray, head: np.ndarray) -> tuple[float, float]:
-    """``(area / head area, mirror Dice)`` of the largest deep CSF component of one slice."""
+    """``(area / head area, mirror Dice)`` of the ventricles of one slice: the largest deep CSF component
+    and any at least :data:`VENTRICLE_PART` of its size."""
     from scipy import ndimage
 
     if not head.any():
@@ -102,7 +106,10 @@ def _ventricle(labels: np.ndarray, head: np.ndarray) -> tuple[float, float]:
     comp, n = ndimage.label(deep, structure=np.ones((3, 3)))
     if n == 0:
         return 0.0, float("nan")
-    v = comp == 1 + int(np.argmax(np.bincount(comp.ravel())[1:]))
+    sizes = np.bincount(comp.ravel())[1:]
+    # the largest body of deep CSF, with any at least a quarter its size: the two lateral ventricles are
+    # often apart at the septum, and a mirror image of one of them alone would never match
+    v = np.isin(comp, 1 + np.flatnonzero(sizes >= VENTRICLE_PART * sizes.max()))
     # Mirror across the head's midline: rows run along the subject's left-right axis.
     rows = np.flatnonzero(head.any(axis=1))
     axis = rows[0] + rows[-1]  # row r mirrors to axis - r
@@ -122,10 +129,10 @@ def anatomy_readout(segmenter, images, batch_size: int = 64) -> AnatomyReadout:
     """
     from scipy import ndimage
 
-    from evaluation import _as_float_images
     from segmenter import segmenter_outputs
 
-    x = _as_float_images(images)
+    x = np.asarray(images)
+    x = np.divide(x, 255, dtype=np.float32) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
     if x.ndim == 3:
         x = x[..., None]
     if len(x) == 0:
@@ -171,7 +178,9 @@ def area_difference(readout: AnatomyReadout, positions, reference: AnatomyReadou
     return np.mean(diffs, axis=0)
 
 
-def _summary(readout: AnatomyReadout, name: str) -> dict[str, float]:
+def anatomy_summary(readout: AnatomyReadout, name: str) -> dict[str, float]:
+    """The set's mean fragmentation, ventricle area and symmetry, and confidence, keyed
+    ``anatomy_{components[_tissue],ventricle_area,ventricle_symmetry,confidence}_{name}``."""
     out = {}
     for k, tissue in enumerate(TISSUE_NAMES):
         out[f"anatomy_components_{tissue}_{name}"] = float(readout.components[:, k].mean())
@@ -182,63 +191,6 @@ def _summary(readout: AnatomyReadout, name: str) -> dict[str, float]:
     out[f"anatomy_confidence_{name}"] = float(np.nanmean(readout.confidence)) if np.isfinite(
         readout.confidence).any() else float("nan")
     return out
-
-
-def anatomy_scores(segmenter, sets: dict[str, tuple[Any, Any]], test_images, test_positions,
-                   test_masks=None, batch_size: int = 64) -> tuple[dict[str, Any], dict[str, AnatomyReadout]]:
-    """The anatomy judge's figures of each image set against the real test split.
-
-    Args:
-        segmenter: the run's ``segmenter.keras``.
-        sets: ``name -> (images (N, H, W, 1), slice positions (N,) or None)``, N >= 2 each; include
-            ``"real_validate"`` (real unseen slices): its figures are the floor a perfect generator
-            reaches, the others read beside it (samples, reconstructions, subjects).
-        test_images, test_positions: the real test split (uint8 or float) and its slice indices.
-        test_masks: the test split's true tissue labels, if any: the segmenter's own Dice on them is
-            reported, and a warning says when it is below :data:`MIN_SEGMENTER_DICE` (an untrained
-            segmenter's figures would read as anatomy that is not there).
-    Returns:
-        ``(metrics, readouts)``. Per set ``S``: ``anatomy_area_difference_S`` (mean over tissues) and
-        ``anatomy_area_difference_{csf,grey,white}_S``, ``anatomy_components_{csf,grey,white}_S`` and
-        ``anatomy_components_S`` (their sum), ``anatomy_ventricle_area_S``,
-        ``anatomy_ventricle_symmetry_S``, ``anatomy_confidence_S``, ``anatomy_frechet_S_vs_test``;
-        the same properties of the real test slices (``_real_test``); ``anatomy_segmenter_test_dice_*``
-        with ``test_masks``. ``readouts``: the :class:`AnatomyReadout` of each set and ``"real_test"``.
-    Raises:
-        ValueError: a set with fewer than two images, or no test slices.
-    """
-    from evaluation import frechet_distance
-
-    if len(test_images) < 2:
-        raise ValueError(f"anatomy_scores: needs at least two test slices, got {len(test_images)}")
-    for name, (images, _) in sets.items():
-        if len(images) < 2:
-            raise ValueError(f"anatomy_scores: the set {name!r} has {len(images)} image(s); needs at least two")
-    test = anatomy_readout(segmenter, test_images, batch_size)
-    readouts = {"real_test": test}
-    metrics: dict[str, Any] = {}
-    if test_masks is not None:
-        dice = tissue_dice(test.labels, test_masks)
-        metrics.update({f"anatomy_segmenter_test_dice_{k}": v for k, v in dice.items()})
-        worst = min(dice.values())
-        if not worst >= MIN_SEGMENTER_DICE:
-            warnings.warn(f"the segmenter's Dice on the real test split is {worst:.2f} (below "
-                          f"{MIN_SEGMENTER_DICE}): its anatomy figures mean little; train it longer "
-                          "(python train.py --stage segmenter)", stacklevel=2)
-    if len(np.unique(test.labels)) < 2:
-        warnings.warn("the segmenter labels every real test pixel alike: it did not learn, so its anatomy "
-                      "figures mean nothing", stacklevel=2)
-    metrics.update(_summary(test, "real_test"))
-    for name, (images, positions) in sets.items():
-        r = anatomy_readout(segmenter, images, batch_size)
-        readouts[name] = r
-        diff = area_difference(r, positions, test, test_positions)
-        metrics[f"anatomy_area_difference_{name}"] = float(diff.mean())
-        for k, tissue in enumerate(TISSUE_NAMES):
-            metrics[f"anatomy_area_difference_{tissue}_{name}"] = float(diff[k])
-        metrics.update(_summary(r, name))
-        metrics[f"anatomy_frechet_{name}_vs_test"] = frechet_distance(r.features, test.features)
-    return metrics, readouts
 
 
 def subject_anatomy(segmenter, generated, real, batch_size: int = 64) -> dict[str, Any]:
