@@ -559,7 +559,11 @@ def evaluate_subjects(run: Run, num: int = 8, temperature: float = 1.0, seed: in
         metrics.update(_anatomy(run, segmenter, {"subjects": (flat, np.tile(np.arange(n_slices), num)),
                                                  "real_validate": (val.float(), val.slice_indices)},
                                 splits, out_dir, "anatomy_subjects_vs_real.png", real[0]))
-        metrics.update(evaluation.subject_anatomy(segmenter, subjects.images, real_slabs))
+        if len(real_slabs) >= 2:
+            metrics.update(evaluation.subject_anatomy(segmenter, subjects.images, real_slabs))
+        else:
+            metrics["anatomy_volume_note"] = (f"{len(real_slabs)} real test subject: tissue volumes need at least two "
+                                              "to compare with")
     import utils
 
     utils.save_json(metrics, out_dir / "subject_metrics.json")

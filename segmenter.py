@@ -48,8 +48,11 @@ class SegmenterConfig:
         filters: channels of the first level; doubled at each pooling.
         depth: max-poolings between the input and the bottleneck.
         crop: training sees random square crops of this fraction of the side (rounded to a multiple
-            of ``2 ** depth``; 1: whole slices): 0.75 costs 56 % of a whole slice per step, and the
-            network, fully convolutional, segments whole slices all the same.
+            of ``2 ** depth``; 1: whole slices): 0.5 costs a quarter of a whole slice per step, and
+            the network, fully convolutional, segments whole slices all the same. On the demo data
+            (128 px) five epochs of half-side crops reach a test Dice of 0.91 / 0.96 / 0.98 (CSF,
+            grey, white matter; ``bench/bench_segmenter.py``), as many epochs of whole slices cost four
+            times as much.
         epochs: training epochs (0: no segmenter).
         batch_size: training batch size.
         learning_rate: Adam learning rate (cosine decay to 5 % of it over the planned steps).
@@ -59,9 +62,9 @@ class SegmenterConfig:
     image_size: int = 128
     filters: int = 8
     depth: int = 3
-    crop: float = 0.75
-    epochs: int = 2
-    batch_size: int = 16
+    crop: float = 0.5
+    epochs: int = 5
+    batch_size: int = 8
     learning_rate: float = 3e-3
     seed: int = 0
 

@@ -296,3 +296,92 @@ def test_evaluation_re_exports_the_anatomy_judge():
     for name in ("anatomy_readout", "anatomy_summary", "area_difference", "subject_anatomy", "tissue_dice",
                  "plot_anatomy"):
         assert getattr(evaluation, name) is getattr(anatomy, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py and predict.py
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory):
+    """A tiny run on a 32x32 phantom tree with masks; its prior sees the previous slice (for subjects)."""
+    import train
+    from conftest import TINY_RUN_FLAGS
+
+    root = tmp_path_factory.mktemp("seg_run")
+    data = write_seg_tree(root / "oasis", size=32, cases={"train": [1, 2, 3, 4], "validate": [5], "test": [6]})
+    assert train.main(["--data", data, "--out", root / "run", *TINY_RUN_FLAGS, "--segmenter-epochs", "1",
+                       "--prior-condition-map", "2", "--prior-previous-slice"]) == 0
+    return root / "run"
+
+
+def _predict(*argv):
+    import contextlib
+    import io
+
+    import predict
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = predict.main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+def test_train_fits_the_segmenter_on_a_tree_with_masks_and_reports_its_dice(seg_run):
+    import json
+
+    metrics = json.loads((seg_run / "metrics.json").read_text())
+    for tissue in ("csf", "grey", "white"):
+        assert 0 <= metrics[f"segmenter_test_dice_{tissue}"] <= 1
+    assert (seg_run / "segmenter.keras").exists() and "segmenter" in json.loads((seg_run / "config.json").read_text())
+
+
+def test_predict_segment_writes_masks_in_oasis_format(seg_run, tmp_path):
+    code, err = _predict("segment", "--run", seg_run, "--images", seg_run.parent / "oasis" / dataset.SPLIT_DIRS["test"],
+                         "--out", tmp_path / "masks")
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "masks").glob("*.png"))
+    assert names == sorted(dataset.seg_file_name(6, k) for k in range(6))
+    mask = np.asarray(Image.open(tmp_path / "masks" / names[0]))
+    assert mask.shape == (32, 32) and set(np.unique(mask)) <= set(SEG_LEVELS)
+
+
+def test_evaluate_reports_the_anatomy_judge_beside_its_floor(seg_run, tmp_path):
+    import json
+
+    code, err = _predict("evaluate", "--run", seg_run, "--num", 4, "--two-sample-num", 0, "--out", tmp_path / "ev")
+    assert code == 0, err
+    m = json.loads((tmp_path / "ev" / "generation_metrics.json").read_text())
+    for s in ("samples", "reconstructions", "real_validate"):
+        for key in ("area_difference", "components", "ventricle_area", "confidence"):
+            assert f"anatomy_{key}_{s}" in m  # NaN confidence where a barely trained model draws no head
+        assert m[f"anatomy_frechet_{s}_vs_test"] >= 0
+    assert all(np.isfinite(m[f"anatomy_{key}_real_validate"]) for key in ("area_difference", "confidence"))
+    assert "anatomy_segmenter_test_dice_grey" in m and "anatomy_note" not in m
+    assert (tmp_path / "ev" / "anatomy_samples_vs_real.png").exists()
+    code, err = _predict("evaluate", "--run", seg_run, "--subjects", 2, "--two-sample-num", 0, "--out", tmp_path / "sub")
+    assert code == 0, err
+    m = json.loads((tmp_path / "sub" / "subject_metrics.json").read_text())
+    assert np.isfinite(m["anatomy_components_subjects"]) and np.isfinite(m["anatomy_components_real_validate"])
+    assert "1 real test subject" in m["anatomy_volume_note"]  # volumes need two; subject_anatomy is tested above
+    assert (tmp_path / "sub" / "anatomy_subjects_vs_real.png").exists()
+
+
+def test_without_a_segmenter_evaluate_says_so_and_stage_segmenter_makes_one(seg_run, tmp_path):
+    import json
+    import shutil
+
+    import train
+
+    run = tmp_path / "run"
+    shutil.copytree(seg_run, run)
+    (run / "segmenter.keras").unlink()
+    code, err = _predict("evaluate", "--run", run, "--num", 2, "--two-sample-num", 0)
+    assert code == 0 and "segmenter.keras not found" in err and "--stage segmenter" in err
+    m = json.loads((run / "evaluation" / "generation_metrics.json").read_text())
+    assert "--stage segmenter" in m["anatomy_note"] and not any(k.startswith("anatomy_c") for k in m)
+    code, err = _predict("segment", "--run", run, "--images", seg_run.parent / "oasis" / dataset.SPLIT_DIRS["test"])
+    assert code == 2 and "segmenter.keras not found" in err
+    assert train.main(["--out", run, "--stage", "segmenter", "--segmenter-epochs", "1"]) == 0
+    assert (run / "segmenter.keras").exists()
