@@ -754,10 +754,9 @@ def _find_volumes(volumes_dir: Path, pattern: str) -> list[Path]:
     return sorted(found.values(), key=lambda p: _natural_key(p.name))
 
 
-def _volume_slices(path: Path, slices_per_case: int | None, image_size: int) -> list[np.ndarray]:
-    """Axial uint8 slices ``(S, S)`` of one volume, low to high, oriented like the OASIS PNGs."""
+def _read_volume(path: Path):
+    """One 3-D volume reoriented to RAS: ``(float32 data, voxel sizes (3,))``."""
     import nibabel as nib
-    from PIL import Image
 
     try:
         img = nib.load(str(path))
@@ -772,8 +771,19 @@ def _volume_slices(path: Path, slices_per_case: int | None, image_size: int) -> 
         raise DatasetError(f"{path}: expected a 3-D volume, got shape {data.shape}; pass one 3-D image per file")
     # Reorient to RAS (nibabel's canonical) through NIfTI, which, unlike Analyze, can carry any affine.
     canon = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
-    data = np.asarray(canon.dataobj, dtype=np.float32)
-    zooms = np.abs(np.asarray(canon.header.get_zooms()[:3], dtype=float))
+    return np.asarray(canon.dataobj, dtype=np.float32), np.abs(np.asarray(canon.header.get_zooms()[:3], dtype=float))
+
+
+def _volume_slices(path: Path, slices_per_case: int | None, image_size: int, seg_path: Path | None = None):
+    """Axial uint8 slices ``(S, S)`` of one volume, low to high, oriented like the OASIS PNGs.
+
+    With ``seg_path`` (its FSL FAST tissue segmentation, OASIS-1's ``*_fseg``: 0 background, 1 CSF,
+    2 grey, 3 white matter) returns ``(slices, labels)``, the labels cut, flipped and placed exactly
+    like the slices and resized with nearest neighbours.
+    """
+    from PIL import Image
+
+    data, zooms = _read_volume(path)
     values = data[data != 0]
     if values.size == 0:
         raise DatasetError(f"{path}: volume is all zeros; remove it from the volumes folder")
@@ -794,16 +804,41 @@ def _volume_slices(path: Path, slices_per_case: int | None, image_size: int) -> 
     extent = np.array([data.shape[0] * zooms[0], data.shape[1] * zooms[1]])
     rows, cols = np.maximum(1, np.rint(extent * image_size / extent.max()).astype(int))
     resample = getattr(Image.Resampling, RESIZE_FILTER)
-    out = []
+    labels = None
+    if seg_path is not None:
+        labels, _ = _read_volume(seg_path)
+        if labels.shape != data.shape:
+            raise DatasetError(f"{seg_path}: segmentation is {labels.shape} but its volume {path.name} is {data.shape}; "
+                               "pass the segmentation made from that volume")
+        values = set(np.unique(labels).tolist())
+        if not values <= {0.0, 1.0, 2.0, 3.0}:
+            raise DatasetError(f"{seg_path}: labels {sorted(values)[:6]} are not FAST's 0-3 (background, CSF, grey, "
+                               "white matter)")
+        labels = labels.astype(np.uint8)
+    r0, c0 = (image_size - rows) // 2, (image_size - cols) // 2
+    out, masks = [], []
     for z in levels:
         plane = np.ascontiguousarray(scaled[:, ::-1, z])
         if plane.shape != (rows, cols):
             plane = np.asarray(Image.fromarray(plane, mode="F").resize((int(cols), int(rows)), resample))
         canvas = np.zeros((image_size, image_size), np.uint8)
-        r0, c0 = (image_size - rows) // 2, (image_size - cols) // 2
         canvas[r0:r0 + rows, c0:c0 + cols] = np.rint(np.clip(plane, 0, 255))
         out.append(canvas)
-    return out
+        if labels is not None:
+            plane = Image.fromarray(np.ascontiguousarray(labels[:, ::-1, z]), mode="L")
+            mask = np.zeros((image_size, image_size), np.uint8)
+            mask[r0:r0 + rows, c0:c0 + cols] = np.asarray(plane.resize((int(cols), int(rows)), Image.Resampling.NEAREST))
+            masks.append(labels_to_mask(mask))
+    return (out, masks) if seg_path is not None else out
+
+
+def _find_segmentations(volumes_dir: Path, volumes: dict[int, Path]) -> dict[int, Path]:
+    """Each volume's FSL FAST segmentation (OASIS-1: ``<volume name>_fseg.img`` under ``FSL_SEG/``), if any."""
+    by_stem = {}
+    for p in _find_volumes(volumes_dir, "*_fseg.*"):
+        stem = p.name.split(".")[0]
+        by_stem[stem[:-len("_fseg")]] = p
+    return {case: by_stem[v.name.split(".")[0]] for case, v in volumes.items() if v.name.split(".")[0] in by_stem}
 
 
 def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -825,9 +860,14 @@ def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.Path
         volumes_dir: searched recursively for files matching ``pattern``.
         pattern: glob for the volumes; the default picks OASIS-1's skull-stripped, atlas-registered,
             bias-corrected images (``..._t88_masked_gfc.img``), from which the Keras PNG slices were made.
+    When every volume has its FSL FAST tissue segmentation beside it (OASIS-1's
+    ``FSL_SEG/..._masked_gfc_fseg.img``), the masks go to ``keras_png_slices_seg_*`` in OASIS's format
+    (``seg_<case>_slice_<k>.nii.png``, 0/85/170/255), cut exactly like the slices; otherwise one line
+    says there are none.
+
     Returns:
         The summary also written to ``out_dir/prepare.json``: parameters, ``cases`` per split, ``images``
-        per split, ``skipped`` volumes.
+        per split, ``skipped`` volumes, ``segmentations`` used.
     """
     from tqdm import tqdm
 
@@ -872,24 +912,44 @@ def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.Path
     cases = {name: sorted(subjects[i] for i in assign[name]) for name in SPLITS}
 
     _check_output_root(out_dir, ())
+    # Tissue masks when every volume comes with its FAST segmentation (a partial mask tree would not load)
+    segs = _find_segmentations(volumes_dir, {c: by_subject[c][0] for c in subjects})
+    if segs and len(segs) < n:
+        missing = next(c for c in subjects if c not in segs)
+        warnings.warn(DatasetWarning(f"{volumes_dir}: only {len(segs)} of {n} volumes have a *_fseg tissue segmentation "
+                                     f"(none for {by_subject[missing][0].name}); no masks written"), stacklevel=2)
+        segs = {}
     images = {}
     bar = tqdm(total=n, desc="volumes", unit="vol", disable=not progress)
     for name in SPLITS:
         folder = out_dir / SPLIT_DIRS[name]
         folder.mkdir(parents=True, exist_ok=True)
+        if segs:
+            (out_dir / SEG_DIRS[name]).mkdir(parents=True, exist_ok=True)
         images[name] = 0
         for case in cases[name]:
-            for k, image in enumerate(_volume_slices(by_subject[case][0], slices_per_case, image_size)):
+            cut = _volume_slices(by_subject[case][0], slices_per_case, image_size, segs.get(case))
+            slices, masks = cut if segs else (cut, [])
+            for k, image in enumerate(slices):
                 _write_png(folder / slice_file_name(case, k), image)
                 images[name] += 1
+            for k, mask in enumerate(masks):
+                _write_png(out_dir / SEG_DIRS[name] / seg_file_name(case, k), mask)
             bar.update()
     bar.close()
     summary = dict(volumes_dir=str(volumes_dir), pattern=pattern, val_fraction=val_fraction,
                    test_fraction=test_fraction, seed=seed, slices_per_case=slices_per_case, image_size=image_size,
                    cases=cases, images=images, skipped=skipped,
-                   volumes={str(c): str(by_subject[c][0]) for c in subjects})
+                   volumes={str(c): str(by_subject[c][0]) for c in subjects},
+                   segmentations={str(c): str(p) for c, p in segs.items()})
     save_json(summary, out_dir / "prepare.json")
     print(f"{out_dir}: wrote " + ", ".join(f"{name} {images[name]} images / {len(cases[name])} cases" for name in SPLITS))
+    if segs:
+        print(f"{out_dir}: wrote tissue masks from the volumes' *_fseg segmentations into "
+              f"{', '.join(SEG_DIRS[name] + '/' for name in SPLITS)} (seg_<case>_slice_<k>.nii.png, 0/85/170/255)")
+    else:
+        print(f"{out_dir}: no tissue masks: the volumes come without *_fseg segmentations (OASIS-1's FSL_SEG "
+              "folders); the segmenter and the anatomy judge need them")
     return summary
 
 

@@ -385,3 +385,41 @@ def test_without_a_segmenter_evaluate_says_so_and_stage_segmenter_makes_one(seg_
     assert code == 2 and "segmenter.keras not found" in err
     assert train.main(["--out", run, "--stage", "segmenter", "--segmenter-epochs", "1"]) == 0
     assert (run / "segmenter.keras").exists()
+
+
+def _write_fseg_volumes(folder: Path, subjects=(1, 2, 3), with_seg=(1, 2, 3)) -> None:
+    """OASIS-1-like volumes (a head of three tissue shells) and, for ``with_seg``, FAST ``*_fseg`` labels."""
+    import nibabel as nib
+
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (20, 24, 16)], indexing="ij")
+    r = np.sqrt(x ** 2 / 0.8 + y ** 2 / 0.9 + z ** 2 / 0.9)
+    labels = np.select([r < 0.5, r < 0.75, r < 0.9], [3, 2, 1], 0).astype(np.float32)
+    for s in subjects:
+        name = f"OAS1_{s:04d}_MR1_mpr_n4_anon_111_t88_masked_gfc"
+        noisy = np.array([0, 200, 500, 800], np.float32)[labels.astype(int)]
+        noisy += (labels > 0) * np.random.default_rng(s).normal(0, 20, labels.shape).astype(np.float32)
+        for sub, data, suffix in (("PROCESSED", noisy, ""),
+                                  ("FSL_SEG", labels, "_fseg")):
+            if suffix and s not in with_seg:
+                continue
+            d = folder / f"OAS1_{s:04d}_MR1" / sub
+            d.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, np.eye(4)), d / f"{name}{suffix}.nii.gz")
+
+
+def test_prepare_writes_masks_from_fseg_segmentations_and_says_when_there_are_none(tmp_path, capsys):
+    import build_data
+
+    kw = dict(val_fraction=0.34, test_fraction=0.34, slices_per_case=4, image_size=32, progress=False)
+    _write_fseg_volumes(tmp_path / "vols")
+    summary = build_data.prepare_oasis_volumes(tmp_path / "vols", tmp_path / "out", **kw)
+    assert len(summary["segmentations"]) == 3 and "wrote tissue masks" in capsys.readouterr().out
+    splits = dataset.read_oasis(tmp_path / "out", masks=True)  # aligned by name, size and head
+    for split in splits.values():
+        for image, labels in zip(split.images[..., 0], split.masks):
+            means = [image[labels == k].mean() for k in (1, 2, 3) if (labels == k).any()]
+            assert means == sorted(means) and image[labels == 0].mean() < 10  # CSF < grey < white, as in T1
+    _write_fseg_volumes(tmp_path / "partial", with_seg=(1,))
+    with pytest.warns(dataset.DatasetWarning, match="only 1 of 3 volumes have a \\*_fseg"):
+        build_data.prepare_oasis_volumes(tmp_path / "partial", tmp_path / "out2", **kw)
+    assert "no tissue masks" in capsys.readouterr().out and not dataset.has_masks(tmp_path / "out2")
