@@ -63,9 +63,10 @@ class Run:
     def num_conditions(self) -> int:
         return int(self.config.get("prior", {}).get("num_conditions") or 0)
 
-    def read_splits(self):
+    def read_splits(self, masks: bool = False):
         """The run's data as it was trained on: ``dataset.read_oasis`` with the run's root, image
-        size, validation fraction and seed (``{"train", "validate", "test"} -> Split``, uint8).
+        size, validation fraction and seed (``{"train", "validate", "test"} -> Split``, uint8), with
+        ``masks`` the tissue masks too where the data has them.
 
         Raises:
             dataset.DatasetError: the data folder is gone or unreadable.
@@ -74,7 +75,7 @@ class Run:
 
         data = self.config["data"]
         return dataset.read_oasis(data["root"], image_size=data["image_size"], val_fraction=data["val_fraction"],
-                                  seed=self.config["seed"])
+                                  seed=self.config["seed"], masks=masks and dataset.has_masks(data["root"]))
 
 
 def load_run(run_dir, need_prior: bool = True) -> Run:
@@ -418,16 +419,14 @@ def _anatomy(run: Run, segmenter, sets: dict, splits, out_dir: Path, figure: str
 
 
 def _evaluation_setup(run: Run, out_dir) -> tuple[Path, dict]:
-    """The evaluation commands' output folder (made; default ``RUN/evaluation``) and the run's splits."""
+    """The evaluation commands' output folder (made; default ``RUN/evaluation``) and the run's splits
+    (with their tissue masks where the data has them)."""
     import dataset
 
     out_dir = Path(out_dir or run.path / "evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        data = run.config["data"]
-        return out_dir, dataset.read_oasis(data["root"], image_size=data["image_size"],
-                                           val_fraction=data["val_fraction"], seed=run.config["seed"],
-                                           masks=dataset.has_masks(data["root"]))
+        return out_dir, run.read_splits(masks=True)
     except dataset.DatasetError as e:
         raise PredictError(str(e)) from None
 

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     for name in ("epochs", "filters", "depth", "batch_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--save", type=Path, default=None, help="also save the trained segmenter here (.keras)")
     args = p.parse_args(argv)
 
     import build_data
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     dice = tissue_dice(segment(model, splits["test"].images), splits["test"].masks)
     print(f"config {config.to_dict()}: trained in {seconds:.1f} s; test Dice "
           + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+    if args.save:
+        model.save(args.save)
     return 0
 
 
