@@ -3,6 +3,7 @@
 :mod:`dataset` reads data sets; this module writes them (the layout is described there)::
 
     ROOT/keras_png_slices_{train,validate,test}/case_001_slice_0.nii.png    256x256 8-bit grayscale
+    ROOT/keras_png_slices_seg_{train,validate,test}/seg_001_slice_0.nii.png tissue masks (0/85/170/255)
 
 * :func:`make_demo_dataset` / :func:`ensure_demo_dataset`: the demo set that every new user trains on
   first, made from the MNI ICBM152 2009a templates that ship inside nilearn (no download). How each
@@ -30,12 +31,13 @@ from typing import Sequence
 
 import numpy as np
 
-from dataset import (IMAGE_SUFFIX, RESIZE_FILTER, SPLIT_DIRS, SPLITS, UNKNOWN, DatasetError, DatasetWarning,
-                     _find_split_root, _natural_key, _one_line, parse_slice_name, run_command, slice_file_name)
+from dataset import (IMAGE_SUFFIX, RESIZE_FILTER, SEG_DIRS, SPLIT_DIRS, SPLITS, UNKNOWN, DatasetError, DatasetWarning,
+                     _find_split_root, _natural_key, _one_line, labels_to_mask, parse_slice_name, run_command,
+                     seg_file_name, slice_file_name)
 
 DEFAULT_DEMO_ROOT = Path(__file__).resolve().parent / "data" / "oasis_demo"
 DEMO_MARKER = "demo.json"  # written last by make_demo_dataset: its presence means the tree is complete
-DEMO_VERSION = 3  # bump when the demo generator changes, so ensure_demo_dataset rebuilds old trees
+DEMO_VERSION = 4  # bump when the demo generator changes, so ensure_demo_dataset rebuilds old trees (4: tissue masks)
 # 60 / 8 / 17 cases of 32 slices: the test split is OASIS's (544 slices); the realism search needs as many
 # test cases as OASIS has -- against 4 test cases, real unseen slices found a match above SSIM 0.6 for 75 %
 # only, against 17 for all -- and with 60 training cases instead of 20 the demo prior's validation NLL fell
@@ -87,8 +89,9 @@ def _check_output_root(out_dir: Path, own_markers: Sequence[str]) -> None:
 
 
 def _clear_own_slices(folder: Path) -> None:
-    for p in folder.glob("case_*_slice_*.nii.png"):
-        p.unlink()
+    for pattern in ("case_*_slice_*.nii.png", "seg_*_slice_*.nii.png"):
+        for p in folder.glob(pattern):
+            p.unlink()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,8 +332,15 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
 
 
 def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int, image_size: int,
-                     rng: np.random.Generator) -> np.ndarray:
+                     rng: np.random.Generator, masks: bool = False):
     """One synthetic subject as ``n_slices`` axial uint8 slices ``(n, S, S)``, low to high.
+
+    With ``masks=True`` returns ``(slices, labels)``: ``labels`` uint8 ``(n, S, S)`` holds the tissue of
+    each pixel (:data:`dataset.TISSUES`: 0 background, 1 CSF, 2 grey matter, 3 white matter) from the
+    very tissue fractions the pixel's intensity was made of: inside the skull (the intracranial
+    fraction and the tissue fractions each at least 0.5) the tissue with the largest fraction,
+    background elsewhere. Computing them draws nothing
+    from ``rng``, so the slices are the same with or without masks.
 
     How each property of the OASIS slices is imitated:
 
@@ -402,6 +412,7 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
     frac = (subject.sulcal_px - np.floor(subject.sulcal_px)) or 1.0
     sigma = np.float32(subject.wm / subject.snr)
     out = np.zeros((n_slices, S, S), np.uint8)
+    labels = np.zeros((n_slices, S, S), np.uint8) if masks else None
     for k in range(n_slices):
         box = _node_box(head_nodes[:, :, k])
         if box is None:
@@ -429,7 +440,8 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         wm[inner] = ndimage.map_coordinates(template.wm, pts, order=1, output=np.float32)
         # Intracranial = the closed outline plus an outer CSF layer (the first 40 % of the band); CSF fills
         # whatever grey and white matter leave of it.
-        csf = np.clip(np.clip((0.4 * band - head) / px + 0.5, 0, 1) - gm - wm, 0, 1)
+        intracranial = np.clip((0.4 * band - head) / px + 0.5, 0, 1)
+        csf = np.clip(intracranial - gm - wm, 0, 1)
         # Ageing 2: CSF widened into the cortex (grey dilation of the CSF map); tissue scaled to make room.
         if foot is not None:
             wide = csf + frac * (ndimage.grey_dilation(csf, footprint=foot) - csf)
@@ -437,6 +449,11 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
             keep = np.where(tissue > 1 - wide, np.clip(1 - wide, 0, None) / np.maximum(tissue, 1e-6), 1.0)
             gm, wm, csf = gm * keep, wm * keep, wide
         x = subject.gm * gm + subject.wm * wm + subject.csf * csf
+        if labels is not None:  # the tissue this pixel is mostly made of (CSF, grey, white), inside the skull
+            fractions = np.stack([csf, gm, wm])
+            inside = (fractions.sum(0) >= 0.5) & (intracranial >= 0.5)  # not the CSF widened past the skull
+            tissue_k = np.where(inside, 1 + np.argmax(fractions, axis=0), 0)
+            labels[k, i0 * g:i0 * g + x.shape[0], j0 * g:j0 * g + x.shape[1]] = tissue_k
         # Head, by depth inside its outer edge (issue 17, OASIS's profile): a linear ramp from skin * scalp
         # at the edge up to the ring's peak at peak_mm (a soft outline, as the scanner's point spread and
         # the resampling make it), a linear fall to the grey band's level 30 % of the way into the band,
@@ -452,7 +469,7 @@ def render_demo_case(template: DemoTemplate, subject: DemoSubject, n_slices: int
         x = np.sqrt((x + noise[0]) ** 2 + noise[1] ** 2)  # Rician: |signal + complex Gaussian noise|
         x[depth <= 0] = 0.0  # outside the head: exactly 0, as in OASIS
         out[k, i0 * g:i0 * g + x.shape[0], j0 * g:j0 * g + x.shape[1]] = np.rint(np.clip(x, 0, 255))
-    return out
+    return (out, labels) if masks else out
 
 
 def _node_box(nodes: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -484,12 +501,14 @@ def _zoom_nodes(block: np.ndarray, g: int) -> np.ndarray:
 
 
 def demo_case(template: DemoTemplate, seed: int, case_id: int, slices_per_case: int = 32,
-              image_size: int = 256) -> tuple[DemoSubject, np.ndarray]:
+              image_size: int = 256, masks: bool = False):
     """Demo case ``case_id`` of the set made with ``seed``: its :class:`DemoSubject` and its uint8 slices
-    ``(slices_per_case, S, S)``. It depends only on ``(seed, case_id)`` and the sizes."""
+    ``(slices_per_case, S, S)`` (with ``masks=True`` also their tissue labels, see :func:`render_demo_case`).
+    It depends only on ``(seed, case_id)`` and the sizes."""
     rng = np.random.default_rng([seed, case_id])
     subject = DemoSubject.draw(rng)
-    return subject, render_demo_case(template, subject, slices_per_case, image_size, rng)
+    rendered = render_demo_case(template, subject, slices_per_case, image_size, rng, masks=masks)
+    return (subject, *rendered) if masks else (subject, rendered)
 
 
 def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = DEMO_DEFAULTS["n_train"],
@@ -543,11 +562,14 @@ def _demo_lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _render_demo_case(folder: Path, seed: int, case_id: int, slices_per_case: int, image_size: int) -> dict:
-    """Render demo case ``case_id`` into ``folder``; its subject's draws as a dict (runs in a worker)."""
-    subject, slices = demo_case(demo_template(), seed, case_id, slices_per_case, image_size)
-    for k, image in enumerate(slices):
+def _render_demo_case(folder: Path, seg_folder: Path, seed: int, case_id: int, slices_per_case: int,
+                      image_size: int) -> dict:
+    """Render demo case ``case_id`` into ``folder`` and its tissue masks (OASIS's grey levels) into
+    ``seg_folder``; its subject's draws as a dict (runs in a worker)."""
+    subject, slices, labels = demo_case(demo_template(), seed, case_id, slices_per_case, image_size, masks=True)
+    for k, (image, label) in enumerate(zip(slices, labels)):
         _write_png(folder / slice_file_name(case_id, k), image)
+        _write_png(seg_folder / seg_file_name(case_id, k), labels_to_mask(label))
     return asdict(subject)
 
 
@@ -583,22 +605,23 @@ def _build_demo(out_dir: Path, n_train: int, n_validate: int, n_test: int, slice
                   slab_mni_z_mm=list(template.slab_mni_mm))
     jobs, cases = [], {}  # case ids 1..n_train are train, then validate, then test
     for name in SPLITS:
-        folder = out_dir / SPLIT_DIRS[name]
-        folder.mkdir(exist_ok=True)
-        _clear_own_slices(folder)
+        folder, seg_folder = out_dir / SPLIT_DIRS[name], out_dir / SEG_DIRS[name]
+        for f in (folder, seg_folder):
+            f.mkdir(exist_ok=True)
+            _clear_own_slices(f)
         cases[name] = list(range(len(jobs) + 1, len(jobs) + counts[name] + 1))
-        jobs += [(folder, case_id) for case_id in cases[name]]
+        jobs += [(folder, seg_folder, case_id) for case_id in cases[name]]
     bar = tqdm(total=len(jobs), desc="demo cases", unit="case", disable=not progress)
     subjects = {}
     if workers == 1:
-        for folder, case_id in jobs:
-            subjects[str(case_id)] = _render_demo_case(folder, seed, case_id, slices_per_case, image_size)
+        for folder, seg_folder, case_id in jobs:
+            subjects[str(case_id)] = _render_demo_case(folder, seg_folder, seed, case_id, slices_per_case, image_size)
             bar.update()
     else:  # spawn: the workers start clean (no copy of a parent's TensorFlow threads) and load the template
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_render_demo_case, folder, seed, case_id, slices_per_case, image_size)
-                       for folder, case_id in jobs]
-            for (_, case_id), future in zip(jobs, futures):
+            futures = [pool.submit(_render_demo_case, folder, seg_folder, seed, case_id, slices_per_case, image_size)
+                       for folder, seg_folder, case_id in jobs]
+            for (_, _, case_id), future in zip(jobs, futures):
                 subjects[str(case_id)] = future.result()
                 bar.update()
     bar.close()
@@ -632,10 +655,11 @@ def demo_is_complete(root: str | os.PathLike, **params) -> bool:
     if meta.get("version") != DEMO_VERSION or any(meta.get(k) != v for k, v in want.items()):
         return False
     for name, key in (("train", "n_train"), ("validate", "n_validate"), ("test", "n_test")):
-        folder = root / SPLIT_DIRS[name]
-        found = len(list(folder.glob("case_*_slice_*.nii.png"))) if folder.is_dir() else 0
-        if found != want[key] * want["slices_per_case"]:
-            return False
+        for folder, pattern in ((root / SPLIT_DIRS[name], "case_*_slice_*.nii.png"),
+                                (root / SEG_DIRS[name], "seg_*_slice_*.nii.png")):
+            found = len(list(folder.glob(pattern))) if folder.is_dir() else 0
+            if found != want[key] * want["slices_per_case"]:
+                return False
     return True
 
 
@@ -730,10 +754,9 @@ def _find_volumes(volumes_dir: Path, pattern: str) -> list[Path]:
     return sorted(found.values(), key=lambda p: _natural_key(p.name))
 
 
-def _volume_slices(path: Path, slices_per_case: int | None, image_size: int) -> list[np.ndarray]:
-    """Axial uint8 slices ``(S, S)`` of one volume, low to high, oriented like the OASIS PNGs."""
+def _read_volume(path: Path):
+    """One 3-D volume reoriented to RAS: ``(float32 data, voxel sizes (3,))``."""
     import nibabel as nib
-    from PIL import Image
 
     try:
         img = nib.load(str(path))
@@ -748,8 +771,19 @@ def _volume_slices(path: Path, slices_per_case: int | None, image_size: int) -> 
         raise DatasetError(f"{path}: expected a 3-D volume, got shape {data.shape}; pass one 3-D image per file")
     # Reorient to RAS (nibabel's canonical) through NIfTI, which, unlike Analyze, can carry any affine.
     canon = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
-    data = np.asarray(canon.dataobj, dtype=np.float32)
-    zooms = np.abs(np.asarray(canon.header.get_zooms()[:3], dtype=float))
+    return np.asarray(canon.dataobj, dtype=np.float32), np.abs(np.asarray(canon.header.get_zooms()[:3], dtype=float))
+
+
+def _volume_slices(path: Path, slices_per_case: int | None, image_size: int, seg_path: Path | None = None):
+    """Axial uint8 slices ``(S, S)`` of one volume, low to high, oriented like the OASIS PNGs.
+
+    With ``seg_path`` (its FSL FAST tissue segmentation, OASIS-1's ``*_fseg``: 0 background, 1 CSF,
+    2 grey, 3 white matter) returns ``(slices, labels)``, the labels cut, flipped and placed exactly
+    like the slices and resized with nearest neighbours.
+    """
+    from PIL import Image
+
+    data, zooms = _read_volume(path)
     values = data[data != 0]
     if values.size == 0:
         raise DatasetError(f"{path}: volume is all zeros; remove it from the volumes folder")
@@ -770,16 +804,41 @@ def _volume_slices(path: Path, slices_per_case: int | None, image_size: int) -> 
     extent = np.array([data.shape[0] * zooms[0], data.shape[1] * zooms[1]])
     rows, cols = np.maximum(1, np.rint(extent * image_size / extent.max()).astype(int))
     resample = getattr(Image.Resampling, RESIZE_FILTER)
-    out = []
+    labels = None
+    if seg_path is not None:
+        labels, _ = _read_volume(seg_path)
+        if labels.shape != data.shape:
+            raise DatasetError(f"{seg_path}: segmentation is {labels.shape} but its volume {path.name} is {data.shape}; "
+                               "pass the segmentation made from that volume")
+        values = set(np.unique(labels).tolist())
+        if not values <= {0.0, 1.0, 2.0, 3.0}:
+            raise DatasetError(f"{seg_path}: labels {sorted(values)[:6]} are not FAST's 0-3 (background, CSF, grey, "
+                               "white matter)")
+        labels = labels.astype(np.uint8)
+    r0, c0 = (image_size - rows) // 2, (image_size - cols) // 2
+    out, masks = [], []
     for z in levels:
         plane = np.ascontiguousarray(scaled[:, ::-1, z])
         if plane.shape != (rows, cols):
             plane = np.asarray(Image.fromarray(plane, mode="F").resize((int(cols), int(rows)), resample))
         canvas = np.zeros((image_size, image_size), np.uint8)
-        r0, c0 = (image_size - rows) // 2, (image_size - cols) // 2
         canvas[r0:r0 + rows, c0:c0 + cols] = np.rint(np.clip(plane, 0, 255))
         out.append(canvas)
-    return out
+        if labels is not None:
+            plane = Image.fromarray(np.ascontiguousarray(labels[:, ::-1, z]), mode="L")
+            mask = np.zeros((image_size, image_size), np.uint8)
+            mask[r0:r0 + rows, c0:c0 + cols] = np.asarray(plane.resize((int(cols), int(rows)), Image.Resampling.NEAREST))
+            masks.append(labels_to_mask(mask))
+    return (out, masks) if seg_path is not None else out
+
+
+def _find_segmentations(volumes_dir: Path, volumes: dict[int, Path]) -> dict[int, Path]:
+    """Each volume's FSL FAST segmentation (OASIS-1: ``<volume name>_fseg.img`` under ``FSL_SEG/``), if any."""
+    by_stem = {}
+    for p in _find_volumes(volumes_dir, "*_fseg.*"):
+        stem = p.name.split(".")[0]
+        by_stem[stem[:-len("_fseg")]] = p
+    return {case: by_stem[v.name.split(".")[0]] for case, v in volumes.items() if v.name.split(".")[0] in by_stem}
 
 
 def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -801,9 +860,14 @@ def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.Path
         volumes_dir: searched recursively for files matching ``pattern``.
         pattern: glob for the volumes; the default picks OASIS-1's skull-stripped, atlas-registered,
             bias-corrected images (``..._t88_masked_gfc.img``), from which the Keras PNG slices were made.
+    When every volume has its FSL FAST tissue segmentation beside it (OASIS-1's
+    ``FSL_SEG/..._masked_gfc_fseg.img``), the masks go to ``keras_png_slices_seg_*`` in OASIS's format
+    (``seg_<case>_slice_<k>.nii.png``, 0/85/170/255), cut exactly like the slices; otherwise one line
+    says there are none.
+
     Returns:
         The summary also written to ``out_dir/prepare.json``: parameters, ``cases`` per split, ``images``
-        per split, ``skipped`` volumes.
+        per split, ``skipped`` volumes, ``segmentations`` used.
     """
     from tqdm import tqdm
 
@@ -848,24 +912,44 @@ def prepare_oasis_volumes(volumes_dir: str | os.PathLike, out_dir: str | os.Path
     cases = {name: sorted(subjects[i] for i in assign[name]) for name in SPLITS}
 
     _check_output_root(out_dir, ())
+    # Tissue masks when every volume comes with its FAST segmentation (a partial mask tree would not load)
+    segs = _find_segmentations(volumes_dir, {c: by_subject[c][0] for c in subjects})
+    if segs and len(segs) < n:
+        missing = next(c for c in subjects if c not in segs)
+        warnings.warn(DatasetWarning(f"{volumes_dir}: only {len(segs)} of {n} volumes have a *_fseg tissue segmentation "
+                                     f"(none for {by_subject[missing][0].name}); no masks written"), stacklevel=2)
+        segs = {}
     images = {}
     bar = tqdm(total=n, desc="volumes", unit="vol", disable=not progress)
     for name in SPLITS:
         folder = out_dir / SPLIT_DIRS[name]
         folder.mkdir(parents=True, exist_ok=True)
+        if segs:
+            (out_dir / SEG_DIRS[name]).mkdir(parents=True, exist_ok=True)
         images[name] = 0
         for case in cases[name]:
-            for k, image in enumerate(_volume_slices(by_subject[case][0], slices_per_case, image_size)):
+            cut = _volume_slices(by_subject[case][0], slices_per_case, image_size, segs.get(case))
+            slices, masks = cut if segs else (cut, [])
+            for k, image in enumerate(slices):
                 _write_png(folder / slice_file_name(case, k), image)
                 images[name] += 1
+            for k, mask in enumerate(masks):
+                _write_png(out_dir / SEG_DIRS[name] / seg_file_name(case, k), mask)
             bar.update()
     bar.close()
     summary = dict(volumes_dir=str(volumes_dir), pattern=pattern, val_fraction=val_fraction,
                    test_fraction=test_fraction, seed=seed, slices_per_case=slices_per_case, image_size=image_size,
                    cases=cases, images=images, skipped=skipped,
-                   volumes={str(c): str(by_subject[c][0]) for c in subjects})
+                   volumes={str(c): str(by_subject[c][0]) for c in subjects},
+                   segmentations={str(c): str(p) for c, p in segs.items()})
     save_json(summary, out_dir / "prepare.json")
     print(f"{out_dir}: wrote " + ", ".join(f"{name} {images[name]} images / {len(cases[name])} cases" for name in SPLITS))
+    if segs:
+        print(f"{out_dir}: wrote tissue masks from the volumes' *_fseg segmentations into "
+              f"{', '.join(SEG_DIRS[name] + '/' for name in SPLITS)} (seg_<case>_slice_<k>.nii.png, 0/85/170/255)")
+    else:
+        print(f"{out_dir}: no tissue masks: the volumes come without *_fseg segmentations (OASIS-1's FSL_SEG "
+              "folders); the segmenter and the anatomy judge need them")
     return summary
 
 

@@ -5,7 +5,7 @@ Data layout (the "Keras OASIS" PNG release, which this module reads and build_da
     ROOT/keras_png_slices_train/case_001_slice_0.nii.png     256x256 8-bit grayscale, black background
     ROOT/keras_png_slices_validate/...                        optional: made from train by case if absent
     ROOT/keras_png_slices_test/...
-    ROOT/keras_png_slices_seg_*/...                           segmentation masks: never read as images
+    ROOT/keras_png_slices_seg_*/seg_001_slice_0.nii.png     tissue masks 0/85/170/255: read only as masks
 
 Two views of the same data:
 
@@ -57,11 +57,15 @@ import numpy as np
 
 SPLITS = ("train", "validate", "test")
 SPLIT_DIRS = {name: f"keras_png_slices_{name}" for name in SPLITS}
+SEG_DIRS = {name: f"keras_png_slices_seg_{name}" for name in SPLITS}  # tissue masks, beside the images
+TISSUES = ("background", "csf", "grey", "white")  # label k of a mask is TISSUES[k]
+SEG_LEVELS = (0, 85, 170, 255)  # OASIS's grey level of each label in its seg_*.nii.png masks
 IMAGE_SUFFIX = ".png"
 UNKNOWN = -1  # case id / slice index of a file whose name is not case_<id>_slice_<k>
 RESIZE_FILTER = "LANCZOS"  # PIL filter used for every resize in this module
 
 _NAME_RE = re.compile(r"case_(\d+)_slice_(\d+)(?!\d)", re.IGNORECASE)
+_SEG_NAME_RE = re.compile(r"^seg_(\d+)_slice_(\d+)(?!\d)", re.IGNORECASE)
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -129,12 +133,17 @@ class Split:
     case_ids: np.ndarray
     slice_indices: np.ndarray
     report: LoadReport | None = field(default=None, repr=False, compare=False)
+    # uint8 (N, H, W) tissue labels (TISSUES: 0..3) aligned with images by case and slice, when read
+    # with masks (read_oasis(..., masks=True)); never images to learn from
+    masks: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         n = len(self.images)
         if not (len(self.names) == len(self.case_ids) == len(self.slice_indices) == n):
             raise ValueError(f"Split: {n} images but {len(self.names)} names, {len(self.case_ids)} case ids, "
                              f"{len(self.slice_indices)} slice indices")
+        if self.masks is not None and self.masks.shape != self.images.shape[:3]:
+            raise ValueError(f"Split: masks {self.masks.shape} do not match images {self.images.shape}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -153,16 +162,19 @@ class Split:
         if index.dtype == bool:
             index = np.flatnonzero(index)
         return Split(self.images[index], [self.names[i] for i in index], self.case_ids[index],
-                     self.slice_indices[index], self.report)
+                     self.slice_indices[index], self.report,
+                     None if self.masks is None else self.masks[index])
 
 
 class OasisSplits(dict):
     """``{"train", "validate", "test"} -> float32 (N, H, W, 1)`` in ``[0, 1]``; ``.info[split]`` holds
     the :class:`SplitInfo` (names, case ids, slice indices, load report) aligned with each array."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], info: dict[str, SplitInfo]):
+    def __init__(self, arrays: dict[str, np.ndarray], info: dict[str, SplitInfo],
+                 masks: dict[str, np.ndarray] | None = None):
         super().__init__(arrays)
         self.info = info
+        self.masks = masks  # {split: uint8 tissue labels (N, H, W)} when loaded with masks=True, else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +322,121 @@ def read_split(folder: str | os.PathLike, image_size: int | None = None) -> Spli
     return Split(images, names, parsed[:, 0].copy(), parsed[:, 1].copy(), report)
 
 
+# ----------------------------------------------------------------------------------------------
+# Tissue masks (keras_png_slices_seg_*): labels aligned with the images by case and slice
+# ----------------------------------------------------------------------------------------------
+
+MISALIGNED_FRACTION = 0.1  # a mask whose tissue lies on more of the image's black background is misaligned
+
+
+def seg_file_name(case_id: int, slice_index: int) -> str:
+    """``(11, 12)`` -> ``"seg_011_slice_12.nii.png"``: the mask of ``case_011_slice_12.nii.png``."""
+    return f"seg_{case_id:03d}_slice_{slice_index}.nii.png"
+
+
+def labels_to_mask(labels: np.ndarray) -> np.ndarray:
+    """Tissue labels (0..3, :data:`TISSUES`) -> OASIS's uint8 grey levels (:data:`SEG_LEVELS`)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(SEG_LEVELS)):
+        raise ValueError(f"labels_to_mask: labels must lie in 0..{len(SEG_LEVELS) - 1}, got {labels.min()}..{labels.max()}")
+    return np.asarray(SEG_LEVELS, np.uint8)[labels]
+
+
+def mask_to_labels(mask: np.ndarray, where: str = "mask") -> np.ndarray:
+    """OASIS's grey levels -> uint8 labels 0..3. Raises DatasetError naming ``where`` for any other level."""
+    lut = np.full(256, 255, np.uint8)
+    lut[list(SEG_LEVELS)] = np.arange(len(SEG_LEVELS), dtype=np.uint8)
+    labels = lut[np.asarray(mask, np.uint8)]
+    if (labels == 255).any():
+        bad = sorted(set(np.unique(mask[labels == 255]).tolist()))
+        raise DatasetError(f"{where}: grey level(s) {bad[:5]} outside the four tissue levels {list(SEG_LEVELS)} "
+                           f"(background, CSF, grey, white matter); export the mask without smoothing or resizing")
+    return labels
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Tissue labels ``(H, W)`` -> ``(size, size)``: each tissue's indicator area-averaged (PIL box
+    filter), then the tissue covering most of each new pixel, so the mask stays on the image's grid."""
+    from PIL import Image
+
+    if labels.shape == (size, size):
+        return labels
+    cover = [np.asarray(Image.fromarray((labels == k).astype(np.float32), mode="F").resize(
+        (size, size), Image.Resampling.BOX)) for k in range(len(TISSUES))]
+    return np.argmax(np.stack(cover), axis=0).astype(np.uint8)
+
+
+def read_masks(folder: str | os.PathLike, split: Split, image_folder: str | os.PathLike | None = None) -> np.ndarray:
+    """The tissue masks of ``split``'s images from a ``keras_png_slices_seg_*`` folder, matched by name.
+
+    Image ``case_<c>_slice_<k>`` takes mask ``seg_<c>_slice_<k>`` -- by case and slice, never by sorted
+    order. The masks must have the images' size on disk (they are then resized like the images, see
+    :func:`resize_labels`) and only OASIS's four grey levels.
+
+    Args:
+        folder: the seg folder; split: the images' :class:`Split`; image_folder: where the images are
+            (default ``split.report.folder``), to compare sizes on disk.
+    Returns:
+        uint8 labels ``(N, H, W)`` aligned with ``split.images`` (0..3, :data:`TISSUES`).
+    Raises:
+        DatasetError (one line naming the file): no seg folder, an image without a mask, a mask without
+        an image, a file not named ``seg_<case>_slice_<k>``, a mask of another size, a grey level outside
+        the four, a mask whose tissue lies on the image's black background (misaligned).
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    image_folder = Path(image_folder or (split.report.folder if split.report else folder))
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: mask folder not found; the masks of {image_folder} (seg_<case>_slice_<k>.nii.png) "
+                           "go there, or read the data without masks")
+    by_key: dict[tuple[int, int], Path] = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: _natural_key(e.name)):
+        if not (entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIX)):
+            continue
+        m = _SEG_NAME_RE.match(entry.name)
+        if not m:
+            raise DatasetError(f"{Path(entry.path)}: not a mask name (seg_<case>_slice_<k>.nii.png); rename it or move it "
+                               "out of the mask folder")
+        by_key[(int(m.group(1)), int(m.group(2)))] = Path(entry.path)
+    keys = list(zip(split.case_ids.tolist(), split.slice_indices.tolist()))
+    for name, key in zip(split.names, keys):
+        if key[0] == UNKNOWN:
+            raise DatasetError(f"{image_folder / name}: no case and slice in the name, so no mask can be matched to it; "
+                               "rename it case_<id>_slice_<k>.nii.png")
+        if key not in by_key:
+            raise DatasetError(f"{image_folder / name}: no mask {folder / seg_file_name(*key)}; every image needs its "
+                               "seg_ mask (or read the data without masks)")
+    extra = sorted(set(by_key) - set(keys))
+    if extra:
+        raise DatasetError(f"{by_key[extra[0]]}: a mask without an image ({len(extra)} in {folder.name}; no "
+                           f"{slice_file_name(*extra[0])} in {image_folder}); delete it or add its image")
+    n, h, w = split.images.shape[:3]
+    out = np.empty((n, h, w), np.uint8)
+
+    def read(i):
+        path = by_key[keys[i]]
+        mask, kind, _ = _read_png(path, None)
+        if kind != "gray":
+            raise DatasetError(f"{path}: a mask must be an 8-bit grayscale PNG with levels {list(SEG_LEVELS)}")
+        with Image.open(image_folder / split.names[i]) as im:
+            size = im.size
+        if mask.shape[::-1] != size:
+            raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {split.names[i]} is "
+                               f"{size[0]}x{size[1]}: misaligned; export masks at the images' size")
+        labels = resize_labels(mask_to_labels(mask, str(path)), h) if (h, w) != mask.shape else mask_to_labels(mask, str(path))
+        tissue = labels > 0
+        if tissue.sum() and (split.images[i, :, :, 0][tissue] == 0).mean() > MISALIGNED_FRACTION:
+            share = (split.images[i, :, :, 0][tissue] == 0).mean()
+            raise DatasetError(f"{path}: {share:.0%} of its tissue lies on the black background of {split.names[i]}: "
+                               "misaligned with its image (shifted, flipped or another slice's mask)")
+        out[i] = labels
+
+    with ThreadPoolExecutor(_num_workers()) as pool:
+        list(pool.map(read, range(n)))
+    return out
+
+
 def _find_split_root(root: Path) -> Path:
     """``root`` itself, or ``root/keras_png_slices_data`` (how the OASIS archive unpacks) if that holds the splits."""
     if not (root / SPLIT_DIRS["train"]).exists() and (root / "keras_png_slices_data" / SPLIT_DIRS["train"]).is_dir():
@@ -348,11 +475,13 @@ def split_by_case(split: Split, val_fraction: float, seed: int = 0) -> tuple[Spl
 
 
 def read_oasis(root: str | os.PathLike, image_size: int | None = None, val_fraction: float = 0.2,
-               seed: int = 0) -> dict[str, Split]:
+               seed: int = 0, masks: bool = False) -> dict[str, Split]:
     """Read ``keras_png_slices_{train,validate,test}`` under ``root`` as uint8 :class:`Split` objects.
 
-    ``keras_png_slices_seg_*`` folders are never read. When there is no validate folder, whole cases are
-    moved from train to validate (``split_by_case(train, val_fraction, seed)``) and one line says so.
+    ``keras_png_slices_seg_*`` folders are read only with ``masks=True``, and then only as each
+    split's ``masks`` (tissue labels matched to the images by case and slice, :func:`read_masks`),
+    never as images. When there is no validate folder, whole cases are moved from train to validate
+    (``split_by_case(train, val_fraction, seed)``, masks moving with their images) and one line says so.
 
     Returns:
         ``{"train": Split, "validate": Split, "test": Split}``, all with one image size.
@@ -367,16 +496,22 @@ def read_oasis(root: str | os.PathLike, image_size: int | None = None, val_fract
         if not (root / SPLIT_DIRS[name]).exists():
             raise DatasetError(f"{root}: no {SPLIT_DIRS[name]}/ folder; expected {SPLIT_DIRS['train']}/, "
                                f"{SPLIT_DIRS['test']}/ and optionally {SPLIT_DIRS['validate']}/ of PNG slices")
-    out = {"train": read_split(root / SPLIT_DIRS["train"], image_size)}
+    def read(name):
+        split = read_split(root / SPLIT_DIRS[name], image_size)
+        if masks:
+            split.masks = read_masks(root / SEG_DIRS[name], split, root / SPLIT_DIRS[name])
+        return split
+
+    out = {"train": read("train")}
     if (root / SPLIT_DIRS["validate"]).exists():
-        out["validate"] = read_split(root / SPLIT_DIRS["validate"], image_size)
+        out["validate"] = read("validate")
     else:
         train, val = split_by_case(out["train"], val_fraction, seed)
         out["train"], out["validate"] = train, val
         print(f"{root}: no {SPLIT_DIRS['validate']}/ folder; held out {len(set(case_groups(val)))} of "
               f"{len(set(case_groups(train))) + len(set(case_groups(val)))} train cases ({len(val)} images) as "
               f"validation (val_fraction={val_fraction}, seed={seed})")
-    out["test"] = read_split(root / SPLIT_DIRS["test"], image_size)
+    out["test"] = read("test")
     out = {name: out[name] for name in SPLITS}
 
     sized = [(name, s) for name, s in out.items() if len(s)]
@@ -397,19 +532,20 @@ def read_oasis(root: str | os.PathLike, image_size: int | None = None, val_fract
 
 
 def load_oasis(root: str | os.PathLike, image_size: int | None = None, val_fraction: float = 0.2,
-               seed: int = 0) -> OasisSplits:
+               seed: int = 0, masks: bool = False) -> OasisSplits:
     """Like :func:`read_oasis` but with float32 images in ``[0, 1]`` (``pixel / 255``).
 
     Returns:
         :class:`OasisSplits`: ``splits["train"]`` is float32 ``(N, H, W, 1)``; ``splits.info["train"]``
-        is the aligned :class:`SplitInfo` (names, case_ids, slice_indices, report).
+        is the aligned :class:`SplitInfo` (names, case_ids, slice_indices, report); with ``masks=True``
+        ``splits.masks["train"]`` holds the aligned uint8 tissue labels ``(N, H, W)`` (:data:`TISSUES`).
     """
-    splits = read_oasis(root, image_size=image_size, val_fraction=val_fraction, seed=seed)
-    arrays, info = {}, {}
+    splits = read_oasis(root, image_size=image_size, val_fraction=val_fraction, seed=seed, masks=masks)
+    arrays, info, labels = {}, {}, {}
     for name in SPLITS:
         split = splits.pop(name)  # drop each uint8 copy as soon as it is converted
-        arrays[name], info[name] = split.float(), split.info
-    return OasisSplits(arrays, info)
+        arrays[name], info[name], labels[name] = split.float(), split.info, split.masks
+    return OasisSplits(arrays, info, labels if masks else None)
 
 
 def load_images(folder: str | os.PathLike, image_size: int | None = None, return_info: bool = False):
@@ -703,7 +839,10 @@ def _build_parser(prog: str = "python dataset.py") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{check,profile}")
     check = sub.add_parser("check", help="load a data folder the way training does and summarise it",
                            description="Read ROOT/keras_png_slices_{train,validate,test} with read_oasis and print "
-                                       "images, size and cases per split, plus any conversions applied.")
+                                       "images, size and cases per split, plus any conversions applied; with "
+                                       "keras_png_slices_seg_* folders also their tissue masks, matched by case and "
+                                       "slice (a missing, extra or misaligned mask, or a grey level outside "
+                                       "0/85/170/255, is a one-line error).")
     check.add_argument("root", type=Path, help="folder holding the keras_png_slices_* folders")
     check.add_argument("--image-size", type=int, default=None, help="resize images to this square size (Lanczos)")
     check.add_argument("--val-fraction", type=float, default=0.2,
@@ -723,11 +862,25 @@ def _build_parser(prog: str = "python dataset.py") -> argparse.ArgumentParser:
 
 
 def _run_check(args: argparse.Namespace) -> None:
-    splits = read_oasis(args.root, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed)
+    masks = has_masks(args.root)
+    splits = read_oasis(args.root, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed,
+                        masks=masks)
     for name, s in splits.items():
         size = f"{s.images.shape[2]}x{s.images.shape[1]}" if len(s) else "-"
         cases = set(s.case_ids.tolist()) - {UNKNOWN}
-        print(f"{name:9s} {len(s):6d} images  {size:>9s}  {len(cases):4d} cases")
+        line = f"{name:9s} {len(s):6d} images  {size:>9s}  {len(cases):4d} cases"
+        if s.masks is not None and len(s):
+            share = np.bincount(s.masks.ravel(), minlength=len(TISSUES)) / s.masks.size
+            line += "  masks aligned: " + ", ".join(f"{t} {p:.1%}" for t, p in zip(TISSUES[1:], share[1:]))
+        print(line)
+    if not masks:
+        print(f"no {SEG_DIRS['train']}/ folder: no tissue masks (the images alone were checked)")
+
+
+def has_masks(root: str | os.PathLike) -> bool:
+    """True when ``root`` (or its ``keras_png_slices_data``) holds any ``keras_png_slices_seg_*`` folder."""
+    root = _find_split_root(Path(root))
+    return any((root / d).is_dir() for d in SEG_DIRS.values())
 
 
 def _run_profile(args: argparse.Namespace) -> None:

@@ -15,7 +15,11 @@ and the tests all call these functions.
 * the classifier two-sample test (Lopez-Paz & Oquab 2017), in ``two_sample.py`` and importable from
   here: :func:`two_sample_test` on one pair of image sets (paired by case or not, with an interval
   and a p-value), :func:`two_sample_scores` for the floor, power rows, reconstructions and samples of
-  a run, each on the views of :data:`TWO_SAMPLE_VIEWS`.
+  a run, each on the views of :data:`TWO_SAMPLE_VIEWS`;
+* the anatomy judge, which segments what the models make (``segmenter.py``): tissue areas by slice
+  position, fragmentation, ventricles, the segmenter's confidence, Frechet distance of its features,
+  subjects' tissue volumes, Dice (:func:`anatomy_scores` here; :func:`subject_anatomy`,
+  :func:`tissue_dice`; they live in ``anatomy.py`` and are re-exported here).
 
 Images are float32 ``(N, H, W, 1)`` in ``[0, 1]``; codes are int ``(N, h, w)``.
 
@@ -567,6 +571,12 @@ def reference_pick(num_test: int, num: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).choice(num_test, size=min(num, num_test), replace=False)
 
 
+def validate_pick(num_validate: int, num: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``min(num, num_validate)`` distinct validate slices, seeded: the real unseen slices
+    scored like samples (the floor of each metric) and reconstructed (the decoder's ceiling)."""
+    return np.random.default_rng([seed, 1]).choice(num_validate, size=min(num, num_validate), replace=False)
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
@@ -620,7 +630,7 @@ def score_samples(samples, splits, pick=None, requested=None, judge=None, vqvae=
     if len(val) < 2 or len(test) < 2:
         raise ValueError(f"score_samples: needs at least two validate and two test slices, got {len(val)} and {len(test)}")
     pick = reference_pick(len(test), n, seed) if pick is None else np.asarray(pick)
-    val_pick = np.random.default_rng([seed, 1]).choice(len(val), size=min(n, len(val)), replace=False)
+    val_pick = validate_pick(len(val), n, seed)
     val_images = _as_float_images(val.images[val_pick])
 
     def desc(text):
@@ -801,3 +811,69 @@ def subject_scores(generated, real, independent=None, test_images=None, judge=No
         # the subjects' slices against real slices, with the test's power rows beside them
         out.update({k.replace("two_sample_samples_", "two_sample_subjects_"): v for k, v in scores.items()})
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The anatomy judge: segment samples, reconstructions and real slices alike (anatomy.py measures)
+# ----------------------------------------------------------------------------------------------
+
+# anatomy.py's measures, re-exported so that every metric is reached from here.
+from anatomy import (TISSUE_NAMES, AnatomyReadout, anatomy_readout, anatomy_summary, area_difference,  # noqa: E402,F401
+                     plot_anatomy, subject_anatomy, tissue_dice)
+
+MIN_SEGMENTER_DICE = 0.7  # below this on the real test split, the segmenter's readings mean little
+
+
+def anatomy_scores(segmenter, sets: dict[str, tuple[Any, Any]], test_images, test_positions,
+                   test_masks=None, batch_size: int = 64) -> tuple[dict[str, Any], dict[str, AnatomyReadout]]:
+    """The anatomy judge's figures of each image set against the real test split.
+
+    Args:
+        segmenter: the run's ``segmenter.keras``.
+        sets: ``name -> (images (N, H, W, 1), slice positions (N,) or None)``, N >= 2 each; include
+            ``"real_validate"`` (real unseen slices): its figures are the floor a perfect generator
+            reaches, the others read beside it (samples, reconstructions, subjects).
+        test_images, test_positions: the real test split (uint8 or float) and its slice indices.
+        test_masks: the test split's true tissue labels, if any: the segmenter's own Dice on them is
+            reported, and a warning says when it is below :data:`MIN_SEGMENTER_DICE` (an untrained
+            segmenter's figures would read as anatomy that is not there).
+    Returns:
+        ``(metrics, readouts)``. Per set ``S``: ``anatomy_area_difference_S`` (mean over tissues) and
+        ``anatomy_area_difference_{csf,grey,white}_S``, ``anatomy_components_{csf,grey,white}_S`` and
+        ``anatomy_components_S`` (their sum), ``anatomy_ventricle_area_S``,
+        ``anatomy_ventricle_symmetry_S``, ``anatomy_confidence_S``, ``anatomy_frechet_S_vs_test``;
+        the same properties of the real test slices (``_real_test``); ``anatomy_segmenter_test_dice_*``
+        with ``test_masks``. ``readouts``: the :class:`AnatomyReadout` of each set and ``"real_test"``.
+    Raises:
+        ValueError: a set with fewer than two images, or no test slices.
+    """
+    if len(test_images) < 2:
+        raise ValueError(f"anatomy_scores: needs at least two test slices, got {len(test_images)}")
+    for name, (images, _) in sets.items():
+        if len(images) < 2:
+            raise ValueError(f"anatomy_scores: the set {name!r} has {len(images)} image(s); needs at least two")
+    test = anatomy_readout(segmenter, test_images, batch_size)
+    readouts = {"real_test": test}
+    metrics: dict[str, Any] = {}
+    if test_masks is not None:
+        dice = tissue_dice(test.labels, test_masks)
+        metrics.update({f"anatomy_segmenter_test_dice_{k}": v for k, v in dice.items()})
+        worst = min(dice.values())
+        if not worst >= MIN_SEGMENTER_DICE:
+            warnings.warn(f"the segmenter's Dice on the real test split is {worst:.2f} (below "
+                          f"{MIN_SEGMENTER_DICE}): its anatomy figures mean little; train it longer "
+                          "(python train.py --stage segmenter)", stacklevel=2)
+    if len(np.unique(test.labels)) < 2:
+        warnings.warn("the segmenter labels every real test pixel alike: it did not learn, so its anatomy "
+                      "figures mean nothing", stacklevel=2)
+    metrics.update(anatomy_summary(test, "real_test"))
+    for name, (images, positions) in sets.items():
+        r = anatomy_readout(segmenter, images, batch_size)
+        readouts[name] = r
+        diff = area_difference(r, positions, test, test_positions)
+        metrics[f"anatomy_area_difference_{name}"] = float(diff.mean())
+        for k, tissue in enumerate(TISSUE_NAMES):
+            metrics[f"anatomy_area_difference_{tissue}_{name}"] = float(diff[k])
+        metrics.update(anatomy_summary(r, name))
+        metrics[f"anatomy_frechet_{name}_vs_test"] = frechet_distance(r.features, test.features)
+    return metrics, readouts

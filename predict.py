@@ -7,6 +7,7 @@
     python predict.py anomaly --images some/pngs/       # NLL maps, healed slices, anomaly maps, scores
     python predict.py complete --images some/pngs/ --keep-rows 12 --seeds 3   # prior fills the rest
     python predict.py subject --num 4 --out synth/   # whole subjects: NIfTI, OASIS-style PNGs, montages
+    python predict.py segment --images some/pngs/ --out masks/   # tissue masks in OASIS's format
 
 Everything is rebuilt from the run directory that ``train.py`` wrote: its ``config.json``,
 ``vqvae.keras`` and ``pixelcnn.keras``. Grid shape, codebook size and slice conditioning come from
@@ -36,7 +37,7 @@ from sampler import sample_codes  # noqa: E402,F401  (public: `from predict impo
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUN = REPO / "runs" / "demo"
-COMMANDS = ("sample", "reconstruct", "evaluate", "anomaly", "complete", "subject")
+COMMANDS = ("sample", "reconstruct", "evaluate", "anomaly", "complete", "subject", "segment")
 SYNTHETIC_CASE = 9000  # case id of the first synthetic subject in the OASIS-style folder (real ids stay below)
 SYNTHETIC_SPLIT = "keras_png_slices_train"  # so that dataset.read_oasis / train.py --data read the folder as is
 
@@ -62,9 +63,10 @@ class Run:
     def num_conditions(self) -> int:
         return int(self.config.get("prior", {}).get("num_conditions") or 0)
 
-    def read_splits(self):
+    def read_splits(self, masks: bool = False):
         """The run's data as it was trained on: ``dataset.read_oasis`` with the run's root, image
-        size, validation fraction and seed (``{"train", "validate", "test"} -> Split``, uint8).
+        size, validation fraction and seed (``{"train", "validate", "test"} -> Split``, uint8), with
+        ``masks`` the tissue masks too where the data has them.
 
         Raises:
             dataset.DatasetError: the data folder is gone or unreadable.
@@ -73,7 +75,7 @@ class Run:
 
         data = self.config["data"]
         return dataset.read_oasis(data["root"], image_size=data["image_size"], val_fraction=data["val_fraction"],
-                                  seed=self.config["seed"])
+                                  seed=self.config["seed"], masks=masks and dataset.has_masks(data["root"]))
 
 
 def load_run(run_dir, need_prior: bool = True) -> Run:
@@ -379,14 +381,52 @@ def load_judge(run: Run):
     return keras.models.load_model(path)
 
 
+def load_segmenter(run: Run, notice: bool = True):
+    """The run's tissue segmenter (``segmenter.keras``), or None (with a notice) when the run has none."""
+    import keras
+
+    import segmenter  # noqa: F401  (registers its loss for load_model)
+
+    path = run.path / "segmenter.keras"
+    if not path.exists():
+        if notice:
+            print(f"predict.py: notice: {path} not found, so the anatomy judge (tissue areas, fragmentation, "
+                  "ventricles, confidence, Frechet distance of the segmenter's features) is skipped; train it "
+                  f"on data with keras_png_slices_seg_* masks with: python train.py --stage segmenter --out {run.path}",
+                  file=sys.stderr)
+        return None
+    return keras.models.load_model(path)
+
+
+NO_SEGMENTER_NOTE = "no segmenter.keras in the run: the anatomy judge was skipped (python train.py --stage segmenter)"
+
+
+def _anatomy(run: Run, segmenter, sets: dict, splits, out_dir: Path, figure: str, shown) -> dict:
+    """The anatomy judge's figures of ``sets`` (``name -> (images, positions)``, ``real_validate`` the
+    floor) against the run's test split, and a figure of the first set's slices and segmentations
+    beside real test slices (``shown``: their test indices) with theirs."""
+    import evaluation
+
+    test = splits["test"]
+    positions = test.slice_indices if run.conditioned else None
+    metrics, readouts = evaluation.anatomy_scores(segmenter, sets, test.images, positions, test_masks=test.masks)
+    first = next(iter(sets))
+    k = min(8, len(sets[first][0]), len(shown))
+    evaluation.plot_anatomy([(first.replace("_", " "), sets[first][0][:k], readouts[first].labels[:k]),
+                             ("real test", test.subset(shown[:k]).float(), readouts["real_test"].labels[shown[:k]])],
+                            out_dir / figure)
+    return metrics
+
+
 def _evaluation_setup(run: Run, out_dir) -> tuple[Path, dict]:
-    """The evaluation commands' output folder (made; default ``RUN/evaluation``) and the run's splits."""
+    """The evaluation commands' output folder (made; default ``RUN/evaluation``) and the run's splits
+    (with their tissue masks where the data has them)."""
     import dataset
 
     out_dir = Path(out_dir or run.path / "evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return out_dir, run.read_splits()
+        return out_dir, run.read_splits(masks=True)
     except dataset.DatasetError as e:
         raise PredictError(str(e)) from None
 
@@ -429,6 +469,19 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     test_codes = evaluation.encode_images(run.vqvae, test.images)
     nll = evaluation.prior_nll(run.prior, test_codes,
                                test.slice_indices.astype(np.int32) if run.conditioned else None)
+    segmenter = load_segmenter(run)
+    if segmenter is None:
+        metrics["anatomy_note"] = NO_SEGMENTER_NOTE
+    else:  # samples, reconstructions of real validate slices and those slices (the floor), all segmented
+        val = splits["validate"]
+        val_pick = evaluation.validate_pick(len(val), num, seed)
+        val_images = val.subset(val_pick).float()
+        _, recon_val = evaluation.reconstruct(run.vqvae, val_images)
+        val_positions = val.slice_indices[val_pick] if run.conditioned else None
+        metrics.update(_anatomy(run, segmenter, {"samples": (samples, condition),
+                                                 "reconstructions": (recon_val, val_positions),
+                                                 "real_validate": (val_images, val_positions)},
+                                splits, out_dir, "anatomy_samples_vs_real.png", pick))
     metrics["prior_test_nll_bits"] = nll["bits_per_code"]
     metrics["prior_test_nll_bits_per_slice"] = nll["bits_per_slice"]
     real_all = np.concatenate([splits["validate"].slice_indices, test.slice_indices])
@@ -503,6 +556,20 @@ def evaluate_subjects(run: Run, num: int = 8, temperature: float = 1.0, seed: in
         subjects.images, real_slabs, independent.reshape(num, n_slices, *independent.shape[1:]),
         test_images=test.images, judge=load_judge(run),
         two_sample_splits=splits if two_sample and not unavailable else None, seed=seed))
+    segmenter = load_segmenter(run)
+    if segmenter is None:
+        metrics["anatomy_note"] = NO_SEGMENTER_NOTE
+    else:  # the subjects' slices at their positions, the real validate slices as the floor; tissue volumes
+        val = splits["validate"]
+        flat = subjects.images.reshape(-1, *subjects.images.shape[2:])
+        metrics.update(_anatomy(run, segmenter, {"subjects": (flat, np.tile(np.arange(n_slices), num)),
+                                                 "real_validate": (val.float(), val.slice_indices)},
+                                splits, out_dir, "anatomy_subjects_vs_real.png", real[0]))
+        if len(real_slabs) >= 2:
+            metrics.update(evaluation.subject_anatomy(segmenter, subjects.images, real_slabs))
+        else:
+            metrics["anatomy_volume_note"] = (f"{len(real_slabs)} real test subject: tissue volumes need at least two "
+                                              "to compare with")
     import utils
 
     utils.save_json(metrics, out_dir / "subject_metrics.json")
@@ -525,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  evaluate     realism, sharpness, diversity, judge metrics, NLL and the two-sample test of samples\n"
                "  anomaly      per-code NLL maps, healed slices and anomaly maps of the PNGs in --images\n"
                "  complete     keep the top --keep-rows code rows of each slice in --images, sample the rest\n"
-               "  subject      whole subjects slice by slice: NIfTI volumes, an OASIS-style folder, montages")
+               "  subject      whole subjects slice by slice: NIfTI volumes, an OASIS-style folder, montages\n"
+               "  segment      tissue masks of the PNGs in --images, in OASIS's format (seg_ names, 0/85/170/255)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp):
@@ -582,6 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "independently, the judge's slice order (Spearman), realism, diversity between subjects, "
                         "the two-sample test (skipped with --two-sample-num 0)")
     add_anomaly_parsers(sub, common)
+    g = sub.add_parser("segment", help="tissue masks of given slices, in OASIS's format",
+                       description="Segment a folder of PNG slices with the run's segmenter (segmenter.keras) into "
+                                   "background, CSF, grey and white matter; write one mask per slice in OASIS's "
+                                   "format: seg_<case>_slice_<k>.nii.png for case_<case>_slice_<k>.nii.png, the "
+                                   "slice's size, grey levels 0/85/170/255.")
+    common(g)
+    g.add_argument("--images", type=Path, required=True, help="folder of PNG slices to segment")
     j = sub.add_parser("subject", help="draw whole subjects: 32-slice slabs, each slice given the one before",
                        description="Draw --num subjects slice by slice (slice 0 first; each next slice given its "
                                    "position and the slice before) with a prior trained with --prior-previous-slice. "
@@ -686,7 +761,7 @@ def main(argv=None) -> int:
         _check_positive(parser, "--rounds", args.rounds)
     if args.command == "anomaly" and args.percentile is not None and not 0 < args.percentile < 100:
         parser.error(f"--percentile must lie between 0 and 100, got {args.percentile}")
-    if args.command != "reconstruct" and args.temperature <= 0:
+    if args.command not in ("reconstruct", "segment") and args.temperature <= 0:
         parser.error(f"--temperature must be above 0, got {args.temperature}")
     try:
         return _run_command(args)
@@ -758,6 +833,8 @@ def _run_command(args) -> int:
         _complete_command(args)
     elif args.command == "subject":
         _subject_command(args)
+    elif args.command == "segment":
+        _segment_command(args)
     elif args.subjects is not None:
         metrics = evaluate_subjects(load_run(args.run), args.subjects, args.temperature, args.seed, args.batch_size,
                                     args.out, two_sample=args.two_sample_num != 0)
@@ -855,6 +932,46 @@ def _anomaly_command(args) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {len(x)} panels, nll_maps.npy, anomaly_maps.npy, healed.npy, scores.json and scores.csv to {out}")
+
+
+def mask_file_name(image_name: str) -> str:
+    """The OASIS mask name of an image: ``case_011_slice_12.nii.png`` -> ``seg_011_slice_12.nii.png``
+    (any other name gets a ``seg_`` prefix)."""
+    return "seg_" + (image_name[len("case_"):] if image_name.lower().startswith("case_") else image_name)
+
+
+def _segment_command(args) -> None:
+    from PIL import Image
+
+    import dataset
+    import segmenter as seg
+
+    run = load_run(args.run, need_prior=False)
+    model = load_segmenter(run, notice=False)
+    if model is None:
+        raise PredictError(f"{run.path / 'segmenter.keras'} not found: this run has no segmenter; train it on data "
+                           f"with keras_png_slices_seg_* masks with: python train.py --stage segmenter --out {run.path}")
+    try:
+        x, info = dataset.load_images(args.images, image_size=run.config["vqvae"]["image_size"], return_info=True)
+    except dataset.DatasetError as e:
+        raise PredictError(f"--images: {e}") from None
+    out = Path(args.out or run.path / "segmentations")
+    out.mkdir(parents=True, exist_ok=True)
+    step = args.batch_size or 64
+    counts = np.zeros(len(dataset.TISSUES))
+    for start in range(0, len(x), step):
+        probs, _ = seg.segmenter_outputs(model, x[start:start + step], step)
+        for p, name in zip(probs, info.names[start:start + step]):
+            with Image.open(Path(args.images) / name) as im:
+                size = im.size  # (W, H): the mask has the slice's own size
+            if p.shape[:2] != size[::-1]:  # probabilities resized (bilinear), then the most probable tissue
+                p = np.stack([np.asarray(Image.fromarray(p[..., k], mode="F").resize(size, Image.Resampling.BILINEAR))
+                              for k in range(p.shape[-1])], axis=-1)
+            labels = np.argmax(p, axis=-1).astype(np.uint8)
+            counts += np.bincount(labels.ravel(), minlength=len(counts))
+            Image.fromarray(dataset.labels_to_mask(labels), mode="L").save(out / mask_file_name(name))
+    share = ", ".join(f"{t} {c / counts.sum():.1%}" for t, c in zip(dataset.TISSUES[1:], counts[1:]))
+    print(f"wrote {len(x)} masks (seg_*.png, grey levels {list(dataset.SEG_LEVELS)}) to {out}; pixels: {share}")
 
 
 def _complete_command(args) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent
 STAGES = ("vqvae", "prior")
 JUDGE = "judge"  # the independent judge of samples (judge.py): trained after the prior, on real slices only
+SEGMENTER = "segmenter"  # the tissue segmenter (segmenter.py): trained last, on real slices and masks only
 
 # Settings that define the trained models and their data: a --resume may not change them.
 FROZEN_KEYS = ("vqvae", "prior", "data")
@@ -42,10 +43,10 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
     saved = utils.load_json(saved_path) if saved_path.exists() else None
     if args.resume and saved is None:
         raise TrainError(f"--resume: {saved_path} not found; start a new run without --resume")
-    if args.stage in ("prior", JUDGE) and saved is None:
+    if args.stage in ("prior", JUDGE, SEGMENTER) and saved is None:
         raise TrainError(f"--stage {args.stage}: {out} holds no trained run (no config.json); "
                          "train the VQ-VAE first with --stage vqvae or --stage all")
-    if saved is not None and not args.resume and args.stage not in ("prior", JUDGE):
+    if saved is not None and not args.resume and args.stage not in ("prior", JUDGE, SEGMENTER):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it, --stage prior to "
                          "retrain its prior, or --out to start a new run elsewhere")
 
@@ -138,6 +139,8 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
         parser.error(f"--num-samples must be 0 or more, got {args.num_samples}")
     if args.judge_epochs is not None and args.judge_epochs < 0:
         parser.error(f"--judge-epochs must be 0 or more, got {args.judge_epochs}")
+    if args.segmenter_epochs is not None and args.segmenter_epochs < 0:
+        parser.error(f"--segmenter-epochs must be 0 or more, got {args.segmenter_epochs}")
     if not 0.0 < cfg["data"]["val_fraction"] < 1.0:
         parser.error(f"--val-fraction must be between 0 and 1, got {cfg['data']['val_fraction']}")
 

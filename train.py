@@ -30,7 +30,7 @@ import evaluation
 import report
 import runconfig
 import rundir
-from runconfig import JUDGE, STAGES, TrainError
+from runconfig import JUDGE, SEGMENTER, STAGES, TrainError
 from rundir import RunDirs
 
 
@@ -87,6 +87,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip
 def build_parser() -> argparse.ArgumentParser:
     from judge import JudgeConfig
     from modules import PriorConfig, VQVAEConfig
+    from segmenter import SegmenterConfig
 
     p = argparse.ArgumentParser(
         prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the demo set under data/oasis_demo, built on first use")
     g.add_argument("--out", type=Path, default=None,
                    help="run directory for models, logs, metrics and figures (default: runs/<preset>)")
-    g.add_argument("--stage", choices=("all",) + STAGES + (JUDGE,), default="all",
-                   help="all: both stages, then the judge; vqvae: only stage 1; prior: only stage 2, on the run's "
-                        "trained VQ-VAE; judge: only the judge of samples (a slice-position CNN on the real "
-                        "training slices), for an existing run")
+    g.add_argument("--stage", choices=("all",) + STAGES + (JUDGE, SEGMENTER), default="all",
+                   help="all: both stages, then the judge and the segmenter; vqvae: only stage 1; prior: only "
+                        "stage 2, on the run's trained VQ-VAE; judge: only the judge of samples (a slice-position "
+                        "CNN on the real training slices), for an existing run; segmenter: only the tissue "
+                        "segmenter (a small U-Net on the real training slices and their keras_png_slices_seg_* "
+                        "masks), for an existing run")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="default settings to start from (see below)")
     g.add_argument("--image-size", type=int, default=None, help="train on square images of this side (resized on load)")
     g.add_argument("--val-fraction", type=float, default=0.2,
@@ -135,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-epochs", type=int, default=None,
                    help="epochs of the judge, the small CNN that learns slice position from real training slices "
                         f"and scores samples in predict.py evaluate (default: {JudgeConfig.epochs}; 0: no judge)")
+    g.add_argument("--segmenter-epochs", type=int, default=None,
+                   help="epochs of the segmenter, the small U-Net that learns tissue masks from the real training "
+                        "slices (when the data has keras_png_slices_seg_* folders) and reads the anatomy of samples "
+                        f"in predict.py evaluate (default: {SegmenterConfig.epochs}; 0: no segmenter)")
     g.add_argument("--mixed-precision", action="store_true",
                    help="use Keras' mixed_float16 policy (on a GPU; ignored with a notice on a CPU)")
 
@@ -161,7 +168,8 @@ def resolve_config(args, parser) -> tuple[dict, bool]:
 # ----------------------------------------------------------------------------------------------
 
 def load_data(cfg: dict, condition_on_slice: bool):
-    """Read the splits; fill ``cfg["data"]["num_images"]`` and the prior's ``num_conditions``."""
+    """Read the splits (with their tissue masks when the data has ``keras_png_slices_seg_*``); fill
+    ``cfg["data"]["num_images"]`` and the prior's ``num_conditions``."""
     import dataset
 
     root = cfg["data"]["root"]
@@ -171,9 +179,10 @@ def load_data(cfg: dict, condition_on_slice: bool):
         root = build_data.ensure_demo_dataset()
         cfg["data"]["root"] = str(root)
         cfg["data"]["demo"] = True
-    try:
+    try:  # the tissue masks too, when the data has them (for the segmenter; never images to learn from)
         splits = dataset.read_oasis(root, image_size=cfg["data"]["image_size"],
-                                    val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"])
+                                    val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"],
+                                    masks=dataset.has_masks(root))
     except dataset.DatasetError as e:
         raise TrainError(str(e)) from None
     cfg["data"]["num_images"] = {name: len(s) for name, s in splits.items()}
@@ -329,6 +338,58 @@ def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) ->
     return {"judge_test_slice_error_median": float(np.median(error)), "judge_test_accuracy": float((error == 0).mean())}
 
 
+def set_segmenter_config(cfg: dict, epochs: int | None) -> None:
+    """``cfg["segmenter"]``: the segmenter's ``SegmenterConfig`` (kept from a saved run;
+    ``--segmenter-epochs`` wins)."""
+    from segmenter import SegmenterConfig
+
+    seg = cfg.setdefault("segmenter", SegmenterConfig(image_size=cfg["data"]["image_size"], seed=cfg["seed"]).to_dict())
+    if epochs is not None:
+        seg["epochs"] = epochs
+
+
+def train_segmenter_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) -> dict:
+    """Fit the tissue segmenter on the real training slices and masks (``segmenter.train_segmenter``
+    takes only real splits: it never sees a sample), save ``segmenter.keras`` and report its Dice
+    per tissue on the real test split (``segmenter_test_dice_{csf,grey,white}``).
+
+    Data without masks: a notice, no segmenter. Like the judge it trains in about a minute, so it has
+    no per-epoch checkpoints: ``--resume`` keeps a finished ``segmenter.keras``.
+    """
+    import keras
+
+    import segmenter
+    from anatomy import tissue_dice
+
+    config = segmenter.SegmenterConfig.from_dict(cfg["segmenter"])
+    path = run_dir / "segmenter.keras"
+    if config.epochs == 0:
+        print("[segmenter] --segmenter-epochs 0: no segmenter")
+        return {}
+    if any(s.masks is None for s in splits.values()):
+        print(f"[segmenter] notice: {cfg['data']['root']} has no keras_png_slices_seg_* tissue masks, so no segmenter "
+              "(and no anatomy judge in predict.py evaluate)")
+        return {}
+    if resume and path.exists():
+        print(f"[segmenter] keeping {path}")
+        model = keras.models.load_model(path)
+    else:
+        csv_path = run_dir / "history_segmenter.csv"
+        csv_path.unlink(missing_ok=True)
+        print(f"[segmenter] {config.epochs} epochs on {len(splits['train'])} real training slices and their masks")
+        model = segmenter.train_segmenter(
+            splits["train"], splits["validate"], config, verbose=1 if sys.stdout.isatty() else 2,
+            callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(csv_path))])
+        rundir.save_final(model, path, "segmenter")
+    test = splits["test"]
+    dice = tissue_dice(segmenter.segment(model, test.images), test.masks)
+    if min(dice.values()) < 0.5:
+        print(f"[segmenter] WARNING: Dice on the real test split is only {min(dice.values()):.2f}: its anatomy figures "
+              f"in predict.py evaluate mean little; train it again with python train.py --out {run_dir} "
+              "--stage segmenter (and more --segmenter-epochs)", file=sys.stderr)
+    return {f"segmenter_test_dice_{k}": round(v, 4) for k, v in dice.items()}
+
+
 def main(argv=None) -> int:
     import utils
 
@@ -391,13 +452,14 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
 
     splits = load_data(cfg, condition_on_slice)  # every check on the data happens before training
     set_judge_config(cfg, splits, args.judge_epochs)
+    set_segmenter_config(cfg, args.segmenter_epochs)
     cfg["versions"] = utils.library_versions()
     print("config:", json.dumps(cfg, indent=2))
     distribute.barrier(strategy)  # every worker has read --out before the chief writes into it
     dirs.write_config(cfg)  # complete: grid shape and slice count are known
 
     num_embeddings = cfg["vqvae"]["num_embeddings"]
-    stages = STAGES + (JUDGE,) if args.stage == "all" else (args.stage,)
+    stages = STAGES + (JUDGE, SEGMENTER) if args.stage == "all" else (args.stage,)
     timings = {}
     if "vqvae" in stages:
         t0 = time.time()
@@ -436,7 +498,11 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
         t0 = time.time()
         metrics.update(train_judge_stage(cfg, splits, dirs.write, resume=args.resume))
         timings["judge_train_s"] = time.time() - t0
-    report.plot_training_curves(dirs.write, STAGES + (JUDGE,))
+    if SEGMENTER in stages:
+        t0 = time.time()
+        metrics.update(train_segmenter_stage(cfg, splits, dirs.write, resume=args.resume))
+        timings["segmenter_train_s"] = time.time() - t0
+    report.plot_training_curves(dirs.write, STAGES + (JUDGE, SEGMENTER))
     metrics.update({k: round(v, 1) for k, v in timings.items()}, wall_s=round(time.time() - started, 1))
     utils.save_json(metrics, metrics_path)
     print("metrics:", json.dumps(metrics, indent=2))

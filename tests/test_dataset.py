@@ -357,7 +357,7 @@ def test_interrupted_demo_build_is_rebuilt(tmp_path, monkeypatch):
     assert not build_data.demo_is_complete(root, **params)
     monkeypatch.setattr(build_data, "_write_png", real_write)
     build_data.ensure_demo_dataset(root, progress=False, **params)
-    assert (root / "demo.json").exists() and len(list(root.rglob("*.png"))) == 6
+    assert (root / "demo.json").exists() and len(list(root.rglob("*.png"))) == 12  # 6 slices, 6 masks
     assert build_data.demo_is_complete(root, **params)
     assert not build_data.demo_is_complete(root, **{**params, "seed": 1})  # other parameters: rebuild
     assert build_data.DEFAULT_DEMO_ROOT == REPO / "data" / "oasis_demo"
