@@ -181,7 +181,8 @@ def load_data(cfg: dict, condition_on_slice: bool):
     return splits
 
 
-def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDirs, resume: bool, strategy):
+def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDirs, resume: bool, strategy,
+              first_epoch_callbacks=()):
     """Fit one stage with checkpoints, CSV history and TensorBoard (``rundir``); return the trained model.
 
     Args:
@@ -189,6 +190,8 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDir
         data, val_data: ``tf.data`` datasets for ``fit``.
         dirs: a resumed stage restarts from the newest checkpoint in ``dirs.out`` (the chief's, the
             same on every worker); this process writes its checkpoints, history and logs in ``dirs.write``.
+        first_epoch_callbacks: callbacks that only a stage starting from epoch 0 runs (before the
+            history and checkpoint callbacks, so one that raises leaves no row and no checkpoint behind).
     """
     import keras
 
@@ -204,7 +207,8 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDir
         return model
     distribute.prepare_fit(model, strategy)
     history = model.fit(data, validation_data=val_data, epochs=epochs, initial_epoch=done,
-                        callbacks=[keras.callbacks.TerminateOnNaN(), *dirs.callbacks(stage)],
+                        callbacks=[keras.callbacks.TerminateOnNaN(), *(first_epoch_callbacks if done == 0 else ()),
+                                   *dirs.callbacks(stage)],
                         shuffle=False,  # the tf.data pipeline shuffles
                         verbose=1 if sys.stdout.isatty() else 2)
     losses = history.history.get("loss", [])
@@ -216,15 +220,76 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDir
     return model
 
 
-def cosine_schedule(lr: float, epochs: int, num_examples: int, batch_size: int):
-    """Cosine decay from ``lr`` to 5 % of it over the stage's planned steps.
+# Steps of linear learning-rate warm-up at the start of VQ-VAE training (at most a quarter of the run).
+# Without it, Adam's first full-size steps killed every ReLU of the decoder's second-last up-sampling on
+# the demo with --downsample 8, and the VQ-VAE stayed at a black image for good
+# (docs/training.md#a-vq-vae-that-learns-nothing).
+VQVAE_WARMUP_STEPS = 100
+
+
+def cosine_schedule(lr: float, epochs: int, num_examples: int, batch_size: int, warmup_steps: int = 0):
+    """Linear warm-up from 0 to ``lr`` over ``min(warmup_steps, planned steps // 4)`` steps, then cosine
+    decay to 5 % of ``lr`` over the rest of the stage's planned steps.
 
     The schedule is saved with the optimiser, so a resumed run keeps the plan it started with.
     """
     import keras
 
     steps = max(1, epochs * math.ceil(num_examples / batch_size))
-    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
+    warmup = min(int(warmup_steps), steps // 4)
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=steps - warmup, alpha=0.05,
+                                                  warmup_target=lr, warmup_steps=warmup)
+
+
+def stall_guard(images, lr: float):
+    """A Keras callback that stops a VQ-VAE which learned nothing in its first epoch (:class:`TrainError`).
+
+    A fresh VQ-VAE outputs a near-black image; one whose decoder's ReLUs all died outputs one image for
+    every input and never moves again, and would otherwise finish its epochs, save and report a
+    constant image as a result. At the end of the first epoch the guard reconstructs ``images`` (a
+    fixed batch, ``(N, H, W, 1)`` in [0, 1], through ``encode``/``decode``: pure look-ups, no codebook
+    update) and raises when all three hold:
+
+    * the reconstructions are one image: their spread across the batch (per-pixel standard deviation,
+      averaged) is under 1 % of the images' own;
+    * they are no better than a constant image: MSE at least that of the batch's mean image (the best
+      any constant output can do);
+    * the loss has not moved: MSE above 95 % of the untrained model's on the same batch.
+
+    A model that is learning fails the first test within its first steps, so normal runs never trip it.
+    """
+    import keras
+
+    images = np.asarray(images, np.float32)
+    spread = float(images.std(axis=0).mean())
+    constant_mse = float(((images - images.mean(axis=0)) ** 2).mean())
+
+    class StallGuard(keras.callbacks.Callback):
+        def _measure(self):
+            recon = np.asarray(self.model.decode(self.model.encode(images)), np.float32)
+            return float(((images - recon) ** 2).mean()), float(recon.std(axis=0).mean())
+
+        def on_train_begin(self, logs=None):
+            self.start_mse, _ = self._measure()
+            self.first_epoch = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.first_epoch is not None:
+                return
+            self.first_epoch = epoch
+            mse, recon_spread = self._measure()
+            if recon_spread < 0.01 * spread and mse >= constant_mse and mse > 0.95 * self.start_mse:
+                self.model.stop_training = True
+                raise TrainError(
+                    f"[vqvae] learned nothing in epoch {epoch + 1}: every reconstruction is the same image "
+                    f"(MSE {mse:.4f}, untrained {self.start_mse:.4f}, a constant image's {constant_mse:.4f}; "
+                    f"training SSIM {(logs or {}).get('ssim', float('nan')):.2f}); "
+                    f"likely dead ReLUs from a learning rate too high for this depth: lower --vqvae-lr "
+                    f"(now {lr:g}) and start again in a new --out")
+
+    return StallGuard()
 
 
 def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
@@ -239,12 +304,17 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     def build():
         model = VQVAE(VQVAEConfig.from_dict(cfg["vqvae"]))
         model.compile(optimizer=keras.optimizers.Adam(
-            cosine_schedule(t["vqvae_lr"], t["vqvae_epochs"], len(splits["train"]), batch)))
+            cosine_schedule(t["vqvae_lr"], t["vqvae_epochs"], len(splits["train"]), batch, VQVAE_WARMUP_STEPS)))
         return model
 
     train_ds = dataset.to_dataset(splits["train"], batch, shuffle=True, seed=cfg["seed"])
     val_ds = dataset.to_dataset(splits["validate"], batch, shuffle=False)
-    model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], dirs, resume, strategy)
+    # The guard's batch: up to 32 training slices spread over the split (every case, every depth).
+    pick = np.unique(np.linspace(0, len(splits["train"]) - 1, min(32, len(splits["train"]))).astype(int))
+    probe = np.asarray(splits["train"].images[pick], np.float32)
+    probe = (probe / 255.0 if splits["train"].images.dtype == np.uint8 else probe).reshape(len(pick), *probe.shape[1:3], 1)
+    model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], dirs, resume, strategy,
+                      first_epoch_callbacks=[stall_guard(probe, t["vqvae_lr"])])
     rundir.save_final(model, dirs.write / "vqvae.keras", "vqvae")
     return model
 
