@@ -134,6 +134,9 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
     for key in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size", "prior_batch_size"):
         if train[key] < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {train[key]}")
+    for stage in STAGES:
+        if not train[f"{stage}_lr"] > 0:  # Adam at 0 (or below) would finish a run of an untrained model
+            parser.error(f"--{stage}-lr must be above 0, got {train[f'{stage}_lr']}")
     if args.num_samples < 0:
         parser.error(f"--num-samples must be 0 or more, got {args.num_samples}")
     if args.judge_epochs is not None and args.judge_epochs < 0:

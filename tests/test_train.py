@@ -248,6 +248,98 @@ def test_nan_loss_stops_with_a_clear_message(oasis_tree, tmp_path, capsys):
     assert not list((out / "checkpoints" / "vqvae").glob("epoch_*.keras"))  # no NaN model was kept
 
 
+def test_a_vqvae_that_learned_nothing_stops_after_its_first_epoch_with_one_line(oasis_tree, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Adam at 1.0 kills every ReLU of the tiny decoder in the first epoch (every reconstruction the same
+    image): the run stops there with one line naming the likely cause, exit 2, and leaves no model,
+    checkpoint or history row of the dead epoch."""
+    import train
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "STALL_GUARD_MIN_STEPS", 4)  # the tiny run's epoch: 16 slices in batches of 4
+    code = train.main(["--data", oasis_tree, "--out", out, *TINY, "--stage", "vqvae", "--vqvae-epochs", "3",
+                       "--vqvae-lr", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("train.py: error: [vqvae] learned nothing in epoch 1: every reconstruction is the "
+                              "same image"), err[-3:]
+    assert "dead ReLUs" in err[-1] and "--vqvae-lr" in err[-1]
+    assert not (out / "vqvae.keras").exists()
+    assert not list((out / "checkpoints" / "vqvae").glob("epoch_*.keras"))
+    assert not (out / "history_vqvae.csv").exists() or history_epochs(out / "history_vqvae.csv") == []
+
+
+def test_stall_guard_judges_constant_reconstructions_only():
+    """The guard's rule on its own: one image for every input, no better than a constant, stops; a model
+    whose reconstructions follow their inputs, even barely (a tiny model after a few steps), goes on."""
+    import keras
+
+    import train
+    from runconfig import TrainError
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (8, 16, 16, 1)).astype(np.float32)
+
+    class Fake(keras.Model):  # encode/decode are all the guard calls
+        def __init__(self, mix):
+            super().__init__()
+            self.mix = mix
+
+        def encode(self, x):
+            return x
+
+        def decode(self, codes):
+            return self.mix * codes + (1 - self.mix) * 0.2
+
+    for mix, stops in ((0.0, True), (1e-5, True), (0.02, False), (1.0, False)):
+        guard = train.stall_guard(images, lr=2e-3, min_steps=2)
+        guard.set_model(Fake(mix))
+        guard.on_train_begin()
+        guard.on_train_batch_end(0)
+        assert guard.on_epoch_end(0, {}) is None  # one step proves nothing: not judged yet
+        guard.on_train_batch_end(1)
+        if stops:
+            with pytest.raises(TrainError, match="learned nothing in epoch 2"):
+                guard.on_epoch_end(1, {"ssim": 0.1})
+        else:
+            guard.on_epoch_end(1, {"ssim": 0.1})
+        assert guard.on_epoch_end(2, {}) is None  # judged once
+
+
+def test_vqvae_warmup_schedule_starts_at_zero_and_peaks_at_the_learning_rate():
+    import train
+
+    schedule = train.cosine_schedule(2e-3, epochs=8, num_examples=1920, batch_size=16,
+                                      warmup_steps=train.VQVAE_WARMUP_STEPS)  # the demo's 960 steps
+    lr = [float(schedule(step)) for step in (0, 50, 100, 960)]
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(1e-3) and lr[2] == pytest.approx(2e-3)
+    assert lr[3] == pytest.approx(0.05 * 2e-3)
+    short = train.cosine_schedule(2e-3, epochs=1, num_examples=16, batch_size=4, warmup_steps=100)
+    assert float(short(1)) == pytest.approx(2e-3)  # warm-up is at most a quarter of the run (1 of 4 steps)
+
+
+def test_downsample_8_vqvae_trains(tmp_path):
+    """A small --downsample 8 VQ-VAE (the demo's 32 channels, 64x64 images, 8x8 codes) with train.py's
+    schedule learns within 60 steps: the loss falls and the reconstructions follow their inputs."""
+    import keras
+
+    import train
+    from modules import VQVAE, VQVAEConfig
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_modules import _smooth_images
+
+    keras.utils.set_random_seed(0)
+    x = _smooth_images(32, 64)
+    model = VQVAE(VQVAEConfig(image_size=64, downsample=8, ssim_weight=0.1))
+    model.compile(optimizer=train.vqvae_optimizer(2e-3, epochs=15, num_examples=32, batch_size=8))
+    guard = train.stall_guard(x, 2e-3)
+    recon = model.fit(x, batch_size=8, epochs=15, verbose=0, callbacks=[guard]).history["recon_loss"]
+    assert recon[-1] < 0.5 * recon[0], recon
+    out = np.asarray(model.decode(model.encode(x)))
+    assert out.std(axis=0).mean() > 0.2 * x.std(axis=0).mean()
+
+
 def test_mirrored_training_on_two_logical_cpus(oasis_tree, tmp_path):
     out = tmp_path / "run"
     result = run_train("--data", oasis_tree, "--out", out, *TINY, "--stage", "vqvae", "--vqvae-epochs", "1",
@@ -363,6 +455,7 @@ def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oas
     (["--epochs", "3", "--vqvae-epochs", "0"], "--vqvae-epochs must be at least 1, got 0"),
     (["--num-samples", "-1"], "--num-samples must be 0 or more, got -1"),
     (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1, got 1.5"),
+    (["--vqvae-lr", "0"], "--vqvae-lr must be above 0, got 0.0"),  # would finish a run of an untrained model
     (["--distribute", "ring"], "argument --distribute: invalid choice: 'ring'"),
     (["--prior-filters", "many"], "argument --prior-filters: invalid int value: 'many'"),
 ])
