@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vqvae-batch-size", type=int, default=None, help="VQ-VAE batch size")
     g.add_argument("--prior-batch-size", type=int, default=None, help="prior batch size")
     g.add_argument("--vqvae-lr", type=float, default=None,
-                   help="Adam learning rate of the VQ-VAE (start of a cosine decay to 5%% of it)")
+                   help=f"peak Adam learning rate of the VQ-VAE, reached after a linear warm-up of {VQVAE_WARMUP_STEPS} "
+                        "steps (at most a quarter of the run), then a cosine decay to 5%% of it; gradients clipped to "
+                        f"global norm {VQVAE_CLIPNORM:g}")
     g.add_argument("--prior-lr", type=float, default=None,
                    help="Adam learning rate of the prior (start of a cosine decay to 5%% of it)")
     g.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
@@ -317,8 +319,6 @@ def stall_guard(images, lr: float, min_steps: int | None = None):
 
 
 def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
-    import keras
-
     import dataset
     from modules import VQVAE, VQVAEConfig
 
