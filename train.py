@@ -259,7 +259,7 @@ def vqvae_optimizer(lr: float, epochs: int, num_examples: int, batch_size: int):
     import keras
 
     return keras.optimizers.Adam(cosine_schedule(lr, epochs, num_examples, batch_size, VQVAE_WARMUP_STEPS),
-                                 global_clipnorm=VQVAE_CLIPNORM)
+                                 global_clipnorm=VQVAE_CLIPNORM or None)
 
 
 def stall_guard(images, lr: float, min_steps: int | None = None):
