@@ -40,6 +40,7 @@ PRESETS = {
     "demo": {
         "image_size": 128, "downsample": 4, "vqvae_epochs": 8, "prior_epochs": 13,
         "vqvae_batch_size": 16, "prior_batch_size": 16, "vqvae_lr": 2e-3, "prior_lr": 2e-3,
+        "vqvae_warmup_steps": 0, "vqvae_clipnorm": 0.0,
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
                          "condition_map": 8, "previous_slice": True, "previous_dropout": 0.5},
@@ -47,6 +48,7 @@ PRESETS = {
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
         "vqvae_batch_size": 8, "prior_batch_size": 32, "vqvae_lr": 1e-3, "prior_lr": 3e-4,
+        "vqvae_warmup_steps": 0, "vqvae_clipnorm": 0.0,
         "condition_on_slice": True, "vqvae_config": {"channels": 64, "num_embeddings": 256, "ssim_weight": 0.1},
         "prior_config": {"filters": 64, "num_layers": 12, "positional": True, "attention_every": 6,
                          "condition_dropout": 0.1, "condition_map": 8},
@@ -124,9 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vqvae-batch-size", type=int, default=None, help="VQ-VAE batch size")
     g.add_argument("--prior-batch-size", type=int, default=None, help="prior batch size")
     g.add_argument("--vqvae-lr", type=float, default=None,
-                   help=f"peak Adam learning rate of the VQ-VAE, reached after a linear warm-up of {VQVAE_WARMUP_STEPS} "
-                        "steps (at most a quarter of the run), then a cosine decay to 5%% of it; gradients clipped to "
-                        f"global norm {VQVAE_CLIPNORM:g}")
+                   help="Adam learning rate of the VQ-VAE (start of a cosine decay to 5%% of it; with "
+                        "--vqvae-warmup-steps, its peak after the warm-up)")
+    g.add_argument("--vqvae-warmup-steps", type=int, default=None, metavar="N",
+                   help="warm the VQ-VAE's learning rate up linearly from 0 over its first N steps (at most a "
+                        "quarter of the run), then the cosine decay. Guards against dead ReLUs: Adam's first "
+                        "full-size steps can switch off every channel of a deep decoder (seen with --downsample "
+                        "8 at the demo's 2e-3), and the VQ-VAE then gives one image for every input for good. "
+                        f"0: none (default in both presets, for now; {VQVAE_WARMUP_STEPS} cures that case)")
+    g.add_argument("--vqvae-clipnorm", type=float, default=None, metavar="X",
+                   help="clip the VQ-VAE's gradients to global norm X. Guards against loss spikes whose "
+                        "oversized Adam steps kill the decoder's ReLUs the same way. 0: none (default in both "
+                        f"presets, for now; {VQVAE_CLIPNORM:g} with --vqvae-warmup-steps {VQVAE_WARMUP_STEPS} "
+                        "cures --downsample 8)")
     g.add_argument("--prior-lr", type=float, default=None,
                    help="Adam learning rate of the prior (start of a cosine decay to 5%% of it)")
     g.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
@@ -222,12 +234,14 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDir
     return model
 
 
-# Two guards of the VQ-VAE's ReLUs (docs/training.md#a-vq-vae-that-learns-nothing). Warm-up: linear from
-# 0 over this many steps (at most a quarter of the run); without it, Adam's first full-size steps killed
-# every ReLU of the decoder's second-last up-sampling on the demo with --downsample 8, and the VQ-VAE
-# stayed at a black image for good. Clipping: a loss spike (a reconstruction MSE of 2 to 25 in one
-# epoch of a small --downsample 8 model) otherwise gives Adam a step of about three learning rates
-# along the spike's gradient, which killed them as surely.
+# Two guards of the VQ-VAE's ReLUs (docs/training.md#a-vq-vae-that-learns-nothing), opt-in for now
+# (--vqvae-warmup-steps, --vqvae-clipnorm; both presets keep 0 = off, so the default demo's weights,
+# and the figures made from them, do not change); these are the values that cure the trap. Warm-up:
+# linear from 0 over this many steps (at most a quarter of the run); without it, Adam's first full-size
+# steps killed every ReLU of the decoder's second-last up-sampling on the demo with --downsample 8, and
+# the VQ-VAE stayed at a black image for good. Clipping: a loss spike (a reconstruction MSE of 2 to 25
+# in one epoch of a small --downsample 8 model) otherwise gives Adam a step of about three learning
+# rates along the spike's gradient, which killed them as surely.
 VQVAE_WARMUP_STEPS = 100
 VQVAE_CLIPNORM = 1.0
 
@@ -253,16 +267,20 @@ def cosine_schedule(lr: float, epochs: int, num_examples: int, batch_size: int, 
 STALL_GUARD_MIN_STEPS = 100
 
 
-def vqvae_optimizer(lr: float, epochs: int, num_examples: int, batch_size: int):
-    """The VQ-VAE's Adam: :func:`cosine_schedule` with :data:`VQVAE_WARMUP_STEPS` of warm-up, gradients
-    clipped to a global norm of :data:`VQVAE_CLIPNORM`."""
+def vqvae_optimizer(lr: float, epochs: int, num_examples: int, batch_size: int, warmup_steps: int = 0,
+                    clipnorm: float = 0.0):
+    """The VQ-VAE's Adam: :func:`cosine_schedule` with ``warmup_steps`` of warm-up, gradients clipped to a
+    global norm of ``clipnorm``. With both 0 (the presets' default) it is exactly the optimiser the
+    VQ-VAE always had: a plain ``CosineDecay`` and no ``global_clipnorm`` argument at all."""
     import keras
 
-    return keras.optimizers.Adam(cosine_schedule(lr, epochs, num_examples, batch_size, VQVAE_WARMUP_STEPS),
-                                 global_clipnorm=VQVAE_CLIPNORM or None)
+    schedule = cosine_schedule(lr, epochs, num_examples, batch_size, warmup_steps)
+    if clipnorm:
+        return keras.optimizers.Adam(schedule, global_clipnorm=clipnorm)
+    return keras.optimizers.Adam(schedule)
 
 
-def stall_guard(images, lr: float, min_steps: int | None = None):
+def stall_guard(images, lr: float, min_steps: int | None = None, warmup_steps: int = 0, clipnorm: float = 0.0):
     """A Keras callback that stops a VQ-VAE which learned nothing in its first epoch (:class:`TrainError`).
 
     A fresh VQ-VAE outputs a near-black image; one whose decoder's ReLUs all died outputs one image for
@@ -281,6 +299,8 @@ def stall_guard(images, lr: float, min_steps: int | None = None):
     "The loss has not moved" is not a test of its own: a dead decoder still moves its loss by sliding
     its one output image toward the mean brightness (a tiny run at --vqvae-lr 0.1: MSE 0.0719 -> 0.0646,
     every reconstruction the same).
+
+    ``lr``, ``warmup_steps`` and ``clipnorm`` are the run's settings, named in the error beside the cure.
     """
     import keras
 
@@ -312,8 +332,10 @@ def stall_guard(images, lr: float, min_steps: int | None = None):
                     f"[vqvae] learned nothing in epoch {epoch + 1}: every reconstruction is the same image "
                     f"(MSE {mse:.4f}, untrained {self.start_mse:.4f}, a constant image's {constant_mse:.4f}; "
                     f"training SSIM {(logs or {}).get('ssim', float('nan')):.2f}); "
-                    f"likely dead ReLUs from a learning rate too high for this depth: lower --vqvae-lr "
-                    f"(now {lr:g}) and start again in a new --out")
+                    f"likely dead ReLUs from Adam's first full-size steps at this depth: start again in a new "
+                    f"--out with --vqvae-warmup-steps {VQVAE_WARMUP_STEPS} --vqvae-clipnorm {VQVAE_CLIPNORM:g} "
+                    f"and/or a lower --vqvae-lr (now --vqvae-lr {lr:g} --vqvae-warmup-steps {warmup_steps} "
+                    f"--vqvae-clipnorm {clipnorm:g})")
 
     return StallGuard()
 
@@ -327,7 +349,8 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
 
     def build():
         model = VQVAE(VQVAEConfig.from_dict(cfg["vqvae"]))
-        model.compile(optimizer=vqvae_optimizer(t["vqvae_lr"], t["vqvae_epochs"], len(splits["train"]), batch))
+        model.compile(optimizer=vqvae_optimizer(t["vqvae_lr"], t["vqvae_epochs"], len(splits["train"]), batch,
+                                                t["vqvae_warmup_steps"], t["vqvae_clipnorm"]))
         return model
 
     train_ds = dataset.to_dataset(splits["train"], batch, shuffle=True, seed=cfg["seed"])
@@ -337,7 +360,8 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     probe = np.asarray(splits["train"].images[pick], np.float32)
     probe = (probe / 255.0 if splits["train"].images.dtype == np.uint8 else probe).reshape(len(pick), *probe.shape[1:3], 1)
     model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], dirs, resume, strategy,
-                      first_epoch_callbacks=[stall_guard(probe, t["vqvae_lr"])])
+                      first_epoch_callbacks=[stall_guard(probe, t["vqvae_lr"], warmup_steps=t["vqvae_warmup_steps"],
+                                                         clipnorm=t["vqvae_clipnorm"])])
     rundir.save_final(model, dirs.write / "vqvae.keras", "vqvae")
     return model
 

@@ -1,7 +1,7 @@
 """The first steps of a VQ-VAE on real slices: does it learn, or do its ReLUs die?
 
-    python bench/bench_vqvae_start.py --downsample 8 --lr 2e-3 --no-warmup --clipnorm 0   # the old trap
-    python bench/bench_vqvae_start.py --downsample 8 --lr 2e-3                            # train.py's optimiser
+    python bench/bench_vqvae_start.py --downsample 8 --lr 2e-3 --no-warmup --clipnorm 0   # train.py's default optimiser: the trap
+    python bench/bench_vqvae_start.py --downsample 8 --lr 2e-3                            # the opt-in cure (--vqvae-warmup-steps 100 --vqvae-clipnorm 1)
     python bench/bench_vqvae_start.py --downsample 8 --lr 1e-3 --no-warmup --clipnorm 0
 
 Fits the demo preset's VQ-VAE (``--downsample``, ``--channels``, ``--num-embeddings`` override it) on
@@ -9,9 +9,10 @@ the first ``--images`` training slices for ``--steps`` steps of batch ``--batch-
 training reconstruction MSE and SSIM (Keras' running means over the steps so far) every ``--every``
 steps, then, on 32 slices: the reconstructions' MSE and SSIM, their spread across the slices (0: one
 image for every input) and, for every encoder and decoder layer, the fraction of channels that are
-never positive (dead ReLUs). The optimiser is ``train.py``'s (linear warm-up over
-``train.VQVAE_WARMUP_STEPS``, gradients clipped to ``train.VQVAE_CLIPNORM``) at a constant peak rate;
-``--no-warmup`` and ``--clipnorm 0`` take each guard away. The MSE of a black image and of the slices'
+never positive (dead ReLUs). The optimiser is ``train.py``'s opt-in cure (``--vqvae-warmup-steps
+100 --vqvae-clipnorm 1``: linear warm-up over ``train.VQVAE_WARMUP_STEPS``, gradients clipped to
+``train.VQVAE_CLIPNORM``) at a constant peak rate; ``--no-warmup`` and ``--clipnorm 0`` take each guard
+away (both: train.py's default optimiser, which both presets keep for now). The MSE of a black image and of the slices'
 mean image are printed first, for scale.
 """
 
