@@ -21,6 +21,10 @@ SEGMENTER = "segmenter"  # the tissue segmenter (segmenter.py): trained last, on
 # Settings that define the trained models and their data: a --resume may not change them.
 FROZEN_KEYS = ("vqvae", "prior", "data")
 
+# Training settings added after runs were saved without them, with the value that gives a saved run its
+# old behaviour (the VQ-VAE's opt-in warm-up and gradient clipping: 0 = off).
+TRAINING_DEFAULTS = {"vqvae_warmup_steps": 0, "vqvae_clipnorm": 0.0}
+
 
 class TrainError(Exception):
     """A problem the user can fix; reported as one line without a traceback."""
@@ -68,7 +72,8 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
             "vqvae": vq,
             "prior": {**PriorConfig().to_dict(), **preset.get("prior_config", {})},
             "training": {k: preset[k] for k in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size",
-                                                  "prior_batch_size", "vqvae_lr", "prior_lr")},
+                                                  "prior_batch_size", "vqvae_lr", "prior_lr",
+                                                  "vqvae_warmup_steps", "vqvae_clipnorm")},
             "seed": args.seed,
         }
         saved_conditioned = preset["condition_on_slice"]
@@ -118,6 +123,8 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
         cfg["prior"]["previous_slice"], cfg["prior"]["previous_dropout"] = False, 0.0
 
     train = cfg["training"]
+    for key, off in TRAINING_DEFAULTS.items():  # a run saved before the key existed trained without it
+        train.setdefault(key, off)
     for stage in STAGES:
         # The stage's own flag wins over the shared one, even when it is 0 (then rejected below).
         epochs = getattr(args, f"{stage}_epochs")
@@ -131,10 +138,20 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
         lr = getattr(args, f"{stage}_lr")
         if lr is not None:
             train[f"{stage}_lr"] = lr
+    for key in TRAINING_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            train[key] = value
     train.update(distribute=args.distribute, mixed_precision=bool(args.mixed_precision))
     for key in ("vqvae_epochs", "prior_epochs", "vqvae_batch_size", "prior_batch_size"):
         if train[key] < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {train[key]}")
+    for stage in STAGES:
+        if not train[f"{stage}_lr"] > 0:  # Adam at 0 (or below) would finish a run of an untrained model
+            parser.error(f"--{stage}-lr must be above 0, got {train[f'{stage}_lr']}")
+    for key in TRAINING_DEFAULTS:
+        if not train[key] >= 0:  # 0 is off
+            parser.error(f"--{key.replace('_', '-')} must be 0 or more (0: off), got {train[key]}")
     if args.num_samples < 0:
         parser.error(f"--num-samples must be 0 or more, got {args.num_samples}")
     if args.judge_epochs is not None and args.judge_epochs < 0:

@@ -40,6 +40,7 @@ PRESETS = {
     "demo": {
         "image_size": 128, "downsample": 4, "vqvae_epochs": 8, "prior_epochs": 13,
         "vqvae_batch_size": 16, "prior_batch_size": 16, "vqvae_lr": 2e-3, "prior_lr": 2e-3,
+        "vqvae_warmup_steps": 0, "vqvae_clipnorm": 0.0,
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
                          "condition_map": 8, "previous_slice": True, "previous_dropout": 0.5},
@@ -47,6 +48,7 @@ PRESETS = {
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
         "vqvae_batch_size": 8, "prior_batch_size": 32, "vqvae_lr": 1e-3, "prior_lr": 3e-4,
+        "vqvae_warmup_steps": 0, "vqvae_clipnorm": 0.0,
         "condition_on_slice": True, "vqvae_config": {"channels": 64, "num_embeddings": 256, "ssim_weight": 0.1},
         "prior_config": {"filters": 64, "num_layers": 12, "positional": True, "attention_every": 6,
                          "condition_dropout": 0.1, "condition_map": 8},
@@ -127,7 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vqvae-batch-size", type=int, default=None, help="VQ-VAE batch size")
     g.add_argument("--prior-batch-size", type=int, default=None, help="prior batch size")
     g.add_argument("--vqvae-lr", type=float, default=None,
-                   help="Adam learning rate of the VQ-VAE (start of a cosine decay to 5%% of it)")
+                   help="Adam learning rate of the VQ-VAE (start of a cosine decay to 5%% of it; with "
+                        "--vqvae-warmup-steps, its peak after the warm-up)")
+    g.add_argument("--vqvae-warmup-steps", type=int, default=None, metavar="N",
+                   help="warm the VQ-VAE's learning rate up linearly from 0 over its first N steps (at most a "
+                        "quarter of the run), then the cosine decay. Guards against dead ReLUs: Adam's first "
+                        "full-size steps can switch off every channel of a deep decoder (seen with --downsample "
+                        "8 at the demo's 2e-3), and the VQ-VAE then gives one image for every input for good. "
+                        f"0: none (default in both presets, for now; {VQVAE_WARMUP_STEPS} cures that case)")
+    g.add_argument("--vqvae-clipnorm", type=float, default=None, metavar="X",
+                   help="clip the VQ-VAE's gradients to global norm X. Guards against loss spikes whose "
+                        "oversized Adam steps kill the decoder's ReLUs the same way. 0: none (default in both "
+                        f"presets, for now; {VQVAE_CLIPNORM:g} with --vqvae-warmup-steps {VQVAE_WARMUP_STEPS} "
+                        "cures --downsample 8)")
     g.add_argument("--prior-lr", type=float, default=None,
                    help="Adam learning rate of the prior (start of a cosine decay to 5%% of it)")
     g.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
@@ -190,7 +204,8 @@ def load_data(cfg: dict, condition_on_slice: bool):
     return splits
 
 
-def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDirs, resume: bool, strategy):
+def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDirs, resume: bool, strategy,
+              first_epoch_callbacks=()):
     """Fit one stage with checkpoints, CSV history and TensorBoard (``rundir``); return the trained model.
 
     Args:
@@ -198,6 +213,8 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDir
         data, val_data: ``tf.data`` datasets for ``fit``.
         dirs: a resumed stage restarts from the newest checkpoint in ``dirs.out`` (the chief's, the
             same on every worker); this process writes its checkpoints, history and logs in ``dirs.write``.
+        first_epoch_callbacks: callbacks that only a stage starting from epoch 0 runs (before the
+            history and checkpoint callbacks, so one that raises leaves no row and no checkpoint behind).
     """
     import keras
 
@@ -213,7 +230,8 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDir
         return model
     distribute.prepare_fit(model, strategy)
     history = model.fit(data, validation_data=val_data, epochs=epochs, initial_epoch=done,
-                        callbacks=[keras.callbacks.TerminateOnNaN(), *dirs.callbacks(stage)],
+                        callbacks=[keras.callbacks.TerminateOnNaN(), *(first_epoch_callbacks if done == 0 else ()),
+                                   *dirs.callbacks(stage)],
                         shuffle=False,  # the tf.data pipeline shuffles
                         verbose=1 if sys.stdout.isatty() else 2)
     losses = history.history.get("loss", [])
@@ -225,20 +243,113 @@ def fit_stage(stage: str, build_model, data, val_data, epochs: int, dirs: RunDir
     return model
 
 
-def cosine_schedule(lr: float, epochs: int, num_examples: int, batch_size: int):
-    """Cosine decay from ``lr`` to 5 % of it over the stage's planned steps.
+# Two guards of the VQ-VAE's ReLUs (docs/training.md#a-vq-vae-that-learns-nothing), opt-in for now
+# (--vqvae-warmup-steps, --vqvae-clipnorm; both presets keep 0 = off, so the default demo's weights,
+# and the figures made from them, do not change); these are the values that cure the trap. Warm-up:
+# linear from 0 over this many steps (at most a quarter of the run); without it, Adam's first full-size
+# steps killed every ReLU of the decoder's second-last up-sampling on the demo with --downsample 8, and
+# the VQ-VAE stayed at a black image for good. Clipping: a loss spike (a reconstruction MSE of 2 to 25
+# in one epoch of a small --downsample 8 model) otherwise gives Adam a step of about three learning
+# rates along the spike's gradient, which killed them as surely.
+VQVAE_WARMUP_STEPS = 100
+VQVAE_CLIPNORM = 1.0
+
+
+def cosine_schedule(lr: float, epochs: int, num_examples: int, batch_size: int, warmup_steps: int = 0):
+    """Linear warm-up from 0 to ``lr`` over ``min(warmup_steps, planned steps // 4)`` steps, then cosine
+    decay to 5 % of ``lr`` over the rest of the stage's planned steps.
 
     The schedule is saved with the optimiser, so a resumed run keeps the plan it started with.
     """
     import keras
 
     steps = max(1, epochs * math.ceil(num_examples / batch_size))
-    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
+    warmup = min(int(warmup_steps), steps // 4)
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=steps - warmup, alpha=0.05,
+                                                  warmup_target=lr, warmup_steps=warmup)
+
+
+# Optimiser steps a VQ-VAE takes before the stall guard judges it: an untrained --downsample 8 model
+# already gives nearly the same image for every input, so a few steps prove nothing either way.
+STALL_GUARD_MIN_STEPS = 100
+
+
+def vqvae_optimizer(lr: float, epochs: int, num_examples: int, batch_size: int, warmup_steps: int = 0,
+                    clipnorm: float = 0.0):
+    """The VQ-VAE's Adam: :func:`cosine_schedule` with ``warmup_steps`` of warm-up, gradients clipped to a
+    global norm of ``clipnorm``. With both 0 (the presets' default) it is exactly the optimiser the
+    VQ-VAE always had: a plain ``CosineDecay`` and no ``global_clipnorm`` argument at all."""
+    import keras
+
+    schedule = cosine_schedule(lr, epochs, num_examples, batch_size, warmup_steps)
+    if clipnorm:
+        return keras.optimizers.Adam(schedule, global_clipnorm=clipnorm)
+    return keras.optimizers.Adam(schedule)
+
+
+def stall_guard(images, lr: float, min_steps: int | None = None, warmup_steps: int = 0, clipnorm: float = 0.0):
+    """A Keras callback that stops a VQ-VAE which learned nothing in its first epoch (:class:`TrainError`).
+
+    A fresh VQ-VAE outputs a near-black image; one whose decoder's ReLUs all died outputs one image for
+    every input and never moves again, and would otherwise finish its epochs, save and report a
+    constant image as a result. At the end of the first epoch by which the fit has taken ``min_steps``
+    steps (default :data:`STALL_GUARD_MIN_STEPS`: epoch 1 on the demo and on OASIS; later, or never, for
+    a tiny run) the guard reconstructs ``images`` (a fixed batch, ``(N, H, W, 1)`` in [0, 1], through
+    ``encode``/``decode``: pure look-ups, no codebook update) and raises when both hold:
+
+    * the reconstructions are one image: their spread across the batch (per-pixel standard deviation,
+      averaged) is under 0.1 % of the images' own (a decoder whose ReLUs all died gives exactly 0; a
+      tiny model after four steps already gives a few per cent);
+    * they are no better than a constant image: MSE at least that of the batch's mean image (the best
+      any constant output can do).
+
+    "The loss has not moved" is not a test of its own: a dead decoder still moves its loss by sliding
+    its one output image toward the mean brightness (a tiny run at --vqvae-lr 0.1: MSE 0.0719 -> 0.0646,
+    every reconstruction the same).
+
+    ``lr``, ``warmup_steps`` and ``clipnorm`` are the run's settings, named in the error beside the cure.
+    """
+    import keras
+
+    images = np.asarray(images, np.float32)
+    min_steps = STALL_GUARD_MIN_STEPS if min_steps is None else int(min_steps)
+    spread = float(images.std(axis=0).mean())
+    constant_mse = float(((images - images.mean(axis=0)) ** 2).mean())
+
+    class StallGuard(keras.callbacks.Callback):
+        def _measure(self):
+            recon = np.asarray(self.model.decode(self.model.encode(images)), np.float32)
+            return float(((images - recon) ** 2).mean()), float(recon.std(axis=0).mean())
+
+        def on_train_begin(self, logs=None):
+            self.start_mse, _ = self._measure()
+            self.steps, self.judged = 0, False
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.judged or self.steps < min_steps:
+                return
+            self.judged = True
+            mse, recon_spread = self._measure()
+            if recon_spread < 1e-3 * spread and mse >= constant_mse:
+                self.model.stop_training = True
+                raise TrainError(
+                    f"[vqvae] learned nothing in epoch {epoch + 1}: every reconstruction is the same image "
+                    f"(MSE {mse:.4f}, untrained {self.start_mse:.4f}, a constant image's {constant_mse:.4f}; "
+                    f"training SSIM {(logs or {}).get('ssim', float('nan')):.2f}); "
+                    f"likely dead ReLUs from Adam's first full-size steps at this depth: start again in a new "
+                    f"--out with --vqvae-warmup-steps {VQVAE_WARMUP_STEPS} --vqvae-clipnorm {VQVAE_CLIPNORM:g} "
+                    f"and/or a lower --vqvae-lr (now --vqvae-lr {lr:g} --vqvae-warmup-steps {warmup_steps} "
+                    f"--vqvae-clipnorm {clipnorm:g})")
+
+    return StallGuard()
 
 
 def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
-    import keras
-
     import dataset
     from modules import VQVAE, VQVAEConfig
 
@@ -247,13 +358,19 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
 
     def build():
         model = VQVAE(VQVAEConfig.from_dict(cfg["vqvae"]))
-        model.compile(optimizer=keras.optimizers.Adam(
-            cosine_schedule(t["vqvae_lr"], t["vqvae_epochs"], len(splits["train"]), batch)))
+        model.compile(optimizer=vqvae_optimizer(t["vqvae_lr"], t["vqvae_epochs"], len(splits["train"]), batch,
+                                                t["vqvae_warmup_steps"], t["vqvae_clipnorm"]))
         return model
 
     train_ds = dataset.to_dataset(splits["train"], batch, shuffle=True, seed=cfg["seed"])
     val_ds = dataset.to_dataset(splits["validate"], batch, shuffle=False)
-    model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], dirs, resume, strategy)
+    # The guard's batch: up to 32 training slices spread over the split (every case, every depth).
+    pick = np.unique(np.linspace(0, len(splits["train"]) - 1, min(32, len(splits["train"]))).astype(int))
+    probe = np.asarray(splits["train"].images[pick], np.float32)
+    probe = (probe / 255.0 if splits["train"].images.dtype == np.uint8 else probe).reshape(len(pick), *probe.shape[1:3], 1)
+    model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], dirs, resume, strategy,
+                      first_epoch_callbacks=[stall_guard(probe, t["vqvae_lr"], warmup_steps=t["vqvae_warmup_steps"],
+                                                         clipnorm=t["vqvae_clipnorm"])])
     rundir.save_final(model, dirs.write / "vqvae.keras", "vqvae")
     return model
 

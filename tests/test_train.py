@@ -248,6 +248,161 @@ def test_nan_loss_stops_with_a_clear_message(oasis_tree, tmp_path, capsys):
     assert not list((out / "checkpoints" / "vqvae").glob("epoch_*.keras"))  # no NaN model was kept
 
 
+def test_a_vqvae_that_learned_nothing_stops_after_its_first_epoch_with_one_line(oasis_tree, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Adam at 1.0 kills every ReLU of the tiny decoder in the first epoch (every reconstruction the same
+    image): the run stops there with one line naming the likely cause, exit 2, and leaves no model,
+    checkpoint or history row of the dead epoch."""
+    import train
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "STALL_GUARD_MIN_STEPS", 4)  # the tiny run's epoch: 16 slices in batches of 4
+    code = train.main(["--data", oasis_tree, "--out", out, *TINY, "--stage", "vqvae", "--vqvae-epochs", "3",
+                       "--vqvae-lr", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("train.py: error: [vqvae] learned nothing in epoch 1: every reconstruction is the "
+                              "same image"), err[-3:]
+    assert "dead ReLUs" in err[-1] and "--vqvae-lr" in err[-1]
+    assert "--vqvae-warmup-steps 100 --vqvae-clipnorm 1 " in err[-1]  # the cure, named
+    assert "(now --vqvae-lr 1 --vqvae-warmup-steps 0 --vqvae-clipnorm 0)" in err[-1]  # and what this run had
+    assert not (out / "vqvae.keras").exists()
+    assert not list((out / "checkpoints" / "vqvae").glob("epoch_*.keras"))
+    assert not (out / "history_vqvae.csv").exists() or history_epochs(out / "history_vqvae.csv") == []
+
+
+def test_stall_guard_judges_constant_reconstructions_only():
+    """The guard's rule on its own: one image for every input, no better than a constant, stops; a model
+    whose reconstructions follow their inputs, even barely (a tiny model after a few steps), goes on."""
+    import keras
+
+    import train
+    from runconfig import TrainError
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (8, 16, 16, 1)).astype(np.float32)
+
+    class Fake(keras.Model):  # encode/decode are all the guard calls
+        def __init__(self, mix):
+            super().__init__()
+            self.mix = mix
+
+        def encode(self, x):
+            return x
+
+        def decode(self, codes):
+            return self.mix * codes + (1 - self.mix) * 0.2
+
+    for mix, stops in ((0.0, True), (1e-5, True), (0.02, False), (1.0, False)):
+        guard = train.stall_guard(images, lr=2e-3, min_steps=2)
+        guard.set_model(Fake(mix))
+        guard.on_train_begin()
+        guard.on_train_batch_end(0)
+        assert guard.on_epoch_end(0, {}) is None  # one step proves nothing: not judged yet
+        guard.on_train_batch_end(1)
+        if stops:
+            with pytest.raises(TrainError, match="learned nothing in epoch 2"):
+                guard.on_epoch_end(1, {"ssim": 0.1})
+        else:
+            guard.on_epoch_end(1, {"ssim": 0.1})
+        assert guard.on_epoch_end(2, {}) is None  # judged once
+
+
+def test_vqvae_warmup_schedule_starts_at_zero_and_peaks_at_the_learning_rate():
+    import train
+
+    schedule = train.cosine_schedule(2e-3, epochs=8, num_examples=1920, batch_size=16,
+                                      warmup_steps=train.VQVAE_WARMUP_STEPS)  # the demo's 960 steps
+    lr = [float(schedule(step)) for step in (0, 50, 100, 960)]
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(1e-3) and lr[2] == pytest.approx(2e-3)
+    assert lr[3] == pytest.approx(0.05 * 2e-3)
+    short = train.cosine_schedule(2e-3, epochs=1, num_examples=16, batch_size=4, warmup_steps=100)
+    assert float(short(1)) == pytest.approx(2e-3)  # warm-up is at most a quarter of the run (1 of 4 steps)
+
+
+def test_downsample_8_vqvae_trains(tmp_path):
+    """A small --downsample 8 VQ-VAE (the demo's 32 channels, 64x64 images, 8x8 codes) with the opt-in
+    warm-up and clipping (--vqvae-warmup-steps 100 --vqvae-clipnorm 1; 100 is cut to a quarter of the 60
+    steps) learns within 60 steps: the loss falls and the reconstructions follow their inputs."""
+    import keras
+
+    import train
+    from modules import VQVAE, VQVAEConfig
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_modules import _smooth_images
+
+    keras.utils.set_random_seed(0)
+    x = _smooth_images(32, 64)
+    model = VQVAE(VQVAEConfig(image_size=64, downsample=8, ssim_weight=0.1))
+    model.compile(optimizer=train.vqvae_optimizer(2e-3, epochs=15, num_examples=32, batch_size=8,
+                                                  warmup_steps=100, clipnorm=1.0))  # the opt-in cure
+    guard = train.stall_guard(x, 2e-3)
+    recon = model.fit(x, batch_size=8, epochs=15, verbose=0, callbacks=[guard]).history["recon_loss"]
+    assert recon[-1] < 0.5 * recon[0], recon
+    out = np.asarray(model.decode(model.encode(x)))
+    assert out.std(axis=0).mean() > 0.2 * x.std(axis=0).mean()
+
+
+def test_default_vqvae_optimizer_is_todays_no_warmup_no_clipping(tmp_path):
+    """Warm-up and clipping are opt-in for now: both presets give 0 (off), and vqvae_optimizer then builds
+    exactly the optimiser the default demo's weights (and every figure) came from: Adam over a plain
+    CosineDecay from the learning rate, no global_clipnorm argument."""
+    import keras
+
+    import train
+
+    parser = train.build_parser()
+    for preset in ("demo", "oasis"):
+        cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / preset), "--preset", preset]),
+                                      parser)
+        t = cfg["training"]
+        assert t["vqvae_warmup_steps"] == 0 and t["vqvae_clipnorm"] == 0
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "on"), "--vqvae-warmup-steps", "100",
+                                                     "--vqvae-clipnorm", "1"]), parser)
+    assert cfg["training"]["vqvae_warmup_steps"] == 100 and cfg["training"]["vqvae_clipnorm"] == 1.0
+
+    t = train.PRESETS["demo"]
+    built = train.vqvae_optimizer(t["vqvae_lr"], t["vqvae_epochs"], 1920, t["vqvae_batch_size"],
+                                  t["vqvae_warmup_steps"], t["vqvae_clipnorm"])
+    before = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=960, alpha=0.05))
+    assert type(built._learning_rate) is keras.optimizers.schedules.CosineDecay
+    assert built._learning_rate.get_config() == before._learning_rate.get_config()
+    assert built._learning_rate.warmup_steps == 0 and built._learning_rate.initial_learning_rate == 2e-3
+    assert built.global_clipnorm is None and built.clipnorm is None and built.clipvalue is None
+    same = [keras.saving.serialize_keras_object(o) for o in (built, before)]
+    for o in same:
+        o["config"].pop("name")  # Keras numbers a second "adam" in one process "adam_1"
+    assert same[0] == same[1]
+    # Opted in: the warm-up schedule and the clipping.
+    on = train.vqvae_optimizer(2e-3, 8, 1920, 16, warmup_steps=100, clipnorm=1.0)
+    assert on.global_clipnorm == 1.0 and on._learning_rate.warmup_steps == 100
+    assert float(on._learning_rate(0)) == 0.0 and float(on._learning_rate(100)) == pytest.approx(2e-3)
+
+
+def test_resume_of_a_run_saved_without_warmup_or_clipnorm_keeps_them_off(tmp_path):
+    """A config.json written before the two keys existed (the old code's: the same config without them)
+    resumes, or retrains its prior, with both off -- the optimiser it was trained with -- and the
+    in-memory config is completed with them."""
+    import train
+
+    out = tmp_path / "run"
+    parser = train.build_parser()
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(out), "--vqvae-lr", "1e-3"]), parser)
+    old = {k: v for k, v in cfg.items() if k != "out"}
+    old["training"] = {k: v for k, v in cfg["training"].items() if k not in ("vqvae_warmup_steps", "vqvae_clipnorm")}
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(old))
+    for argv in (["--resume"], ["--stage", "prior"]):
+        cfg, _ = train.resolve_config(parser.parse_args(["--out", str(out), *argv]), parser)
+        assert cfg["training"]["vqvae_warmup_steps"] == 0 and cfg["training"]["vqvae_clipnorm"] == 0
+        assert cfg["training"]["vqvae_lr"] == 1e-3
+    # Opting in on a resume is a training setting like --vqvae-lr: recorded in the run's config.
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(out), "--resume", "--vqvae-warmup-steps", "100"]),
+                                  parser)
+    assert cfg["training"]["vqvae_warmup_steps"] == 100 and cfg["training"]["vqvae_clipnorm"] == 0
+
+
 def test_mirrored_training_on_two_logical_cpus(oasis_tree, tmp_path):
     out = tmp_path / "run"
     result = run_train("--data", oasis_tree, "--out", out, *TINY, "--stage", "vqvae", "--vqvae-epochs", "1",
@@ -363,6 +518,9 @@ def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oas
     (["--epochs", "3", "--vqvae-epochs", "0"], "--vqvae-epochs must be at least 1, got 0"),
     (["--num-samples", "-1"], "--num-samples must be 0 or more, got -1"),
     (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1, got 1.5"),
+    (["--vqvae-lr", "0"], "--vqvae-lr must be above 0, got 0.0"),  # would finish a run of an untrained model
+    (["--vqvae-warmup-steps", "-1"], "--vqvae-warmup-steps must be 0 or more (0: off), got -1"),
+    (["--vqvae-clipnorm", "-0.5"], "--vqvae-clipnorm must be 0 or more (0: off), got -0.5"),
     (["--distribute", "ring"], "argument --distribute: invalid choice: 'ring'"),
     (["--prior-filters", "many"], "argument --prior-filters: invalid int value: 'many'"),
 ])
@@ -426,9 +584,12 @@ def test_help_explains_every_flag():
     for flag in ("--data", "--out", "--stage", "--epochs", "--vqvae-epochs", "--prior-epochs", "--batch-size",
                  "--image-size", "--seed", "--resume", "--preset", "--distribute", "--mixed-precision",
                  "--num-embeddings", "--embedding-dim", "--downsample", "--prior-gated", "--prior-filters",
-                 "--condition-on-slice", "--no-condition-on-slice", "--verbose"):
+                 "--condition-on-slice", "--no-condition-on-slice", "--verbose", "--vqvae-warmup-steps",
+                 "--vqvae-clipnorm"):
         assert flag in text, flag
     flat = "".join(text.split())  # argparse re-wraps the help
+    for guards in ("Guardsagainstdeadrelus", "Guardsagainstlossspikes"):  # what the opt-in flags are for
+        assert guards.lower() in flat.lower(), guards
     # Each config field's flag shows the help written beside the field (dataclasses.field metadata).
     for cls, prefix, skip in ((VQVAEConfig, "", {"image_size", "seed"}),
                               (PriorConfig, "prior-", {"grid_shape", "num_conditions"})):
