@@ -39,7 +39,6 @@ import hashlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

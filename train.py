@@ -419,6 +419,24 @@ def set_judge_config(cfg: dict, splits, epochs: int | None) -> None:
     judge["num_slices"] = int(max(np.max(s.slice_indices) for s in splits.values() if len(s))) + 1
 
 
+def _keep_or_fit(stage: str, path: Path, run_dir: Path, resume: bool, what: str, fit):
+    """The small stages (judge, segmenter) train in about a minute and have no per-epoch checkpoints:
+    ``--resume`` keeps a finished ``path``; otherwise ``fit(verbose=..., callbacks=...)`` trains the model
+    from the start, its history in ``run_dir/history_<stage>.csv``, and it is saved to ``path``."""
+    import keras
+
+    if resume and path.exists():
+        print(f"[{stage}] keeping {path}")
+        return keras.models.load_model(path)
+    csv_path = run_dir / f"history_{stage}.csv"
+    csv_path.unlink(missing_ok=True)
+    print(f"[{stage}] {what}")
+    model = fit(verbose=1 if sys.stdout.isatty() else 2,
+                callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(csv_path))])
+    rundir.save_final(model, path, stage)
+    return model
+
+
 def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) -> dict:
     """Fit the judge on the real training slices (``judge.train_judge`` takes only real splits: it
     never sees a sample), save ``judge.keras`` and report its slice error on the test split.
@@ -426,8 +444,6 @@ def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) ->
     It trains in seconds on one device, so it has no per-epoch checkpoints: ``--resume`` keeps a
     finished ``judge.keras`` and otherwise trains it again from the start.
     """
-    import keras
-
     import judge
 
     config = judge.JudgeConfig.from_dict(cfg["judge"])
@@ -435,17 +451,10 @@ def train_judge_stage(cfg: dict, splits, run_dir: Path, resume: bool = False) ->
     if config.epochs == 0:
         print("[judge] --judge-epochs 0: no judge")
         return {}
-    if resume and path.exists():
-        print(f"[judge] keeping {path}")
-        model = keras.models.load_model(path)
-    else:
-        csv_path = run_dir / "history_judge.csv"
-        csv_path.unlink(missing_ok=True)
-        print(f"[judge] {config.epochs} epochs on {len(splits['train'])} real training slices, "
-              f"{config.num_slices} slice positions")
-        model = judge.train_judge(splits["train"], splits["validate"], config, verbose=1 if sys.stdout.isatty() else 2,
-                                  callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(csv_path))])
-        rundir.save_final(model, path, "judge")
+    model = _keep_or_fit(
+        "judge", path, run_dir, resume,
+        f"{config.epochs} epochs on {len(splits['train'])} real training slices, {config.num_slices} slice positions",
+        lambda **fit: judge.train_judge(splits["train"], splits["validate"], config, **fit))
     _, predicted = judge.judge_outputs(model, splits["test"].images)
     if len(predicted) > 1 and len(np.unique(predicted)) == 1:
         print(f"[judge] WARNING: the judge predicts slice {predicted[0]} for every test slice: it did not learn, so "
@@ -473,8 +482,6 @@ def train_segmenter_stage(cfg: dict, splits, run_dir: Path, resume: bool = False
     Data without masks: a notice, no segmenter. Like the judge it trains in about a minute, so it has
     no per-epoch checkpoints: ``--resume`` keeps a finished ``segmenter.keras``.
     """
-    import keras
-
     import segmenter
     from anatomy import tissue_dice
 
@@ -487,17 +494,10 @@ def train_segmenter_stage(cfg: dict, splits, run_dir: Path, resume: bool = False
         print(f"[segmenter] notice: {cfg['data']['root']} has no keras_png_slices_seg_* tissue masks, so no segmenter "
               "(and no anatomy judge in predict.py evaluate)")
         return {}
-    if resume and path.exists():
-        print(f"[segmenter] keeping {path}")
-        model = keras.models.load_model(path)
-    else:
-        csv_path = run_dir / "history_segmenter.csv"
-        csv_path.unlink(missing_ok=True)
-        print(f"[segmenter] {config.epochs} epochs on {len(splits['train'])} real training slices and their masks")
-        model = segmenter.train_segmenter(
-            splits["train"], splits["validate"], config, verbose=1 if sys.stdout.isatty() else 2,
-            callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(csv_path))])
-        rundir.save_final(model, path, "segmenter")
+    model = _keep_or_fit(
+        "segmenter", path, run_dir, resume,
+        f"{config.epochs} epochs on {len(splits['train'])} real training slices and their masks",
+        lambda **fit: segmenter.train_segmenter(splits["train"], splits["validate"], config, **fit))
     test = splits["test"]
     dice = tissue_dice(segmenter.segment(model, test.images), test.masks)
     if min(dice.values()) < 0.5:
