@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 import utils
+from utils import brain_interior_mask, center_crop  # noqa: F401  (image geometry lives in utils; named here too)
 from two_sample import (  # noqa: F401  (the two-sample test lives in two_sample.py; its names stay importable here)
     POWER_ROWS as TWO_SAMPLE_POWER_ROWS,
     VIEWS as TWO_SAMPLE_VIEWS,
@@ -390,22 +391,6 @@ def nearest_by_ssim(samples, references, chunk: int = 256, desc: str | None = No
     return scores[np.arange(len(scores)), index], index
 
 
-def center_crop(images, fraction: float = 0.5) -> np.ndarray:
-    """The central ``fraction`` of each side of every image: ``(N, H, W, 1) -> (N, h, w, 1)``.
-
-    With ``fraction=0.5`` this is the central half of the height and of the width, where the
-    anatomy is: a best-SSIM search on these crops ("interior realism") cannot be carried by the
-    outline and the black background, which full-image SSIM rewards.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"center_crop: fraction must be in (0, 1], got {fraction}")
-    x = np.asarray(images)
-    h, w = x.shape[1:3]
-    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return x[:, top:top + ch, left:left + cw]
-
-
 def mean_pairwise_ms_ssim(images, max_pairs: int = 256, seed: int = 0) -> float:
     """Mean MS-SSIM over unordered pairs of distinct images (lower = more diverse).
 
@@ -431,43 +416,6 @@ def _mean_ms_ssim(a, b, chunk: int = 64) -> float:
 # ----------------------------------------------------------------------------------------------
 # Sharpness inside the brain
 # ----------------------------------------------------------------------------------------------
-
-def brain_interior_mask(image, threshold: float = 0.1, margin: int | None = None) -> np.ndarray:
-    """Boolean ``(H, W)`` mask of the head's interior, at least ``margin`` pixels from its outline.
-
-    Steps: foreground = pixels above ``threshold``; a small closing (radius 2 % of the side)
-    bridges thin gaps in a bright scalp ring; holes are filled (the dark skull band, ventricles and
-    CSF inside the head are inside it); the largest connected component is the head (noise specks
-    in a sample are dropped); then every pixel closer than ``margin`` to the outside (Euclidean
-    distance transform) is removed, so the outline -- scalp, skull and the brain edge of a
-    skull-stripped slice -- does not count as texture.
-
-    Args:
-        image: ``(H, W)`` or ``(H, W, 1)`` in [0, 1].
-        threshold: intensity above which a pixel is head rather than background.
-        margin: pixels removed inside the outline (default: 6 % of the shorter side, 8 px at 128).
-    Returns:
-        bool ``(H, W)``; all False when no head is found.
-    """
-    from scipy import ndimage
-    from skimage.morphology import disk
-
-    x = np.asarray(image, dtype=np.float32)
-    x = x[..., 0] if x.ndim == 3 else x
-    side = min(x.shape)
-    margin = max(1, round(0.06 * side)) if margin is None else int(margin)
-    radius = max(1, round(0.02 * side))
-    fg = np.pad(x > threshold, radius + 1)  # padded so the closing does not stick to the border
-    fg = ndimage.binary_closing(fg, structure=disk(radius))[radius + 1:-radius - 1, radius + 1:-radius - 1]
-    fg = ndimage.binary_fill_holes(fg)
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return np.zeros_like(fg)
-    head = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    # Distance to the nearest background pixel, the image border counting as background.
-    dist = ndimage.distance_transform_edt(np.pad(head, 1))[1:-1, 1:-1]
-    return dist > margin
-
 
 def sobel_magnitude(images) -> np.ndarray:
     """Sobel gradient magnitude of each image, ``(N, H, W, 1) -> (N, H, W)`` float64.

@@ -93,21 +93,19 @@ def patch_positions(images, seed: int = 0, per_image: int = PATCHES_PER_IMAGE,
     """Top-left corners of ``per_image`` patches of ``fraction`` of the side inside each head.
 
     A patch's centre is drawn (seeded) from the pixels whose whole patch lies inside the head
-    (``evaluation.brain_interior_mask`` with a margin of half a patch); a slice with no such pixel
+    (``utils.brain_interior_mask`` with a margin of half a patch); a slice with no such pixel
     (the lowest and highest slices, a sample without a head) gives no patches.
 
     Returns:
         ``(source, corners)``: int ``(P,)`` the image each patch comes from, int ``(P, 2)`` its corner.
     """
-    from evaluation import brain_interior_mask
-
     x = np.asarray(images)
     side = max(1, round(x.shape[1] * fraction))
     half = side // 2
     rng = np.random.default_rng([int(seed), 7])
     source, corners = [], []
     for i, image in enumerate(x):
-        inside = np.argwhere(brain_interior_mask(image, margin=half))
+        inside = np.argwhere(utils.brain_interior_mask(image, margin=half))
         if len(inside) == 0:
             continue
         for r, c in inside[rng.choice(len(inside), per_image, replace=len(inside) < per_image)]:
@@ -124,7 +122,7 @@ def two_sample_view(images, view: str) -> np.ndarray:
 def two_sample_items(images, view: str, patches=None) -> tuple[np.ndarray, np.ndarray]:
     """One view of the two-sample test, with the image each item comes from.
 
-    ``full``: the slice; ``interior``: its central half (``evaluation.center_crop``); ``blurred``: a
+    ``full``: the slice; ``interior``: its central half (``utils.center_crop``); ``blurred``: a
     Gaussian of 1.5 px then every second pixel (anatomy without grain or sharp borders); ``patch``:
     patches from inside the head at ``patches`` (:func:`patch_positions`, drawn from ``images``
     themselves when None: pass a real slice's positions to its reconstruction so a pair stays a pair).
@@ -137,9 +135,7 @@ def two_sample_items(images, view: str, patches=None) -> tuple[np.ndarray, np.nd
     if view == "full":
         return x, every
     if view == "interior":
-        from evaluation import center_crop
-
-        return center_crop(x), every
+        return utils.center_crop(x), every
     if view == "blurred":
         from scipy.ndimage import gaussian_filter
 
