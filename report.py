@@ -16,9 +16,9 @@ import numpy as np
 
 
 def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size: int = 32) -> dict:
-    """Test-split reconstruction SSIM / PSNR, code usage and the two-sample test of reconstructions vs their
-    real slices, paired by case, on the full slice, with its 1-px-blur power row (``evaluation``), and
-    their figures."""
+    """Test-split reconstruction SSIM / PSNR and code usage (``evaluation``), and their figures. The
+    two-sample test of the reconstructions, with the power to mean something, is ``predict.py evaluate``'s
+    (its classifiers take longer than the demo's training budget leaves)."""
     import evaluation
     import utils
 
@@ -39,22 +39,6 @@ def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size
     utils.plot_codebook_usage(usage, run_dir / "codebook_usage.png", title="test-split codes")
     out = {"test_ssim": scores["ssim_mean"], "test_psnr": scores["psnr_mean"],
            "codebook_perplexity": usage["perplexity"], "active_codes": usage["active_codes"]}
-    unavailable = evaluation.two_sample_unavailable(splits)
-    if unavailable:
-        print(f"[vqvae] notice: no two-sample test of the reconstructions: {unavailable}")
-    else:
-        # a quick look (a third of evaluate's classifier steps); predict.py evaluate runs the full test
-        quick = evaluation.TwoSampleConfig(min_steps=400)
-        out.update(evaluation.two_sample_scores(splits, recon, views=("full",), floor=False, progress=False,
-                                                power=("blurred_real",), config=quick))
-
-        def cell(row):
-            key = f"two_sample_{row}_full"
-            return f"{out[key]:.3f} ({out[key + '_interval'][0]:.2f}-{out[key + '_interval'][1]:.2f})"
-
-        print(f"[vqvae] two-sample test, test slices vs their reconstructions, paired by case (0.5: "
-              f"indistinguishable): {cell('reconstructions')}; its power, vs the same slices blurred by 1 px: "
-              f"{cell('blurred_real')}")
     return out
 
 
