@@ -469,14 +469,15 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     test_codes = evaluation.encode_images(run.vqvae, test.images)
     nll = evaluation.prior_nll(run.prior, test_codes,
                                test.slice_indices.astype(np.int32) if run.conditioned else None)
+    val = splits["validate"]
+    _, val_recon = evaluation.reconstruct(run.vqvae, val.images)  # read by the anatomy judge and the two-sample test
     segmenter = load_segmenter(run)
     if segmenter is None:
         metrics["anatomy_note"] = NO_SEGMENTER_NOTE
     else:  # samples, reconstructions of real validate slices and those slices (the floor), all segmented
-        val = splits["validate"]
         val_pick = evaluation.validate_pick(len(val), num, seed)
         val_images = val.subset(val_pick).float()
-        _, recon_val = evaluation.reconstruct(run.vqvae, val_images)
+        recon_val = val_recon[val_pick]
         val_positions = val.slice_indices[val_pick] if run.conditioned else None
         metrics.update(_anatomy(run, segmenter, {"samples": (samples, condition),
                                                  "reconstructions": (recon_val, val_positions),
@@ -502,7 +503,6 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
               f"{metrics['two_sample_sampling_seconds']:.0f} s; training its classifiers", file=sys.stderr)
         start = time.perf_counter()
         recon = evaluation.decode_codes(run.vqvae, test_codes)
-        _, val_recon = evaluation.reconstruct(run.vqvae, splits["validate"].images)
         metrics.update(evaluation.two_sample_scores(splits, recon, many, seed=seed, validate_reconstructions=val_recon))
         metrics["two_sample_classifier_seconds"] = time.perf_counter() - start
         table = evaluation.two_sample_table(metrics)
@@ -511,7 +511,7 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
         show = pick_m[:4]  # the first samples were drawn at these real slices' positions
         # what the classifier sees, for the eye: real slices, their reconstructions, samples drawn at
         # their positions, each beside a 4x zoom of its centre (grain and grey / white borders)
-        real = np.concatenate([splits["validate"].float(), test.float()])[show]
+        real = np.concatenate([val.float(), test.float()])[show]
         rows = []
         for label, images in (("real", real), ("reconstruction", np.concatenate([val_recon, recon])[show]),
                               ("sample", many[:len(show)])):
