@@ -2,7 +2,7 @@
 the image geometry that several metrics share (the central crop, the head's interior mask).
 
 The metrics (SSIM, PSNR, MS-SSIM, code usage, NLL, realism, sharpness, ...) live in ``evaluation.py``;
-``gaussian_band`` stays here because the VQ-VAE's SSIM loss (``modules.py``) uses it too.
+``gaussian_band`` stays here because the VQ-VAE's SSIM loss (``vqvae.py``) uses it too.
 """
 
 from __future__ import annotations

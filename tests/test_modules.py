@@ -1,4 +1,4 @@
-"""Specification tests for the VQ part of modules.py: VectorQuantizer, VQVAEConfig, VQVAE.
+"""Specification tests for the VQ-VAE (vqvae.py, imported from modules): VectorQuantizer, VQVAEConfig, VQVAE.
 
 Small shapes (16x16 / 32x32 images, a handful of channels) keep the file fast on 2 CPU cores.
 """
