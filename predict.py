@@ -33,7 +33,7 @@ if __name__ == "__main__":  # hide TensorFlow's start-up lines before anything i
 
     utils.quiet_tensorflow(verbose="--verbose" in sys.argv[1:])
 
-from sampler import sample_codes  # noqa: E402,F401  (public: `from predict import sample_codes`)
+from sampler import DEFAULT_TEMPERATURE, sample_codes  # noqa: E402,F401  (public: `from predict import sample_codes`)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUN = REPO / "runs" / "demo"
@@ -121,7 +121,7 @@ def _conditions(run: Run, slice_index, num: int):
     return np.full(num, slice_index, dtype=np.int32)
 
 
-def generate(run: Run, num: int, temperature: float = 1.0, seed: int | None = None, condition=None,
+def generate(run: Run, num: int, temperature: float = DEFAULT_TEMPERATURE, seed: int | None = None, condition=None,
              batch_size: int | None = None, progress: bool = True, *, guidance: float | None = None,
              top_k: int | None = None, top_p: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``num`` code grids from the run's prior and decode them.
@@ -184,7 +184,7 @@ def _check_subject_run(run: Run) -> None:
                            "--prior-previous-slice --prior-previous-dropout 0.5")
 
 
-def generate_subjects(run: Run, num: int, seed: int = 0, temperature: float = 1.0, *, keep=None,
+def generate_subjects(run: Run, num: int, seed: int = 0, temperature: float = DEFAULT_TEMPERATURE, *, keep=None,
                       batch_size: int | None = None, progress: bool = True) -> Subjects:
     """Draw ``num`` subjects of ``run.num_conditions`` consecutive slices, slice 0 first.
 
@@ -431,7 +431,7 @@ def _evaluation_setup(run: Run, out_dir) -> tuple[Path, dict]:
         raise PredictError(str(e)) from None
 
 
-def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
+def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, batch_size: int | None = None,
              out_dir: Path | None = None, *, guidance: float | None = None, top_k: int | None = None,
              top_p: float | None = None, two_sample_num: int | None = None) -> dict:
     """Generate ``num`` samples, score them against the run's data; write JSON and figures.
@@ -529,7 +529,7 @@ def evaluate(run: Run, num: int = 64, temperature: float = 1.0, seed: int = 0, b
     return metrics
 
 
-def evaluate_subjects(run: Run, num: int = 8, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
+def evaluate_subjects(run: Run, num: int = 8, temperature: float = DEFAULT_TEMPERATURE, seed: int = 0, batch_size: int | None = None,
                       out_dir: Path | None = None, two_sample: bool = True) -> dict:
     """Draw ``num`` subjects and score them (``evaluation.subject_scores``) beside the real test subjects and
     beside ``num`` slabs of slices drawn independently at positions 0..S-1 (no previous slice); write
@@ -606,8 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling(sp, default_num):
         sp.add_argument("--num", type=int, default=default_num, help=f"number of samples (default: {default_num})")
-        sp.add_argument("--temperature", type=float, default=1.0,
-                        help="divide the prior's logits by this before sampling; < 1 is more conservative (default: 1)")
+        sp.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="divide the prior's logits by this before sampling: 1 draws from the prior as it is, < 1 "
+                             "cuts its unlikely codes (fewer stray spots, less variety) (default: "
+                             f"{DEFAULT_TEMPERATURE}, chosen by bench/bench_sampling_defaults.py)")
         sp.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives identical files (default: 0)")
         sp.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale s on slice position: logits uncond + s * (cond - uncond); "
@@ -667,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "case's first K slices.")
     common(j)
     j.add_argument("--num", type=int, default=4, help="subjects to draw (default: 4)")
-    j.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
+    j.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"sampling temperature, as for sample (default: {DEFAULT_TEMPERATURE})")
     j.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives identical files (default: 0)")
     j.add_argument("--keep", type=int, default=None, metavar="K",
                    help="volume completion: keep the first K real slices of one case of --images and draw the rest")

@@ -76,11 +76,13 @@ def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int) -> Non
         seen = np.unique(codes["train"]["slices"])
         condition = seen[np.linspace(0, len(seen) - 1, num).round().astype(int)]
     t0 = time.time()
-    sampled = sampler.sample_codes(prior, num, seed=cfg["seed"], condition=condition)
+    sampled = sampler.sample_codes(prior, num, seed=cfg["seed"], condition=condition,
+                                   temperature=sampler.DEFAULT_TEMPERATURE)
     images = evaluation.decode_codes(vqvae, sampled)
     titles = [f"slice {c}" for c in condition] if condition is not None else None
     utils.save_image_grid(images, run_dir / "samples.png", titles=titles,
-                          suptitle=f"{num} samples from the prior ({time.time() - t0:.1f} s)")
+                          suptitle=f"{num} samples from the prior, temperature {sampler.DEFAULT_TEMPERATURE} "
+                                   f"({time.time() - t0:.1f} s)")
 
 
 def plot_training_curves(run_dir: Path, stages) -> None:

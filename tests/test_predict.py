@@ -354,10 +354,19 @@ def test_sampling_flags_reach_the_sampler(guided_run, tmp_path):
     for name, (flags, kwargs) in cases.items():
         out = tmp_path / name
         assert predict_main("--run", guided_run, "--out", out, "--num", "3", "--seed", "5", *flags)[0] == 0
-        expected = predict.sample_codes(run.prior, 3, seed=5, **kwargs)
+        expected = predict.sample_codes(run.prior, 3, seed=5, temperature=predict.DEFAULT_TEMPERATURE, **kwargs)
         np.testing.assert_array_equal(np.load(out / "codes.npy"), expected, err_msg=name)
+    # without --temperature the CLI draws at the measured default; --temperature 1 is the prior as it is
+    assert predict_main("--run", guided_run, "--out", tmp_path / "t1", "--num", "3", "--seed", "5",
+                        "--unconditional", "--temperature", "1")[0] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "t1" / "codes.npy"),
+                                  predict.sample_codes(run.prior, 3, seed=5, condition=None))
+    parser = predict.build_parser()  # every command that draws samples defaults to the measured temperature
+    for command in (["sample"], ["evaluate"], ["subject"]):
+        assert parser.parse_args(command).temperature == predict.DEFAULT_TEMPERATURE != 1.0, command
     # the flags change the draw: guidance 3 with top-k 4 is not plain conditioned sampling
-    plain = predict.sample_codes(run.prior, 3, seed=5, condition=np.full(3, 2, np.int32))
+    plain = predict.sample_codes(run.prior, 3, seed=5, condition=np.full(3, 2, np.int32),
+                                 temperature=predict.DEFAULT_TEMPERATURE)
     assert not np.array_equal(np.load(tmp_path / "guided" / "codes.npy"), plain)
 
 
