@@ -109,7 +109,7 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
     if saved is not None:
         # A resumed run (or a prior retrained on a saved VQ-VAE) must not silently change what was trained.
         frozen = dict(requested)
-        if args.stage in ("prior", DECODER) and not args.resume:
+        if args.stage == "prior" and not args.resume:
             frozen = {"vqvae": requested["vqvae"], "data": requested["data"]}
         if args.stage == DECODER and args.resume and "decoder" in cfg:
             frozen["decoder"] = decoder_requested

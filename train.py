@@ -657,6 +657,9 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
             raise TrainError(f"{vq_path} not found: train the VQ-VAE first (--stage vqvae or all)")
         vqvae = keras.models.load_model(vq_path)
         if dirs.is_chief:
+            if DECODER in stages:  # figures of the decoder it replaced (predict.py evaluate measures them again)
+                for key in [k for k in metrics if k.startswith("two_sample_reconstructions")]:
+                    del metrics[key]
             metrics.update(report.evaluate_vqvae(vqvae, splits, dirs.write, num_embeddings))
 
     if "prior" in stages:
