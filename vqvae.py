@@ -508,6 +508,10 @@ class VQVAEConfig:
     spectral_focal: float = field(default=0.0, metadata={
         "help": "focal frequency exponent alpha (Jiang et al. 2021): each frequency's distance is weighted by its "
                 "own distance^alpha over the image's largest (stop-gradient), so the worst frequencies lead (0: plain)"})
+    spectral_log: bool = field(default=False, metadata={
+        "help": "spectral loss on log amplitudes, |log(eps + |F x|) - log(eps + |F x_hat|)|: every frequency counts "
+                "by its relative error, the faint high ones as much as the strong low ones (weights of 0.001-0.01 "
+                "then act like 0.1-1 on amplitudes)"})
     gradient_weight: float = field(default=0.0, metadata={
         "help": "weight of the image-gradient loss, mean |dx x - dx x_hat| + |dy x - dy x_hat| over neighbouring "
                 "pixels, which asks for sharp borders (0: off)"})
@@ -588,7 +592,10 @@ def _mean_ssim(x, y, max_val: float = 1.0, sigma: float = 1.5):
     return ops.mean(luminance * contrast_structure)
 
 
-def spectral_loss(x, y, focal: float = 0.0):
+SPECTRAL_LOG_EPS = 1e-3  # orthonormal amplitudes below this count as this (real 128x128 slices: ~0.01 near Nyquist)
+
+
+def spectral_loss(x, y, focal: float = 0.0, log: bool = False):
     """Mean L1 distance of the 2-D Fourier amplitudes of two image batches ``(B, H, W, 1)``.
 
     ``|F x| - |F y|`` per frequency, with the orthonormal FFT (divided by ``sqrt(H W)``, so by Parseval
@@ -605,6 +612,11 @@ def spectral_loss(x, y, focal: float = 0.0):
     ``(d / max d)^focal`` per image, a stop-gradient weight in [0, 1], so the frequencies the model gets
     most wrong lead. (Jiang et al. weight complex distances; here amplitudes, as above.)
 
+    ``log=True`` compares ``log(eps + amplitude)`` instead (a log-spectral distance, ``eps`` =
+    ``SPECTRAL_LOG_EPS``): a frequency counts by its relative error, so the faint high frequencies,
+    whose absolute errors are tiny beside the low ones', lead as much; its values are ~100x those
+    of the amplitude distance's for the same blur.
+
     Returns:
         a float32 scalar, 0 for identical images.
     """
@@ -617,7 +629,11 @@ def spectral_loss(x, y, focal: float = 0.0):
     # eps inside the root keeps the gradient finite where an amplitude is 0
     amp_x = ops.sqrt(xr * xr + xi * xi + 1e-12)
     amp_y = ops.sqrt(yr * yr + yi * yi + 1e-12)
-    dist = ops.abs(amp_x - amp_y) / math.sqrt(h * w)  # (B, H, W)
+    norm = 1.0 / math.sqrt(h * w)  # the orthonormal FFT's scale
+    if log:
+        dist = ops.abs(ops.log(SPECTRAL_LOG_EPS + norm * amp_x) - ops.log(SPECTRAL_LOG_EPS + norm * amp_y))
+    else:
+        dist = ops.abs(amp_x - amp_y) * norm  # (B, H, W)
     if focal:
         weight = dist ** focal
         weight = weight / ops.maximum(ops.max(weight, axis=(1, 2), keepdims=True), 1e-12)
@@ -761,7 +777,7 @@ class VQVAE(keras.Model):
         if self.config.ssim_weight:
             total = total + self.config.ssim_weight * (1.0 - ssim)
         if self.config.spectral_weight:
-            spectral = spectral_loss(x, y_pred, self.config.spectral_focal)
+            spectral = spectral_loss(x, y_pred, self.config.spectral_focal, self.config.spectral_log)
             total = total + self.config.spectral_weight * spectral
             self.spectral_tracker.update_state(spectral)
         if self.config.gradient_weight:

@@ -27,12 +27,12 @@ def _blur(images, sigma: float) -> np.ndarray:
     return np.stack([gaussian_filter(im[..., 0], sigma) for im in images])[..., None].astype("float32")
 
 
-@pytest.mark.parametrize("name", ["spectral", "spectral_focal", "gradient"])
+@pytest.mark.parametrize("name", ["spectral", "spectral_focal", "spectral_log", "gradient"])
 def test_each_loss_is_zero_for_identical_images_and_grows_with_blur(name):
     from modules import gradient_loss, spectral_loss
 
     loss = {"spectral": spectral_loss, "spectral_focal": lambda a, b: spectral_loss(a, b, focal=1.0),
-            "gradient": gradient_loss}[name]
+            "spectral_log": lambda a, b: spectral_loss(a, b, log=True), "gradient": gradient_loss}[name]
     x = _slices()
     assert float(loss(x, x)) == 0.0
     values = [float(loss(x, _blur(x, sigma))) for sigma in (0.5, 1.0, 2.0)]
@@ -47,7 +47,8 @@ def test_losses_are_float32_with_gradients_under_float16_inputs():
     x = _slices(2)
     y = tf.Variable(_blur(x, 1.0).astype("float16"))
     with tf.GradientTape() as tape:
-        total = spectral_loss(x.astype("float16"), y, focal=1.0) + gradient_loss(x.astype("float16"), y)
+        total = (spectral_loss(x.astype("float16"), y, focal=1.0) + spectral_loss(x.astype("float16"), y, log=True)
+                 + gradient_loss(x.astype("float16"), y))
     assert total.dtype == tf.float32
     grad = tape.gradient(total, y)
     assert np.isfinite(grad.numpy()).all() and np.abs(grad.numpy()).max() > 0
@@ -57,15 +58,15 @@ def test_config_round_trip_and_old_configs_load_with_the_losses_off():
     from modules import VQVAE, VQVAEConfig
 
     cfg = VQVAEConfig(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4,
-                      spectral_weight=0.3, spectral_focal=1.0, gradient_weight=0.2)
+                      spectral_weight=0.3, spectral_focal=1.0, spectral_log=True, gradient_weight=0.2)
     assert VQVAEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     model = VQVAE(cfg)
     assert VQVAE.from_config(model.get_config()).config == cfg
     old = {k: v for k, v in cfg.to_dict().items()
-           if k not in ("spectral_weight", "spectral_focal", "gradient_weight", "freeze_encoder")}
+           if k not in ("spectral_weight", "spectral_focal", "spectral_log", "gradient_weight", "freeze_encoder")}
     restored = VQVAEConfig.from_dict(old)
     assert (restored.spectral_weight, restored.spectral_focal, restored.gradient_weight) == (0.0, 0.0, 0.0)
-    assert not restored.freeze_encoder
+    assert not restored.freeze_encoder and not restored.spectral_log
     with pytest.raises(ValueError, match="spectral_weight"):
         VQVAEConfig(spectral_weight=-1.0)
 
