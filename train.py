@@ -395,14 +395,14 @@ def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     stage always starts from the VQ-VAE as stage 1 left it (``vqvae_before_decoder.keras``, copied from
     ``vqvae.keras`` the first time), so running it again with other settings replaces the last
     fine-tune rather than adding to it. Checkpoints and ``--resume`` as for the other stages; at the end
-    ``vqvae.keras`` is the run's VQ-VAE (its config as trained in stage 1) with the new decoder.
+    ``vqvae.keras`` is that file with the new decoder's weights (its config, as trained in stage 1, kept).
     """
     import shutil
 
     import keras
 
     import dataset
-    from modules import VQVAE, VQVAEConfig
+    from modules import VQVAE
 
     d = cfg["decoder"]
     source = dirs.out / PRE_DECODER
@@ -430,9 +430,8 @@ def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     print(f"[{DECODER}] fine-tuning the decoder of {source.name} ({d['epochs']} epochs, lr {d['lr']:g}; "
           f"encoder and codebook frozen): " + ", ".join(f"{k} {d[k]}" for k in runconfig.DECODER_LOSS_KEYS))
     model = fit_stage(DECODER, build, train_ds, val_ds, d["epochs"], dirs, resume, strategy)
-    with strategy.scope():
-        final = VQVAE(VQVAEConfig.from_dict(cfg["vqvae"]))
-        copy_weights(model, final)
+    final = keras.models.load_model(source)  # the run's VQ-VAE as it was (config, discriminator), new decoder
+    final.decoder.set_weights(model.decoder.get_weights())
     rundir.save_final(final, dirs.write / "vqvae.keras", DECODER)
     return final
 
