@@ -32,9 +32,10 @@ from keras_common import _PACKAGE  # noqa: F401
 from pixelcnn import (CausalAttentionBlock, GatedPixelCNNBlock, MaskedConv2D, MaskedResidualBlock, PixelCNN,  # noqa: F401
                       PreviousSliceMap, PriorConfig, causal_mask, grid_position_encoding)
 from vqvae import (VQVAE, ResidualBlock, VectorQuantizer, VQVAEConfig, _mean_ssim, adaptive_weight,  # noqa: F401
-                   build_decoder, build_discriminator, build_encoder, hinge_discriminator_loss)
+                   build_decoder, build_discriminator, build_encoder, gradient_loss, hinge_discriminator_loss,
+                   spectral_loss)
 
 __all__ = ["VectorQuantizer", "ResidualBlock", "VQVAEConfig", "VQVAE", "build_encoder", "build_decoder",
-           "build_discriminator", "hinge_discriminator_loss", "adaptive_weight",
+           "build_discriminator", "hinge_discriminator_loss", "adaptive_weight", "spectral_loss", "gradient_loss",
            "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "CausalAttentionBlock",
            "grid_position_encoding", "PreviousSliceMap", "PriorConfig", "PixelCNN"]

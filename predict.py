@@ -441,7 +441,9 @@ def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, 
     The metrics are those of ``evaluation.score_samples`` (realism, memorisation, interior realism,
     sharpness, diversity and, with the run's ``judge.keras``, Frechet distance, precision / recall
     and slice agreement; validation reconstructions scored alike as the decoder's ceiling), the
-    prior's NLL of the test codes in bits per code and per slice, and the classifier two-sample
+    prior's NLL of the test codes in bits per code and per slice, the power of the test slices'
+    reconstructions and of the samples over the real test slices' per frequency band
+    (``evaluation.power_spectrum_ratios``; the three spectra in ``power_spectrum.png``), and the classifier two-sample
     test (``evaluation.two_sample_scores``: its floor and power rows, reconstructions vs real paired by
     case, samples vs real and vs reconstructions, on every view, each with its interval and p-value;
     the table also in ``two_sample.md``) on ``two_sample_num`` further samples drawn at the positions
@@ -469,6 +471,13 @@ def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, 
     test_codes = evaluation.encode_images(run.vqvae, test.images)
     nll = evaluation.prior_nll(run.prior, test_codes,
                                test.slice_indices.astype(np.int32) if run.conditioned else None)
+    test_recon = evaluation.decode_codes(run.vqvae, test_codes)  # the power spectrum's and the two-sample test's
+    power, spectra = evaluation.power_spectrum_ratios(test.images, {"reconstructions": test_recon, "samples": samples})
+    metrics.update(power)
+    utils.plot_power_spectrum(power["power_band_edges"],
+                              {"real test": spectra["real"], "reconstructions (test)": spectra["reconstructions"],
+                               f"samples ({num})": spectra["samples"]},
+                              out_dir / "power_spectrum.png")
     val = splits["validate"]
     _, val_recon = evaluation.reconstruct(run.vqvae, val.images)  # read by the anatomy judge and the two-sample test
     segmenter = load_segmenter(run)
@@ -502,8 +511,7 @@ def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, 
         print(f"two-sample test: drew {m} samples at the real slices' positions in "
               f"{metrics['two_sample_sampling_seconds']:.0f} s; training its classifiers", file=sys.stderr)
         start = time.perf_counter()
-        recon = evaluation.decode_codes(run.vqvae, test_codes)
-        metrics.update(evaluation.two_sample_scores(splits, recon, many, seed=seed, validate_reconstructions=val_recon))
+        metrics.update(evaluation.two_sample_scores(splits, test_recon, many, seed=seed, validate_reconstructions=val_recon))
         metrics["two_sample_classifier_seconds"] = time.perf_counter() - start
         table = evaluation.two_sample_table(metrics)
         (out_dir / "two_sample.md").write_text(table + "\n")
@@ -513,7 +521,7 @@ def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, 
         # their positions, each beside a 4x zoom of its centre (grain and grey / white borders)
         real = np.concatenate([val.float(), test.float()])[show]
         rows = []
-        for label, images in (("real", real), ("reconstruction", np.concatenate([val_recon, recon])[show]),
+        for label, images in (("real", real), ("reconstruction", np.concatenate([val_recon, test_recon])[show]),
                               ("sample", many[:len(show)])):
             rows += [(label, images), (f"{label}, centre x4", evaluation.center_crop(images, 0.25))]
         utils.plot_image_rows(rows, out_dir / "real_recon_samples_zoom.png", cell_inches=2.4)
@@ -638,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="judge generated samples",
                        description="Write generation_metrics.json (realism, memorisation, interior realism, sharpness, "
                                    "diversity, the judge's Frechet distance, precision / recall and slice "
-                                   "agreement, prior NLL) and a figure of samples beside their nearest test slices.")
+                                   "agreement, prior NLL, the power ratio per frequency band of reconstructions and "
+                                   "samples over real test slices) and figures: samples beside their nearest test "
+                                   "slices, the three radial power spectra (power_spectrum.png).")
     common(e)
     sampling(e, 64)
     e.add_argument("--two-sample-num", type=int, default=None, metavar="N",

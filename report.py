@@ -1,7 +1,7 @@
 """The end of a training run: test-split metrics for ``metrics.json`` and the run directory's figures.
 
 ``train.py`` calls these on the chief once the stages are trained: :func:`evaluate_vqvae` (SSIM, PSNR,
-code usage; ``reconstructions.png``, ``code_grids.png``, ``codebook_usage.png``), :func:`evaluate_prior`
+code usage, the reconstructions' power ratio per frequency band; ``reconstructions.png``, ``code_grids.png``, ``codebook_usage.png``), :func:`evaluate_prior`
 (NLL of the validate and test codes), :func:`draw_samples` (``samples.png``) and
 :func:`plot_training_curves` (``training_curves.png`` from the ``history_*.csv`` files). The metrics
 themselves are computed in :mod:`evaluation`. Nothing runs on import.
@@ -39,6 +39,9 @@ def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size
     utils.plot_codebook_usage(usage, run_dir / "codebook_usage.png", title="test-split codes")
     out = {"test_ssim": scores["ssim_mean"], "test_psnr": scores["psnr_mean"],
            "codebook_perplexity": usage["perplexity"], "active_codes": usage["active_codes"]}
+    # detail kept: the reconstructions' power over the real test slices', per frequency band
+    power, _ = evaluation.power_spectrum_ratios(x, {"reconstructions": recon})
+    out.update(power)
     return out
 
 

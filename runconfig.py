@@ -17,6 +17,14 @@ REPO = Path(__file__).resolve().parent
 STAGES = ("vqvae", "prior")
 JUDGE = "judge"  # the independent judge of samples (judge.py): trained after the prior, on real slices only
 SEGMENTER = "segmenter"  # the tissue segmenter (segmenter.py): trained last, on real slices and masks only
+DECODER = "decoder"  # fine-tunes the decoder of a trained run (encoder and codebook frozen); never part of "all"
+
+# The VQ-VAE settings that only steer training (the losses and the discriminator): --stage decoder takes
+# them as its own, in the run's "decoder" section, while the encoder and codebook stay as trained.
+DECODER_LOSS_KEYS = ("recon_weight", "ssim_weight", "spectral_weight", "spectral_focal", "spectral_log", "gradient_weight",
+                     "adversarial", "disc_start", "disc_weight", "disc_filters", "disc_layers", "disc_lr")
+DECODER_EPOCHS = 4  # --decoder-epochs default: half the demo's VQ-VAE epochs (docs/training.md#fine-tune-the-decoder)
+DECODER_LR = 1e-3  # --decoder-lr default: half the demo's VQ-VAE rate, a fine-tune's
 
 # Settings that define the trained models and their data: a --resume may not change them.
 FROZEN_KEYS = ("vqvae", "prior", "data")
@@ -47,10 +55,10 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
     saved = utils.load_json(saved_path) if saved_path.exists() else None
     if args.resume and saved is None:
         raise TrainError(f"--resume: {saved_path} not found; start a new run without --resume")
-    if args.stage in ("prior", JUDGE, SEGMENTER) and saved is None:
+    if args.stage in ("prior", JUDGE, SEGMENTER, DECODER) and saved is None:
         raise TrainError(f"--stage {args.stage}: {out} holds no trained run (no config.json); "
                          "train the VQ-VAE first with --stage vqvae or --stage all")
-    if saved is not None and not args.resume and args.stage not in ("prior", JUDGE, SEGMENTER):
+    if saved is not None and not args.resume and args.stage not in ("prior", JUDGE, SEGMENTER, DECODER):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it, --stage prior to "
                          "retrain its prior, or --out to start a new run elsewhere")
 
@@ -94,12 +102,17 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
     if data_root is not None:
         requested["data"]["root"] = str(data_root)
     condition_on_slice = saved_conditioned if args.condition_on_slice is None else args.condition_on_slice
+    decoder_requested = {}
+    if args.stage == DECODER:  # the loss flags are the decoder stage's, not a change of the trained VQ-VAE
+        decoder_requested = {k: requested["vqvae"].pop(k) for k in DECODER_LOSS_KEYS if k in requested["vqvae"]}
 
     if saved is not None:
         # A resumed run (or a prior retrained on a saved VQ-VAE) must not silently change what was trained.
         frozen = dict(requested)
         if args.stage == "prior" and not args.resume:
             frozen = {"vqvae": requested["vqvae"], "data": requested["data"]}
+        if args.stage == DECODER and args.resume and "decoder" in cfg:
+            frozen["decoder"] = decoder_requested
         clashes = [f"{section}.{key}: saved {cfg[section].get(key)!r}, requested {value!r}"
                    for section, values in frozen.items() for key, value in values.items()
                    if cfg[section].get(key) != value]
@@ -122,6 +135,8 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
               "previous_slice -> off (predict.py subject needs it)")
         cfg["prior"]["previous_slice"], cfg["prior"]["previous_dropout"] = False, 0.0
 
+    if args.stage == DECODER:
+        cfg["decoder"] = decoder_config(cfg, args, decoder_requested, parser)
     train = cfg["training"]
     for key, off in TRAINING_DEFAULTS.items():  # a run saved before the key existed trained without it
         train.setdefault(key, off)
@@ -165,6 +180,8 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
     # grid follows from the VQ-VAE; the number of slice positions waits for the data.
     try:
         vq = VQVAEConfig.from_dict(cfg["vqvae"])
+        if args.stage == DECODER:
+            decoder_vqvae_config(cfg)
         cfg["prior"]["grid_shape"] = list(vq.grid_shape)
         cfg["prior"]["num_conditions"] = 0
         PriorConfig.from_dict(cfg["prior"])
@@ -172,6 +189,49 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
         raise TrainError(f"bad model setting: {e}") from None
     cfg["out"] = str(out.resolve())
     return cfg, bool(condition_on_slice)
+
+
+def decoder_config(cfg: dict, args, requested: dict, parser) -> dict:
+    """The run's ``"decoder"`` section for ``--stage decoder``: what the decoder is fine-tuned with.
+
+    ``epochs``, ``lr`` (start of a cosine decay), ``batch_size`` and the training-only VQ-VAE settings of
+    :data:`DECODER_LOSS_KEYS`. A resumed stage keeps its saved section (``--decoder-epochs`` may extend
+    it); a new one starts from the VQ-VAE's own loss settings, ``DECODER_EPOCHS``, ``DECODER_LR`` and the
+    VQ-VAE's batch size; the flags given win.
+    """
+    saved = cfg.get("decoder") if args.resume else None
+    if saved is None:
+        dec = {"epochs": DECODER_EPOCHS, "lr": DECODER_LR,
+               "batch_size": cfg["training"]["vqvae_batch_size"],
+               **{k: cfg["vqvae"][k] for k in DECODER_LOSS_KEYS if k in cfg["vqvae"]}}
+        from modules import VQVAEConfig
+
+        defaults = VQVAEConfig()  # a run saved before a loss existed trained without it
+        dec.update({k: getattr(defaults, k) for k in DECODER_LOSS_KEYS if k not in dec})
+    else:
+        dec = dict(saved)
+    dec.update(requested)
+    if args.decoder_epochs is not None:
+        dec["epochs"] = args.decoder_epochs
+    if args.decoder_lr is not None:
+        dec["lr"] = args.decoder_lr
+    batch = args.vqvae_batch_size if args.vqvae_batch_size is not None else args.batch_size
+    if batch is not None and saved is None:
+        dec["batch_size"] = batch
+    if dec["epochs"] < 1:
+        parser.error(f"--decoder-epochs must be at least 1, got {dec['epochs']}")
+    if not dec["lr"] > 0:
+        parser.error(f"--decoder-lr must be above 0, got {dec['lr']}")
+    return dec
+
+
+def decoder_vqvae_config(cfg: dict):
+    """The ``VQVAEConfig`` the decoder stage trains: the run's VQ-VAE with the ``"decoder"`` section's
+    losses, encoder and codebook frozen."""
+    from modules import VQVAEConfig
+
+    dec = cfg["decoder"]
+    return VQVAEConfig.from_dict({**cfg["vqvae"], **{k: dec[k] for k in DECODER_LOSS_KEYS}, "freeze_encoder": True})
 
 
 def slice_conditions(splits) -> int:

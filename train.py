@@ -4,6 +4,7 @@
     python train.py --data /data/oasis --preset oasis --out runs/oasis
     python train.py --out runs/demo --resume          # continue after an interruption
     python train.py --stage prior --out runs/demo     # (re)train only the prior on a trained VQ-VAE
+    python train.py --stage decoder --out runs/demo --spectral-weight 0.1   # sharpen its decoder alone
 
 Everything a run produces lands in its run directory (``--out``): ``config.json``, ``vqvae.keras``,
 ``pixelcnn.keras``, per-epoch checkpoints, ``history_*.csv``, TensorBoard logs, cached codes,
@@ -30,7 +31,7 @@ import evaluation
 import report
 import runconfig
 import rundir
-from runconfig import JUDGE, SEGMENTER, STAGES, TrainError
+from runconfig import DECODER, JUDGE, SEGMENTER, STAGES, TrainError
 from rundir import RunDirs
 
 
@@ -104,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the demo set under data/oasis_demo, built on first use")
     g.add_argument("--out", type=Path, default=None,
                    help="run directory for models, logs, metrics and figures (default: runs/<preset>)")
-    g.add_argument("--stage", choices=("all",) + STAGES + (JUDGE, SEGMENTER), default="all",
+    g.add_argument("--stage", choices=("all",) + STAGES + (DECODER, JUDGE, SEGMENTER), default="all",
                    help="all: both stages, then the judge and the segmenter; vqvae: only stage 1; prior: only "
-                        "stage 2, on the run's trained VQ-VAE; judge: only the judge of samples (a slice-position "
+                        "stage 2, on the run's trained VQ-VAE; decoder: fine-tune the decoder alone of an existing "
+                        "run, its encoder and codebook frozen so its codes and prior stay valid (the loss flags "
+                        "--spectral-weight, --gradient-weight, --ssim-weight, --adversarial ... then set this stage's "
+                        "losses; always from the VQ-VAE as stage 1 left it); judge: only the judge of samples (a slice-position "
                         "CNN on the real training slices), for an existing run; segmenter: only the tissue "
                         "segmenter (a small U-Net on the real training slices and their keras_png_slices_seg_* "
                         "masks), for an existing run")
@@ -142,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "oversized Adam steps kill the decoder's ReLUs the same way. 0: none (default in both "
                         f"presets, for now; {VQVAE_CLIPNORM:g} with --vqvae-warmup-steps {VQVAE_WARMUP_STEPS} "
                         "cures --downsample 8)")
+    g.add_argument("--decoder-epochs", type=int, default=None,
+                   help=f"epochs of --stage decoder (default: {runconfig.DECODER_EPOCHS})")
+    g.add_argument("--decoder-lr", type=float, default=None,
+                   help="Adam learning rate of --stage decoder (start of a cosine decay to 5%% of it; default: "
+                        f"{runconfig.DECODER_LR:g})")
     g.add_argument("--prior-lr", type=float, default=None,
                    help="Adam learning rate of the prior (start of a cosine decay to 5%% of it)")
     g.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
@@ -160,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use Keras' mixed_float16 policy (on a GPU; ignored with a notice on a CPU)")
 
     g = p.add_argument_group("VQ-VAE (VQVAEConfig)")
-    _add_dataclass_flags(g, VQVAEConfig, "", skip={"image_size", "seed"})
+    _add_dataclass_flags(g, VQVAEConfig, "", skip={"image_size", "seed", "freeze_encoder"})
     g = p.add_argument_group("prior (PriorConfig; the flags carry a prior- prefix)")
     g.add_argument("--condition-on-slice", action=argparse.BooleanOptionalAction, default=None,
                    help="condition the prior on the slice index parsed from file names "
@@ -375,6 +384,58 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     return model
 
 
+PRE_DECODER = "vqvae_before_decoder.keras"  # the VQ-VAE as stage 1 left it, kept by the first --stage decoder
+
+
+def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
+    """``--stage decoder``: fine-tune the decoder of the run's VQ-VAE with ``cfg["decoder"]``'s losses.
+
+    The encoder and the vector quantiser are frozen (``VQVAEConfig.freeze_encoder``: no gradient steps,
+    no EMA updates, no restarts), so every image keeps its codes and the run's prior stays valid. The
+    stage always starts from the VQ-VAE as stage 1 left it (``vqvae_before_decoder.keras``, copied from
+    ``vqvae.keras`` the first time), so running it again with other settings replaces the last
+    fine-tune rather than adding to it. Checkpoints and ``--resume`` as for the other stages; at the end
+    ``vqvae.keras`` is that file with the new decoder's weights (its config, as trained in stage 1, kept).
+    """
+    import shutil
+
+    import keras
+
+    import dataset
+    from modules import VQVAE
+
+    d = cfg["decoder"]
+    source = dirs.out / PRE_DECODER
+    if not source.exists():
+        if not (dirs.out / "vqvae.keras").exists():
+            raise TrainError(f"{dirs.out / 'vqvae.keras'} not found: train the VQ-VAE first (--stage vqvae or all)")
+        if dirs.is_chief:
+            shutil.copyfile(dirs.out / "vqvae.keras", dirs.write / PRE_DECODER)
+        else:
+            source = dirs.out / "vqvae.keras"
+    config = runconfig.decoder_vqvae_config(cfg)
+
+    def copy_weights(src, dst):
+        for name in ("encoder", "vector_quantizer", "decoder"):
+            getattr(dst, name).set_weights(getattr(src, name).get_weights())
+
+    def build():
+        model = VQVAE(config)
+        copy_weights(keras.models.load_model(source), model)
+        model.compile(optimizer=vqvae_optimizer(d["lr"], d["epochs"], len(splits["train"]), d["batch_size"]))
+        return model
+
+    train_ds = dataset.to_dataset(splits["train"], d["batch_size"], shuffle=True, seed=cfg["seed"])
+    val_ds = dataset.to_dataset(splits["validate"], d["batch_size"], shuffle=False)
+    print(f"[{DECODER}] fine-tuning the decoder of {source.name} ({d['epochs']} epochs, lr {d['lr']:g}; "
+          f"encoder and codebook frozen): " + ", ".join(f"{k} {d[k]}" for k in runconfig.DECODER_LOSS_KEYS))
+    model = fit_stage(DECODER, build, train_ds, val_ds, d["epochs"], dirs, resume, strategy)
+    final = keras.models.load_model(source)  # the run's VQ-VAE as it was (config, discriminator), new decoder
+    final.decoder.set_weights(model.decoder.get_weights())
+    rundir.save_final(final, dirs.write / "vqvae.keras", DECODER)
+    return final
+
+
 def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
     import keras
 
@@ -582,15 +643,22 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
         t0 = time.time()
         train_vqvae(cfg, splits, dirs, args.resume, strategy)
         timings["vqvae_train_s"] = time.time() - t0
+    if DECODER in stages:
+        t0 = time.time()
+        train_decoder(cfg, splits, dirs, args.resume, strategy)
+        timings["decoder_train_s"] = time.time() - t0
     metrics_path = dirs.out / "metrics.json"
     metrics = utils.load_json(metrics_path) if dirs.is_chief and metrics_path.exists() else {}
-    if "vqvae" in stages or "prior" in stages:
+    if "vqvae" in stages or "prior" in stages or DECODER in stages:
         # Reloaded outside the strategy: encoding and evaluation are local to this process.
-        vq_path = (dirs.write if "vqvae" in stages else dirs.out) / "vqvae.keras"
+        vq_path = (dirs.write if "vqvae" in stages or DECODER in stages else dirs.out) / "vqvae.keras"
         if not vq_path.exists():
             raise TrainError(f"{vq_path} not found: train the VQ-VAE first (--stage vqvae or all)")
         vqvae = keras.models.load_model(vq_path)
         if dirs.is_chief:
+            if DECODER in stages:  # figures of the decoder it replaced (predict.py evaluate measures them again)
+                for key in [k for k in metrics if k.startswith("two_sample_reconstructions")]:
+                    del metrics[key]
             metrics.update(report.evaluate_vqvae(vqvae, splits, dirs.write, num_embeddings))
 
     if "prior" in stages:
@@ -619,7 +687,7 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
         t0 = time.time()
         metrics.update(train_segmenter_stage(cfg, splits, dirs.write, resume=args.resume))
         timings["segmenter_train_s"] = time.time() - t0
-    report.plot_training_curves(dirs.write, STAGES + (JUDGE, SEGMENTER))
+    report.plot_training_curves(dirs.write, STAGES + (DECODER, JUDGE, SEGMENTER))
     metrics.update({k: round(v, 1) for k, v in timings.items()}, wall_s=round(time.time() - started, 1))
     utils.save_json(metrics, metrics_path)
     print("metrics:", json.dumps(metrics, indent=2))

@@ -242,6 +242,29 @@ def plot_codebook_usage(usage: dict, path: str | os.PathLike, title: str = "code
     return _save_figure(fig, path)
 
 
+def plot_power_spectrum(edges, spectra: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Radial power spectra on a log scale, one curve per image set, against the band centres.
+
+    Args:
+        edges: ``(bands + 1,)`` band edges in cycles per pixel (``evaluation.radial_power_spectrum``).
+        spectra: ``{label: power (bands,)}``, e.g. real, reconstructions, samples.
+    """
+    plt = _pyplot()
+    edges = np.asarray(edges, float)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, power in spectra.items():
+        ax.plot(centres, np.asarray(power, float), marker=".", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("radial frequency (cycles per pixel; Nyquist 0.5)", fontsize=8)
+    ax.set_ylabel("mean power per frequency", fontsize=8)
+    ax.set_title(title or "radial power spectrum", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def plot_image_rows(rows: Sequence[tuple[str, Any]], path: str | os.PathLike, titles=None,
                     cmaps: Sequence[str] | None = None, cell_inches: float = 1.6) -> Path:
     """Draw aligned rows of images: ``rows = [(label, images (N, H, W[, 1])), ...]``.

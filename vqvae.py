@@ -103,7 +103,8 @@ class VectorQuantizer(keras.layers.Layer):
 
     ``N_k`` starts at 1 and ``m_k`` at the initial codebook, so an unused code stays put instead
     of blowing up when ``N_k`` is ~0. EMA updates and dead-code restarts only happen when the layer
-    is called with ``training=True``.
+    is called with ``training=True`` and the layer is trainable (``trainable=False`` freezes the codebook,
+as it freezes a batch normalisation's statistics).
 
     Dead-code restart (``restart_after=N > 0``): a code that received no vector for ``N``
     consecutive training steps is re-initialised to a random encoder output of the current batch
@@ -284,7 +285,7 @@ class VectorQuantizer(keras.layers.Layer):
         self.batch_perplexity.assign(stats["perplexity"])
         self.batch_active_fraction.assign(stats["active_fraction"])
 
-        if training:
+        if training and self.trainable:  # a frozen quantiser (trainable=False) keeps its codebook
             self._update_codebook(flat, onehot, counts)
 
         return z + ops.stop_gradient(e - z)
@@ -499,6 +500,24 @@ class VQVAEConfig:
     # restoration (Zhao et al. 2017). Gaussian-window SSIM as in tf.image.ssim.
     ssim_weight: float = field(default=0.0, metadata={
         "help": "weight of 1 - SSIM(x, x_hat) in the training loss, which keeps edges that MSE blurs (0: off)"})
+    # Detail-aware losses (docs/training.md#detail-aware-losses): MSE and SSIM forgive blur, these two
+    # do not, and unlike a discriminator they act from the first step.
+    spectral_weight: float = field(default=0.0, metadata={
+        "help": "weight of the spectral loss, the mean L1 distance of real and reconstructed 2-D FFT amplitudes "
+                "(orthonormal FFT, float32), which asks for the high-frequency power that blur removes (0: off)"})
+    spectral_focal: float = field(default=0.0, metadata={
+        "help": "focal frequency exponent alpha (Jiang et al. 2021): each frequency's distance is weighted by its "
+                "own distance^alpha over the image's largest (stop-gradient), so the worst frequencies lead (0: plain)"})
+    spectral_log: bool = field(default=False, metadata={
+        "help": "spectral loss on log amplitudes, |log(eps + |F x|) - log(eps + |F x_hat|)|: every frequency counts "
+                "by its relative error, the faint high ones as much as the strong low ones (weights of 0.001-0.01 "
+                "then act like 0.1-1 on amplitudes)"})
+    gradient_weight: float = field(default=0.0, metadata={
+        "help": "weight of the image-gradient loss, mean |dx x - dx x_hat| + |dy x - dy x_hat| over neighbouring "
+                "pixels, which asks for sharp borders (0: off)"})
+    freeze_encoder: bool = field(default=False, metadata={
+        "help": "encoder and vector quantiser frozen (no gradient steps, no EMA updates, no restarts), so only "
+                "the decoder trains; set by train.py --stage decoder"})
     seed: int = field(default=0, metadata={"help": "seed of the codebook initialiser and the restart sampler"})
     # VQGAN (Esser et al. 2021, "Taming Transformers"): the decoder also plays against a PatchGAN
     # discriminator, which restores the grain and crisp borders that the pixel losses average away.
@@ -532,6 +551,9 @@ class VQVAEConfig:
             raise ValueError(f"disc_filters and disc_layers must be >= 1, got {self.disc_filters}, {self.disc_layers}")
         if self.disc_lr <= 0:
             raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
+        for name in ("spectral_weight", "spectral_focal", "gradient_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -570,6 +592,73 @@ def _mean_ssim(x, y, max_val: float = 1.0, sigma: float = 1.5):
     return ops.mean(luminance * contrast_structure)
 
 
+SPECTRAL_LOG_EPS = 1e-3  # orthonormal amplitudes below this count as this (real 128x128 slices: ~0.01 near Nyquist)
+
+
+def spectral_loss(x, y, focal: float = 0.0, log: bool = False):
+    """Mean L1 distance of the 2-D Fourier amplitudes of two image batches ``(B, H, W, 1)``.
+
+    ``|F x| - |F y|`` per frequency, with the orthonormal FFT (divided by ``sqrt(H W)``, so by Parseval
+    the mean squared amplitude over frequencies equals the mean squared pixel: the loss is on the scale
+    of a pixel difference, and weights of 0.1-1 beside the MSE are meaningful). Amplitudes only, no
+    phase: a decoder that cannot know where the fine grain lies is still asked for its power, which
+    the MSE's best guess (the blurred mean) drops. Computed in float32 whatever the inputs' dtype. The
+    L1 distance never rewards more power than the real image has. A spectral loss on the amplitudes
+    trains the brain VQ-VAE of Tudosiu et al. 2022 ("Morphology-preserving autoregressive 3D generative
+    modelling of the brain").
+
+    ``focal > 0`` is the focal frequency loss of Jiang et al. 2021 ("Focal Frequency Loss for Image
+    Reconstruction and Synthesis", ICCV): each frequency's distance ``d`` is weighted by
+    ``(d / max d)^focal`` per image, a stop-gradient weight in [0, 1], so the frequencies the model gets
+    most wrong lead. (Jiang et al. weight complex distances; here amplitudes, as above.)
+
+    ``log=True`` compares ``log(eps + amplitude)`` instead (a log-spectral distance, ``eps`` =
+    ``SPECTRAL_LOG_EPS``): a frequency counts by its relative error, so the faint high frequencies,
+    whose absolute errors are tiny beside the low ones', lead as much; its values are ~100x those
+    of the amplitude distance's for the same blur.
+
+    Returns:
+        a float32 scalar, 0 for identical images.
+    """
+    x = ops.cast(x, "float32")[..., 0]
+    y = ops.cast(y, "float32")[..., 0]
+    h, w = int(x.shape[1]), int(x.shape[2])
+    zeros = ops.zeros_like(x)
+    xr, xi = ops.fft2((x, zeros))
+    yr, yi = ops.fft2((y, zeros))
+    # eps inside the root keeps the gradient finite where an amplitude is 0
+    amp_x = ops.sqrt(xr * xr + xi * xi + 1e-12)
+    amp_y = ops.sqrt(yr * yr + yi * yi + 1e-12)
+    norm = 1.0 / math.sqrt(h * w)  # the orthonormal FFT's scale
+    if log:
+        dist = ops.abs(ops.log(SPECTRAL_LOG_EPS + norm * amp_x) - ops.log(SPECTRAL_LOG_EPS + norm * amp_y))
+    else:
+        dist = ops.abs(amp_x - amp_y) * norm  # (B, H, W)
+    if focal:
+        weight = dist ** focal
+        weight = weight / ops.maximum(ops.max(weight, axis=(1, 2), keepdims=True), 1e-12)
+        dist = ops.stop_gradient(weight) * dist
+    return ops.mean(dist)
+
+
+def gradient_loss(x, y):
+    """Image-gradient loss of two batches ``(B, H, W, 1)``: ``mean|dx x - dx y| + mean|dy x - dy y|``.
+
+    ``dx``, ``dy`` are differences of horizontally and vertically neighbouring pixels. A blurred border
+    has the right mean but too shallow a slope, which this L1 distance charges for at every pixel (the
+    gradient-difference loss of Mathieu et al. 2016, "Deep multi-scale video prediction beyond mean
+    square error", with exponent 1). Computed in float32.
+
+    Returns:
+        a float32 scalar, 0 for identical images.
+    """
+    x = ops.cast(x, "float32")
+    y = ops.cast(y, "float32")
+    dx = (x[:, :, 1:] - x[:, :, :-1]) - (y[:, :, 1:] - y[:, :, :-1])
+    dy = (x[:, 1:] - x[:, :-1]) - (y[:, 1:] - y[:, :-1])
+    return ops.mean(ops.abs(dx)) + ops.mean(ops.abs(dy))
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class VQVAE(keras.Model):
     """Encoder -> :class:`VectorQuantizer` -> decoder, trained with ``compile(optimizer)`` + ``fit``.
@@ -581,7 +670,9 @@ class VQVAE(keras.Model):
     where ``vq_loss`` is the quantiser's ``codebook + beta * commitment`` (or ``beta * commitment``
     with EMA). ``fit``/``evaluate`` report ``loss``, ``recon_loss`` (the unweighted MSE), ``ssim``,
     ``vq_loss``, ``perplexity`` and ``active_codes`` (fraction of the codebook used in a batch,
-    averaged over batches).
+    averaged over batches). The detail losses :func:`spectral_loss` and :func:`gradient_loss` are
+    added with ``spectral_weight`` and ``gradient_weight`` and then reported too (``spectral_loss``,
+    ``gradient_loss``, unweighted). With ``freeze_encoder`` only the decoder trains.
 
     With ``adversarial=True`` (VQGAN, Esser et al. 2021) the model also holds ``discriminator`` (a
     PatchGAN, :func:`build_discriminator`) and ``disc_optimizer`` (its own Adam, loss-scaled under
@@ -621,6 +712,14 @@ class VQVAE(keras.Model):
         self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
         self.perplexity_tracker = keras.metrics.Mean(name="perplexity")
         self.active_codes_tracker = keras.metrics.Mean(name="active_codes")
+        # the detail losses are tracked (and so shown in the progress bar) only when they are on
+        self.spectral_tracker = keras.metrics.Mean(name="spectral_loss") if cfg.spectral_weight else None
+        self.gradient_tracker = keras.metrics.Mean(name="gradient_loss") if cfg.gradient_weight else None
+        if cfg.freeze_encoder:
+            # train.py --stage decoder: no gradient step reaches them, and a frozen quantiser makes no
+            # EMA update and no restart (VectorQuantizer.call), so the codes stay what they were.
+            self.encoder.trainable = False
+            self.vector_quantizer.trainable = False
         self.discriminator = None
         if cfg.adversarial:
             # Training only, but an attribute, so checkpoints (model.save) carry its weights and its
@@ -667,7 +766,8 @@ class VQVAE(keras.Model):
         return ops.clip(self.decoder(self.vector_quantizer.quantize(codes), training=False), 0.0, 1.0)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """``recon_weight * MSE + ssim_weight * (1 - SSIM) + vq_loss``; also updates the metrics."""
+        """``recon_weight * MSE + ssim_weight * (1 - SSIM) + spectral_weight * spectral_loss
+        + gradient_weight * gradient_loss + vq_loss``; also updates the metrics."""
         x = ops.cast(x, "float32")
         y_pred = ops.cast(y_pred, "float32")
         recon = ops.mean((x - y_pred) ** 2)
@@ -676,6 +776,14 @@ class VQVAE(keras.Model):
         total = self.config.recon_weight * recon + vq
         if self.config.ssim_weight:
             total = total + self.config.ssim_weight * (1.0 - ssim)
+        if self.config.spectral_weight:
+            spectral = spectral_loss(x, y_pred, self.config.spectral_focal, self.config.spectral_log)
+            total = total + self.config.spectral_weight * spectral
+            self.spectral_tracker.update_state(spectral)
+        if self.config.gradient_weight:
+            grad = gradient_loss(x, y_pred)
+            total = total + self.config.gradient_weight * grad
+            self.gradient_tracker.update_state(grad)
         self.recon_loss_tracker.update_state(recon)
         self.ssim_tracker.update_state(ssim)
         self.vq_loss_tracker.update_state(vq)

@@ -215,6 +215,12 @@ def test_evaluate_writes_consistent_metrics_and_figure(trained_run, tmp_path):
     assert (m["judge_precision"], m["judge_recall"]) == (pytest.approx(p), pytest.approx(r))
     p, r = evaluation.precision_recall(f_t, f_v, k=3)
     assert (m["judge_precision_validate"], m["judge_recall_validate"]) == (pytest.approx(p), pytest.approx(r))
+    # The power spectrum: test reconstructions and the samples over the real test slices, per band.
+    test_recon = evaluation.decode_codes(run.vqvae, evaluation.encode_images(run.vqvae, test.images))
+    power, _ = evaluation.power_spectrum_ratios(x, {"reconstructions": test_recon, "samples": samples})
+    for key in ("power_ratio_reconstructions", "power_ratio_samples"):
+        assert m[key] == pytest.approx(power[key], rel=1e-3, abs=1e-4), key
+    assert (tmp_path / "power_spectrum.png").is_file()
 
 
 def test_evaluate_without_a_judge_skips_its_metrics_with_a_notice(trained_run, tmp_path):

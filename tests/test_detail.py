@@ -1,0 +1,209 @@
+"""Detail: the spectral and image-gradient losses, the decoder fine-tune (train.py --stage decoder) and the
+radial power spectrum (issue 26)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from conftest import REPO, brain_like
+
+TINY = ["--image-size", "32", "--downsample", "4", "--channels", "8", "--num-res-blocks", "1",
+        "--num-embeddings", "16", "--embedding-dim", "4", "--batch-size", "4", "--num-samples", "0"]
+
+
+def _slices(n: int = 6, size: int = 32) -> np.ndarray:
+    return np.stack([brain_like(size, 1 + k % 3, k) for k in range(n)])[..., None].astype("float32") / 255.0
+
+
+def _blur(images, sigma: float) -> np.ndarray:
+    return np.stack([gaussian_filter(im[..., 0], sigma) for im in images])[..., None].astype("float32")
+
+
+@pytest.mark.parametrize("name", ["spectral", "spectral_focal", "spectral_log", "gradient"])
+def test_each_loss_is_zero_for_identical_images_and_grows_with_blur(name):
+    from modules import gradient_loss, spectral_loss
+
+    loss = {"spectral": spectral_loss, "spectral_focal": lambda a, b: spectral_loss(a, b, focal=1.0),
+            "spectral_log": lambda a, b: spectral_loss(a, b, log=True), "gradient": gradient_loss}[name]
+    x = _slices()
+    assert float(loss(x, x)) == 0.0
+    values = [float(loss(x, _blur(x, sigma))) for sigma in (0.5, 1.0, 2.0)]
+    assert 0 < values[0] < values[1] < values[2], values
+
+
+def test_losses_are_float32_with_gradients_under_float16_inputs():
+    import tensorflow as tf
+
+    from modules import gradient_loss, spectral_loss
+
+    x = _slices(2)
+    y = tf.Variable(_blur(x, 1.0).astype("float16"))
+    with tf.GradientTape() as tape:
+        total = (spectral_loss(x.astype("float16"), y, focal=1.0) + spectral_loss(x.astype("float16"), y, log=True)
+                 + gradient_loss(x.astype("float16"), y))
+    assert total.dtype == tf.float32
+    grad = tape.gradient(total, y)
+    assert np.isfinite(grad.numpy()).all() and np.abs(grad.numpy()).max() > 0
+
+
+def test_config_round_trip_and_old_configs_load_with_the_losses_off():
+    from modules import VQVAE, VQVAEConfig
+
+    cfg = VQVAEConfig(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4,
+                      spectral_weight=0.3, spectral_focal=1.0, spectral_log=True, gradient_weight=0.2)
+    assert VQVAEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    model = VQVAE(cfg)
+    assert VQVAE.from_config(model.get_config()).config == cfg
+    old = {k: v for k, v in cfg.to_dict().items()
+           if k not in ("spectral_weight", "spectral_focal", "spectral_log", "gradient_weight", "freeze_encoder")}
+    restored = VQVAEConfig.from_dict(old)
+    assert (restored.spectral_weight, restored.spectral_focal, restored.gradient_weight) == (0.0, 0.0, 0.0)
+    assert not restored.freeze_encoder and not restored.spectral_log
+    with pytest.raises(ValueError, match="spectral_weight"):
+        VQVAEConfig(spectral_weight=-1.0)
+
+
+def test_fit_reports_the_detail_losses_only_when_they_are_on():
+    import keras
+
+    from modules import VQVAE
+
+    x = _slices(4, 16)
+    for weights, shown in (({}, False), ({"spectral_weight": 0.5, "gradient_weight": 0.5}, True)):
+        keras.utils.set_random_seed(0)
+        model = VQVAE(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4, **weights)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        logs = model.fit(x, batch_size=4, epochs=1, verbose=0).history
+        assert ("spectral_loss" in logs and "gradient_loss" in logs) == shown, logs.keys()
+        assert np.isfinite(logs["loss"]).all()
+
+
+def test_mixed_float16_fit_with_the_detail_losses():
+    import keras
+
+    from modules import VQVAE
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = VQVAE(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4,
+                      spectral_weight=0.5, spectral_focal=1.0, gradient_weight=0.5)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        logs = model.fit(_slices(4, 16), batch_size=2, epochs=1, verbose=0).history
+        assert np.isfinite(logs["spectral_loss"]).all() and np.isfinite(logs["gradient_loss"]).all()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _history_epochs(path):
+    with path.open(newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_decoder_stage_freezes_encoder_codebook_and_codes_changes_the_decoder_and_resumes(oasis_tree, tmp_path):
+    import keras
+
+    import dataset
+    import train
+
+    out = tmp_path / "run"
+    assert train.main(["--data", oasis_tree, "--out", out, *TINY, "--stage", "vqvae", "--vqvae-epochs", "1"]) == 0
+    before = keras.models.load_model(out / "vqvae.keras")
+    x = dataset.read_oasis(oasis_tree, image_size=32)["test"].float()
+    codes = np.asarray(before.encode(x))
+
+    assert train.main(["--data", oasis_tree, "--out", out, "--stage", "decoder", "--decoder-epochs", "1",
+                       "--decoder-lr", "0.01", "--spectral-weight", "0.5", "--gradient-weight", "0.5"]) == 0
+    after = keras.models.load_model(out / "vqvae.keras")
+    for a, b in zip(before.encoder.get_weights(), after.encoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for var_a, var_b in zip(before.vector_quantizer.weights, after.vector_quantizer.weights):
+        if not var_a.name.startswith("batch_"):  # the per-batch usage statistics are reports, not the codebook
+            np.testing.assert_array_equal(np.asarray(var_a), np.asarray(var_b), err_msg=var_a.name)
+    np.testing.assert_array_equal(codes, np.asarray(after.encode(x)))
+    assert any(not np.array_equal(a, b) for a, b in zip(before.decoder.get_weights(), after.decoder.get_weights()))
+    assert not after.config.freeze_encoder and after.config.spectral_weight == 0.0  # the run's VQ-VAE, new decoder
+    assert (out / "vqvae_before_decoder.keras").is_file()
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["decoder"]["spectral_weight"] == 0.5 and config["decoder"]["epochs"] == 1
+    assert config["vqvae"]["spectral_weight"] == 0.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["power_ratio_reconstructions"]) == 8 and "decoder_train_s" in metrics
+
+    # resume: one more epoch from the stage's checkpoint, its settings kept
+    assert train.main(["--data", oasis_tree, "--out", out, "--stage", "decoder", "--resume",
+                       "--decoder-epochs", "2"]) == 0
+    assert _history_epochs(out / "history_decoder.csv") == [0, 1]
+    assert json.loads((out / "config.json").read_text())["decoder"]["spectral_weight"] == 0.5
+    resumed = keras.models.load_model(out / "vqvae.keras")
+    np.testing.assert_array_equal(codes, np.asarray(resumed.encode(x)))
+    # a resumed stage may not change its losses
+    assert train.main(["--data", oasis_tree, "--out", out, "--stage", "decoder", "--resume",
+                       "--spectral-weight", "0.1"]) == 2
+
+
+_MIRRORED_SCRIPT = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, sys.argv[1])
+import numpy as np, keras
+from modules import VQVAE
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():  # the decoder stage's model: detail losses on, encoder and codebook frozen
+    model = VQVAE(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4,
+                  restart_after=1, spectral_weight=0.5, spectral_focal=1.0, gradient_weight=0.5, freeze_encoder=True)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+frozen = [w.copy() for w in model.encoder.get_weights() + model.vector_quantizer.get_weights()[:3]]
+decoder = [w.copy() for w in model.decoder.get_weights()]
+x = np.random.default_rng(0).uniform(size=(8, 16, 16, 1)).astype("float32")
+hist = model.fit(tf.data.Dataset.from_tensor_slices(x).batch(4), epochs=1, verbose=0).history
+assert np.isfinite(hist["spectral_loss"]).all() and np.isfinite(hist["gradient_loss"]).all(), hist
+for a, b in zip(frozen, model.encoder.get_weights() + model.vector_quantizer.get_weights()[:3]):
+    assert np.array_equal(a, b)
+assert any(not np.array_equal(a, b) for a, b in zip(decoder, model.decoder.get_weights()))
+print("MIRRORED_OK", strategy.num_replicas_in_sync)
+"""
+
+
+def test_detail_losses_and_frozen_encoder_on_two_replicas():
+    """Two logical CPU devices must be configured before TF starts, hence the subprocess."""
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, str(REPO)], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert "MIRRORED_OK 2" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_power_spectrum_ratio_is_one_for_identical_sets_and_below_one_at_high_bands_for_blur():
+    import evaluation
+
+    x = _slices(8)
+    metrics, spectra = evaluation.power_spectrum_ratios(x, {"same": x.copy(), "blurred": _blur(x, 1.0)})
+    np.testing.assert_allclose(metrics["power_ratio_same"], 1.0, atol=1e-6)
+    blurred = np.array(metrics["power_ratio_blurred"])
+    assert blurred[-1] < 0.5 < blurred[0] and blurred[-1] < blurred[len(blurred) // 2]
+    assert metrics["power_band_edges"][0] == 0.0 and metrics["power_band_edges"][-1] == 0.5
+    assert set(spectra) == {"real", "same", "blurred"}
+    with pytest.raises(ValueError, match="no images"):
+        evaluation.radial_power_spectrum(np.zeros((0, 32, 32, 1)))
+    with pytest.raises(ValueError, match="no images"):
+        evaluation.power_spectrum_ratios(x, {"samples": []})
+
+
+def test_plot_power_spectrum_writes_a_figure(tmp_path):
+    import evaluation
+    import utils
+
+    x = _slices(4)
+    metrics, spectra = evaluation.power_spectrum_ratios(x, {"reconstructions": _blur(x, 1.0)})
+    path = utils.plot_power_spectrum(metrics["power_band_edges"], spectra, tmp_path / "power_spectrum.png")
+    assert path.is_file() and path.stat().st_size > 0
