@@ -3,6 +3,7 @@
     python bench/bench_train.py                       # both presets' models, on this machine
     python bench/bench_train.py --sizes 256 --steps 50 --mixed-precision both   # on a GPU
     python bench/bench_train.py --prior-ab            # the prior's fit, variants side by side
+    python bench/bench_train.py --prior-runs runs/demo runs/grid16   # saved runs' priors side by side
 
 ``--prior-ab`` times the demo preset's prior training step (steps/s and code grids/s) in variants of
 what the field offers to speed it up -- XLA (``compile(jit_compile=True)``), the batch size --
@@ -10,6 +11,11 @@ against the set-up ``train.py`` uses, interleaved in one process (round-robin, m
 so that load from other processes hits every variant alike; ratios are to the first row. It also
 times the input pipeline alone (``train.py``'s, and one that gathers whole shuffled batches from
 cached code arrays), to show whether the pipeline could be the bottleneck.
+
+``--prior-runs`` times the training step of each run's prior (rebuilt from its ``config.json``: grid,
+codebook, layers, attention, conditioning) on random code grids of its own grid shape at its own batch
+size, interleaved the same way, and prints each run's seconds per step and per epoch of the demo's
+1,920 training slices beside the first run's: what one prior design costs against another.
 
 For each image size the VQ-VAE and the prior are built with the settings the matching preset uses
 (128: demo, 256: oasis), fed OASIS-sized synthetic data (smooth random slices; the prior gets random
@@ -20,6 +26,7 @@ code grids of the VQ-VAE's grid shape), and timed over ``--steps`` training step
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -167,6 +174,53 @@ def prior_fit_variants(args) -> None:
               f"(the model takes {1 / step_s[0]:.2f} steps/s)")
 
 
+def prior_run_steps(args) -> None:
+    """Print the training step time of each saved run's prior, interleaved, with ratios to the first run's."""
+    import keras
+
+    import utils
+    from modules import PixelCNN, PriorConfig
+
+    n = 1920  # the demo set's training slices, for seconds per epoch
+    entries = []
+    for run in args.prior_runs:
+        path = run / "config.json"
+        if not path.exists():
+            raise SystemExit(f"bench_train.py: --prior-runs: {path} not found; give train.py run directories")
+        cfg = utils.load_json(path)
+        prior_cfg = PriorConfig.from_dict(cfg["prior"])
+        k, batch = cfg["vqvae"]["num_embeddings"], cfg["training"]["prior_batch_size"]
+        keras.utils.set_random_seed(0)
+        model = PixelCNN(k, prior_cfg)
+        model.compile(optimizer=keras.optimizers.Adam(cfg["training"]["prior_lr"]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        rng = np.random.default_rng(0)
+        codes = rng.integers(0, k, (batch, *prior_cfg.grid_shape)).astype(np.int32)
+        x = [codes]
+        if prior_cfg.num_conditions:
+            x.append(rng.integers(0, prior_cfg.num_conditions, batch).astype(np.int32))
+        if prior_cfg.previous_slice:
+            x.append(rng.integers(0, k, codes.shape).astype(np.int32))
+        x = tuple(x) if len(x) > 1 else x[0]
+        for _ in range(args.warmup):
+            model.train_on_batch(x, codes)
+        entries.append((run, prior_cfg, k, batch, model, x, codes))
+    times = [[] for _ in entries]
+    for _ in range(args.rounds):
+        for i, (*_, model, x, codes) in enumerate(entries):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                model.train_on_batch(x, codes)
+            times[i].append((time.perf_counter() - start) / args.steps)
+    step_s = [float(np.median(t)) for t in times]
+    print(f"prior training step, median of {args.rounds} interleaved rounds of {args.steps} steps")
+    for (run, pc, k, batch, *_), s in zip(entries, step_s):
+        epoch = s * math.ceil(n / batch)
+        print(f"{str(run)}: {pc.grid_shape[0]}x{pc.grid_shape[1]} grid, {k} codes, {pc.filters} filters x "
+              f"{pc.num_layers} layers, attention every {pc.attention_every or '-'}, batch {batch}: "
+              f"{s * 1000:.0f} ms / step ({s / step_s[0]:.2f}x the first), {epoch:.0f} s / epoch of {n} slices")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], choices=sorted(SIZE_PRESET),
@@ -178,7 +232,10 @@ def main(argv=None) -> int:
                    help="Keras mixed_float16 policy: off, on, or both side by side (meant for GPUs)")
     p.add_argument("--prior-ab", action="store_true",
                    help="instead: the demo prior's fit in speed-up variants side by side (see above)")
-    p.add_argument("--rounds", type=int, default=5, help="--prior-ab: interleaved timing rounds (default: 5)")
+    p.add_argument("--prior-runs", type=Path, nargs="+", default=None, metavar="RUN",
+                   help="instead: the training step of each saved run's prior side by side (see above)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--prior-ab / --prior-runs: interleaved timing rounds (default: 5)")
     args = p.parse_args(argv)
     import utils
 
@@ -187,6 +244,9 @@ def main(argv=None) -> int:
         p.error("--steps, --warmup and --rounds must be at least 1")
     if args.prior_ab:
         prior_fit_variants(args)
+        return 0
+    if args.prior_runs:
+        prior_run_steps(args)
         return 0
     import tensorflow as tf
 
