@@ -104,7 +104,7 @@ class VectorQuantizer(keras.layers.Layer):
     ``N_k`` starts at 1 and ``m_k`` at the initial codebook, so an unused code stays put instead
     of blowing up when ``N_k`` is ~0. EMA updates and dead-code restarts only happen when the layer
     is called with ``training=True`` and the layer is trainable (``trainable=False`` freezes the codebook,
-as it freezes a batch normalisation's statistics).
+    as it freezes a batch normalisation's statistics).
 
     Dead-code restart (``restart_after=N > 0``): a code that received no vector for ``N``
     consecutive training steps is re-initialised to a random encoder output of the current batch
