@@ -36,7 +36,8 @@ import evaluation
 
 __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "healthy_threshold", "run_threshold", "heal",
            "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion", "LesionKind",
-           "lesion_kinds", "add_lesion", "add_lesion_volume",
+           "lesion_kinds", "add_lesion", "add_lesion_volume", "AveragedHealing", "heal_average", "heal_volume",
+           "combine_maps", "slice_scores", "dilate_codes", "DEFAULT_SAMPLES", "DEFAULT_DILATE",
            "detection_metrics", "roc_auc", "average_precision", "best_dice", "plot_healing", "plot_completion"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
@@ -263,6 +264,7 @@ def residual_map(vqvae, images, sigma: float | None = None) -> np.ndarray:
 # (bench/bench_anomaly.py --split validate; docs/anomaly.md "Where the maps lose").
 DEFAULT_SAMPLES = 4   # healings averaged per slice
 DEFAULT_DILATE = 1    # codes the flagged region grows by before it is redrawn
+DEFAULT_AVERAGE_ROUNDS = 2  # scoring / redrawing rounds of heal_average and heal_volume
 
 
 @dataclass
@@ -281,8 +283,9 @@ class AveragedHealing:
             the region's pixels, 0 outside.
         spread: float32 ``(N, H, W)``, the healings' standard deviation of that difference (a low
             spread beside a high map: the healings agree the pixel is abnormal).
-        anomaly_map: float32 ``(N, H, W)``, the chosen map (:func:`combine_maps`).
-        scores: float32 ``(N,)``, slice scores: the anomaly map's mean.
+        anomaly_map: float32 ``(N, H, W)``, the chosen map (:func:`combine_maps` of the healings'
+            mean difference, inside and outside the region, and the NLL).
+        scores: float32 ``(N,)``, slice scores (:func:`slice_scores` of the anomaly map).
         threshold: the NLL threshold(s) used (nats).
     """
 
@@ -350,35 +353,56 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
     return nll.astype(np.float32), region, healed.reshape(samples, n, *codes.shape[1:]).astype(np.int32)
 
 
-def combine_maps(healed_map, residual, nll, region) -> np.ndarray:
-    """The chosen anomaly map from the healing's parts (see docs/anomaly.md for the measurements).
+def combine_maps(difference, nll, sigma: float | None = None) -> np.ndarray:
+    """The chosen anomaly map: the healings' pixel difference weighted by the squared code NLL.
+
+    ``map = difference * smooth(upsample(nll), sigma) ** 2``. The difference (mean over healings of
+    the smoothed ``|x - healed|``; outside the redrawn region the healings equal the VQ-VAE
+    reconstruction, so there it is the plain residual) says *where* a slice differs from a healthy
+    one at pixel scale; the NLL says *whether* the prior finds the codes there unlikely, so a large
+    residual on normal anatomy (cortex, edges) is damped and a dark lesion the VQ-VAE reconstructs
+    well still shows through its redrawn codes. Chosen on validate lesions against the residual
+    alone, the difference alone, products with NLL to the power 1-3, ``exp(NLL)`` and thresholded
+    NLL (docs/anomaly.md); the NLL is smoothed over one code's width (``sigma`` px, default
+    ``H / h``).
 
     Args:
-        healed_map: ``(N, H, W)`` mean ``|x - healed|`` inside the region; residual: ``(N, H, W)``;
-        nll: ``(N, h, w)`` nats; region: bool ``(N, h, w)``.
+        difference: float ``(N, H, W)``; nll: float ``(N, h, w)`` nats.
     Returns:
         float32 ``(N, H, W)``.
     """
-    return np.asarray(healed_map, np.float32)
+    difference = np.asarray(difference, np.float32)
+    sigma = difference.shape[1] / np.shape(nll)[1] if sigma is None else sigma
+    weight = smooth(upsample_codes(nll, difference.shape[1:3]), sigma)
+    return (difference * np.maximum(weight, 0) ** 2).astype(np.float32)
 
 
-def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold, batch_size: int = 64):
+def slice_scores(maps, fraction: float = 0.003) -> np.ndarray:
+    """Slice-level scores: the mean of each map's top ``fraction`` of pixels (0.3 %: about 50 px at
+    128 px, a small lesion's area), float32 ``(N,)``. A lesion covers a few per cent of a slice at
+    most, so the map's mean is dominated by normal tissue; its top pixels are not (validate: slice
+    AUROC 0.83 against 0.71 by the mean for the chosen map)."""
+    flat = np.asarray(maps, np.float32).reshape(len(maps), -1)
+    k = max(1, int(round(fraction * flat.shape[1])))
+    return np.sort(flat, axis=1)[:, -k:].mean(axis=1).astype(np.float32)
+
+
+def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold):
     s, n = healed_codes.shape[:2]
     healed = evaluation.decode_codes(vqvae, healed_codes.reshape(s * n, *codes.shape[1:]))
     healed = np.asarray(healed, np.float32).reshape(s, n, *x.shape[1:])
     recon = np.asarray(evaluation.decode_codes(vqvae, codes), np.float32)
     sigma = _default_sigma(x, codes.shape[1:]) if sigma is None else sigma
     px = upsample_codes(region, x.shape[1:3])
-    diffs = np.stack([smooth(np.abs(x - h)[..., 0], sigma) for h in healed]) * px
+    diffs = np.stack([smooth(np.abs(x - h)[..., 0], sigma) for h in healed])
     residual = smooth(np.abs(x - recon)[..., 0], sigma)
-    hmap, spread = diffs.mean(axis=0), diffs.std(axis=0)
-    amap = combine_maps(hmap, residual, nll, region)
-    return AveragedHealing(codes, nll, region, healed_codes, healed, residual, hmap.astype(np.float32),
-                           spread.astype(np.float32), amap, amap.mean(axis=(1, 2)).astype(np.float32), threshold)
+    amap = combine_maps(diffs.mean(axis=0), nll)
+    return AveragedHealing(codes, nll, region, healed_codes, healed, residual, (diffs.mean(axis=0) * px).astype(np.float32),
+                           (diffs.std(axis=0) * px).astype(np.float32), amap, slice_scores(amap), threshold)
 
 
 def heal_average(vqvae, prior, images, threshold: float, condition=None, samples: int = DEFAULT_SAMPLES,
-                 dilate: int = DEFAULT_DILATE, rounds: int = DEFAULT_ROUNDS, seed: int = 0,
+                 dilate: int = DEFAULT_DILATE, rounds: int = DEFAULT_AVERAGE_ROUNDS, seed: int = 0,
                  temperature: float = 1.0, sigma: float | None = None, batch_size: int | None = None,
                  ) -> AveragedHealing:
     """Heal single slices several times inside the flagged region only, and average.
@@ -408,7 +432,7 @@ def heal_average(vqvae, prior, images, threshold: float, condition=None, samples
 
 
 def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: float, condition=None,
-                samples: int = DEFAULT_SAMPLES, dilate: int = DEFAULT_DILATE, rounds: int = DEFAULT_ROUNDS,
+                samples: int = DEFAULT_SAMPLES, dilate: int = DEFAULT_DILATE, rounds: int = DEFAULT_AVERAGE_ROUNDS,
                 seed: int = 0, temperature: float = 1.0, sigma: float | None = None,
                 batch_size: int | None = None, progress: bool = False) -> AveragedHealing:
     """Heal whole cases slice by slice from the bottom, each slice given the *healed* slice below.

@@ -10,7 +10,8 @@ seeded order, so no single kind can be tuned to. Two settings:
 * **single slices**: each slice of the split (the first ``--limit``) gets one lesion; the lesioned
   slices and the same slices without lesions are scored by the VQ-VAE residual (baseline),
   today's prior-healed map (``anomaly.heal``) and the averaged, region-limited healing
-  (``anomaly.heal_average``, its ``anomaly_map``);
+  (``anomaly.heal_average``: its mean ``|x - healed|`` in the redrawn region, and its chosen
+  ``anomaly_map``, the healings' difference weighted by the squared code NLL, ``anomaly.combine_maps``);
 * **whole cases** (the volume path): each whole case among those slices gets three lesions that
   span neighbouring slices (same centre, radius shrinking with the distance), and the lesioned and
   clean cases are scored by the residual, the single-slice map (``heal_average``) and the
@@ -18,7 +19,8 @@ seeded order, so no single kind can be tuned to. Two settings:
   below).
 
 Reported per map: pixel AUROC, AUPRC and best Dice (head pixels of all lesioned and clean
-slices), slice AUROC (slices holding a lesion vs clean slices, by the map's mean), and the same
+slices), slice AUROC (slices holding a lesion vs clean slices, each scored by ``anomaly.slice_scores``:
+the mean of its map's top 0.3 % of pixels, for every map alike), and the same
 three per factor level (bright, dark, small, ..., white). Settings are chosen with
 ``--split validate`` and reported on the test split; seeds are fixed (``--seed``). Writes the
 figures as JSON (``--out``) and a figure of lesion slices with the maps (``--figure``).
@@ -101,7 +103,7 @@ def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds) -> d
         s = np.concatenate([ml[hl], maps_clean[heads_clean]])
         y = np.concatenate([mk[hl], np.zeros(int(heads_clean.sum()), bool)])
         m = anomaly.detection_metrics(s, y)
-        slice_s = np.r_[ml.mean(axis=(1, 2)), maps_clean.mean(axis=(1, 2))]
+        slice_s = np.r_[anomaly.slice_scores(ml), anomaly.slice_scores(maps_clean)]
         slice_y = np.r_[np.ones(len(ml), bool), np.zeros(len(maps_clean), bool)]
         return {"pixel_auroc": m["auroc"], "pixel_auprc": m["auprc"], "best_dice": m["best_dice"],
                 "slice_auroc": anomaly.roc_auc(slice_s, slice_y), "lesions": int(len(ml))}
@@ -161,7 +163,10 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "validate"), default="test",
                    help="slices to put lesions in: test (report) or validate (to choose settings; default: test)")
     p.add_argument("--rounds", type=int, default=anomaly.DEFAULT_ROUNDS,
-                   help=f"scoring / redrawing rounds of every healing (default: {anomaly.DEFAULT_ROUNDS})")
+                   help=f"scoring / redrawing rounds of anomaly.heal (default: {anomaly.DEFAULT_ROUNDS})")
+    p.add_argument("--average-rounds", type=int, default=anomaly.DEFAULT_AVERAGE_ROUNDS,
+                   help="scoring / redrawing rounds of heal_average and heal_volume "
+                        f"(default: {anomaly.DEFAULT_AVERAGE_ROUNDS})")
     p.add_argument("--samples", type=int, default=anomaly.DEFAULT_SAMPLES,
                    help=f"healings averaged per slice (default: {anomaly.DEFAULT_SAMPLES})")
     p.add_argument("--dilate", type=int, default=anomaly.DEFAULT_DILATE,
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
     percentile = anomaly.DEFAULT_PERCENTILE if args.percentile is None else args.percentile
     threshold = anomaly.run_threshold(run, percentile)
     heads_of = lambda imgs: np.stack([evaluation.brain_interior_mask(i, margin=0) for i in imgs])  # noqa: E731
-    common = dict(samples=args.samples, dilate=args.dilate, rounds=args.rounds, seed=args.seed,
+    common = dict(samples=args.samples, dilate=args.dilate, rounds=args.average_rounds, seed=args.seed,
                   temperature=args.temperature)
     report = {"run": str(run.path), "split": args.split, "seed": args.seed, "percentile": percentile,
               "threshold_nats": threshold, **common}
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
     avg = anomaly.heal_average(run.vqvae, run.prior, both, threshold, condition=cond, **common)
     timing["averaged healing"] = time.perf_counter() - t0
     maps["averaged healing"] = avg.healed_map
-    maps["chosen map"] = avg.anomaly_map
+    maps["chosen: healing x NLL^2"] = avg.anomaly_map
     single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
     print_table(f"single slices ({args.split}, {n} lesions)", single)
     report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
