@@ -1,25 +1,29 @@
-"""Synthetic-lesion benchmark: prior-healed anomaly maps against the VQ-VAE residual baseline.
+"""Synthetic-lesion benchmark: anomaly maps against the VQ-VAE residual, lesion kind by lesion kind.
 
-    python bench/bench_anomaly.py --run runs/demo
+    python bench/bench_anomaly.py --run runs/demo [--split validate] [--limit 128]
 
-Every test slice of the run's data with room for it gets one synthetic lesion
-(``anomaly.add_synthetic_lesion``: a bright or dark blob with a soft edge and texture, long
-semi-axis 3, 5 or 8 % of the image, cycling over the slices, placed well inside the head) with its
-known mask. The lesioned slices and the same slices without lesions are scored by two maps:
+Lesions (``anomaly.add_lesion`` / ``anomaly.add_lesion_volume``) come in every combination of
+bright / dark, small / medium / large (2-4, 5-8, 9-12 px radius at 128 px), sharp / soft edge,
+high / low contrast, centred in grey / white matter (placed by the data's tissue masks), in a
+seeded order, so no single kind can be tuned to. Two settings:
 
-* **prior-healed**: ``anomaly.heal`` -- codes above the run's default NLL threshold (a high
-  percentile of its validation slices' code NLL) are redrawn from the prior given the others, and
-  the map is the smoothed ``|input - healed|`` inside the redrawn codes; with one round (the
-  single pass of Pinaya et al.) and with ``--rounds`` rounds of rescoring the healed grid (the
-  default of ``anomaly.heal``);
-* **VQ-VAE residual** (baseline): the smoothed ``|input - decode(encode(input))|``.
+* **single slices**: each slice of the split (the first ``--limit``) gets one lesion; the lesioned
+  slices and the same slices without lesions are scored by the VQ-VAE residual (baseline),
+  today's prior-healed map (``anomaly.heal``) and the averaged, region-limited healing
+  (``anomaly.heal_average``: its mean ``|x - healed|`` in the redrawn region, and its chosen
+  ``anomaly_map``, the healings' difference weighted by the squared code NLL, ``anomaly.combine_maps``);
+* **whole cases** (the volume path): each whole case among those slices gets three lesions that
+  span neighbouring slices (same centre, radius shrinking with the distance), and the lesioned and
+  clean cases are scored by the residual, the single-slice map (``heal_average``) and the
+  volume-aware map (``anomaly.heal_volume``: slices healed in order, each given the healed slice
+  below).
 
-Settings (temperature, rounds, percentile) are chosen with ``--split validate`` (lesions in the
-validation slices) and reported on the test split. Reported for both, side by side, from this one run: pixel-level AUROC and AUPRC and the best Dice
-over all thresholds (over the head pixels of all lesioned and clean slices), and slice-level AUROC
-(lesioned vs clean, each slice scored by its map's mean); pixel AUPRC per lesion kind too. Writes
-the figures as JSON (``--out``) and a figure of a few lesion slices with both maps and the
-ground-truth outlines (``--figure``).
+Reported per map: pixel AUROC, AUPRC and best Dice (head pixels of all lesioned and clean
+slices), slice AUROC (slices holding a lesion vs clean slices, each scored by ``anomaly.slice_scores``:
+the mean of its map's top 0.3 % of pixels, for every map alike), and the same
+three per factor level (bright, dark, small, ..., white). Settings are chosen with
+``--split validate`` and reported on the test split; seeds are fixed (``--seed``). Writes the
+figures as JSON (``--out``) and a figure of lesion slices with the maps (``--figure``).
 """
 
 from __future__ import annotations
@@ -36,57 +40,101 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-RADII = (0.03, 0.05, 0.08)
+FACTORS = ("polarity", "size", "edge", "contrast", "tissue")
+VOLUME_CENTRES = (0.25, 0.5, 0.75)   # lesion centres of a case, as fractions of its slices
 
 
-def make_lesions(images: np.ndarray, seed: int):
-    """One lesion per slice with room for it. Returns (slice indices, lesioned, masks, kinds)."""
+def make_lesions(images, tissue, seed: int):
+    """One lesion per slice with room for it. Returns (slice indices, lesioned (n, H, W, 1), masks, kinds)."""
     import anomaly
 
-    keep, lesioned, masks, kinds = [], [], [], []
-    for i, img in enumerate(images):
-        radius, bright = RADII[i % 3], (i // 3) % 2 == 0
-        out = anomaly.add_synthetic_lesion(img, np.random.default_rng([seed, i]), radius, bright)
+    kinds = anomaly.lesion_kinds(len(images), seed)
+    keep, lesioned, masks, kept = [], [], [], []
+    for i, (img, t, kind) in enumerate(zip(images, tissue, kinds)):
+        out = anomaly.add_lesion(img, t, kind, np.random.default_rng([seed, i]))
         if out is None:
             continue
         keep.append(i)
         lesioned.append(out[0])
         masks.append(out[1])
-        kinds.append(f"{'bright' if bright else 'dark'} {round(100 * radius)}%")
-    return np.array(keep), np.stack(lesioned)[..., None], np.stack(masks), kinds
+        kept.append(kind)
+    return np.array(keep), np.stack(lesioned)[..., None], np.stack(masks), kept
 
 
-def score(maps_lesion, maps_clean, masks, heads, kinds) -> dict:
-    """Pixel metrics over head pixels of lesioned + clean slices; slice AUROC from map means."""
+def make_volume_lesions(volumes, tissue, seed: int):
+    """Lesions spanning slices, ``len(VOLUME_CENTRES)`` per case.
+
+    Returns (lesioned (C, S, H, W), masks (C, S, H, W), kinds per slice (C, S) with None where no
+    lesion; a slice holding two lesions keeps the first's kind).
+    """
     import anomaly
 
-    pix_scores = np.concatenate([maps_lesion[heads], maps_clean[heads]])
-    pix_labels = np.concatenate([masks[heads], np.zeros(int(heads.sum()), bool)])
-    m = anomaly.detection_metrics(pix_scores, pix_labels)
-    slice_scores = np.r_[maps_lesion.mean(axis=(1, 2)), maps_clean.mean(axis=(1, 2))]
-    slice_labels = np.r_[np.ones(len(maps_lesion), bool), np.zeros(len(maps_clean), bool)]
-    out = {"pixel_auroc": m["auroc"], "pixel_auprc": m["auprc"], "best_dice": m["best_dice"],
-           "slice_auroc": anomaly.roc_auc(slice_scores, slice_labels)}
-    kinds = np.array(kinds)
-    for kind in sorted(set(kinds)):
-        sel = kinds == kind
-        h = heads[sel]
-        s = np.concatenate([maps_lesion[sel][h], maps_clean[sel][h]])
-        y = np.concatenate([masks[sel][h], np.zeros(int(h.sum()), bool)])
-        out[f"pixel_auprc {kind}"] = anomaly.average_precision(s, y)
+    c, s = volumes.shape[:2]
+    kinds = anomaly.lesion_kinds(c * len(VOLUME_CENTRES), seed + 1)
+    out, masks = volumes.copy(), np.zeros(volumes.shape, bool)
+    slice_kinds = np.full((c, s), None, dtype=object)
+    for i in range(c):
+        for j, frac in enumerate(VOLUME_CENTRES):
+            kind, centre = kinds[i * len(VOLUME_CENTRES) + j], int(round(frac * (s - 1)))
+            painted = anomaly.add_lesion_volume(out[i], tissue[i], kind, np.random.default_rng([seed, i, j]), centre)
+            if painted is None:
+                continue
+            out[i], m = painted
+            new = m & ~masks[i]
+            masks[i] |= m
+            for k in np.flatnonzero(new.any(axis=(1, 2))):
+                slice_kinds[i, k] = slice_kinds[i, k] or kind
+    return out, masks, slice_kinds
+
+
+def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds) -> dict:
+    """Pixel metrics over head pixels of lesioned + clean slices, slice AUROC (lesion slices vs clean
+    slices, by the map's mean), and per factor level the same three.
+
+    Args:
+        maps_lesion, masks, heads_lesion: ``(n, H, W)`` of the slices holding a lesion; kinds: ``n``
+            ``LesionKind``; maps_clean, heads_clean: ``(m, H, W)`` of clean slices.
+    """
+    import anomaly
+
+    def block(sel):
+        ml, mk, hl = maps_lesion[sel], masks[sel], heads_lesion[sel]
+        # clean slices: the lesioned slices' own clean twins when paired, else all clean slices
+        s = np.concatenate([ml[hl], maps_clean[heads_clean]])
+        y = np.concatenate([mk[hl], np.zeros(int(heads_clean.sum()), bool)])
+        m = anomaly.detection_metrics(s, y)
+        slice_s = np.r_[anomaly.slice_scores(ml), anomaly.slice_scores(maps_clean)]
+        slice_y = np.r_[np.ones(len(ml), bool), np.zeros(len(maps_clean), bool)]
+        return {"pixel_auroc": m["auroc"], "pixel_auprc": m["auprc"], "best_dice": m["best_dice"],
+                "slice_auroc": anomaly.roc_auc(slice_s, slice_y), "lesions": int(len(ml))}
+
+    out = {"all": block(np.ones(len(maps_lesion), bool))}
+    for f in FACTORS:
+        values = np.array([getattr(k, f) for k in kinds])
+        for v in dict.fromkeys(values):
+            out[v] = block(values == v)
     return out
 
 
-def plot_examples(x, healed, maps_h, maps_r, masks, titles, path: Path, label: str = "prior-healed") -> None:
-    """Columns: lesion slices; rows: input, healed, healed map, residual map; ground truth outlined."""
+def print_table(title: str, results: dict) -> None:
+    names = list(results)
+    print(f"\n{title}")
+    print(f"{'kind':<10}{'n':>5}" + "".join(f" {n[:22]:>22}" for n in names) + "   (pixel AUROC / AUPRC / slice AUROC)")
+    for kind in results[names[0]]:
+        cells = [results[n][kind] for n in names]
+        print(f"{kind:<10}{cells[0]['lesions']:>5}" + "".join(
+            f" {c['pixel_auroc']:>6.3f} {c['pixel_auprc']:>6.3f} {c['slice_auroc']:>6.3f}" for c in cells))
+
+
+def plot_examples(x, maps: dict, masks, titles, path: Path) -> None:
+    """Columns: lesion slices; rows: input, then each map (same colour scale); ground truth outlined."""
     from matplotlib.figure import Figure
 
     n = len(x)
-    fig = Figure(figsize=(1.9 * n + 0.6, 1.9 * 4))
-    axes = np.asarray(fig.subplots(4, n, squeeze=False))
-    vmax = max(float(np.percentile(maps_h, 99.9)), float(np.percentile(maps_r, 99.9)), 1e-3)
-    rows = [("lesion slice", x, "gray", 1.0), ("healed", healed, "gray", 1.0),
-            (label, maps_h, "hot", vmax), ("VQ-VAE residual", maps_r, "hot", vmax)]
+    rows = [("lesion slice", x, "gray", 1.0)] + [
+        (name, m, "hot", max(float(np.percentile(m, 99.9)), 1e-3)) for name, m in maps.items()]
+    fig = Figure(figsize=(1.9 * n + 0.6, 1.9 * len(rows)))
+    axes = np.asarray(fig.subplots(len(rows), n, squeeze=False))
     for r, (label, imgs, cmap, top) in enumerate(rows):
         for c in range(n):
             ax = axes[r, c]
@@ -95,9 +143,9 @@ def plot_examples(x, healed, maps_h, maps_r, masks, titles, path: Path, label: s
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(titles[c], fontsize=7)
-        axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle("synthetic lesions (cyan: ground truth) and anomaly maps (same colour scale)", fontsize=9)
+                ax.set_title(titles[c], fontsize=6)
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.suptitle("synthetic lesions (cyan: ground truth) and anomaly maps", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -115,15 +163,25 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "validate"), default="test",
                    help="slices to put lesions in: test (report) or validate (to choose settings; default: test)")
     p.add_argument("--rounds", type=int, default=anomaly.DEFAULT_ROUNDS,
-                   help="report healing with 1 and with this many scoring / redrawing rounds "
-                        f"(default: anomaly.DEFAULT_ROUNDS = {anomaly.DEFAULT_ROUNDS})")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N test slices (quick checks)")
+                   help=f"scoring / redrawing rounds of anomaly.heal (default: {anomaly.DEFAULT_ROUNDS})")
+    p.add_argument("--average-rounds", type=int, default=anomaly.DEFAULT_AVERAGE_ROUNDS,
+                   help="scoring / redrawing rounds of heal_average and heal_volume "
+                        f"(default: {anomaly.DEFAULT_AVERAGE_ROUNDS})")
+    p.add_argument("--samples", type=int, default=anomaly.DEFAULT_SAMPLES,
+                   help=f"healings averaged per slice (default: {anomaly.DEFAULT_SAMPLES})")
+    p.add_argument("--dilate", type=int, default=anomaly.DEFAULT_DILATE,
+                   help=f"codes the flagged region grows by (default: {anomaly.DEFAULT_DILATE})")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N slices of the split (quick checks; whole cases among them "
+                        "make the volume part)")
+    p.add_argument("--no-volume", action="store_true", help="skip the whole-case (volume) part")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON of the figures (default: RUN/anomaly_bench/bench_anomaly.json)")
-    p.add_argument("--figure", type=Path, default=REPO / "images" / "anomaly_examples.png",
-                   help="figure of lesion slices and both maps (default: images/anomaly_examples.png)")
+                   help="JSON of the figures (default: RUN/anomaly_bench/bench_anomaly_SPLIT.json)")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="figure of lesion slices and the maps (default: images/anomaly_examples.png on test)")
     args = p.parse_args(argv)
 
+    import dataset
     import evaluation
     import predict
     import utils
@@ -132,64 +190,104 @@ def main(argv=None) -> int:
         run = predict.load_run(args.run)
     except predict.PredictError as e:
         p.error(str(e))
-    test = run.read_splits()[args.split]
-    x = test.images.astype(np.float32) / 255.0
-    positions = test.slice_indices.astype(np.int32)
+    split = run.read_splits(masks=True)[args.split]
+    if split.masks is None:
+        p.error(f"{run.config['data']['root']}: the benchmark places lesions by tissue mask and this data has none")
     if args.limit:
-        x, positions = x[:args.limit], positions[:args.limit]
-    idx, lesioned, masks, kinds = make_lesions(x[..., 0], args.seed)
-    clean, cond = x[idx], positions[idx] if run.conditioned else None
-    heads = np.stack([evaluation.brain_interior_mask(img, margin=0) for img in clean[..., 0]])  # whole head
+        split = split.subset(np.arange(min(args.limit, len(split))))
+    x = split.float()
+    positions = split.slice_indices.astype(np.int32)
     percentile = anomaly.DEFAULT_PERCENTILE if args.percentile is None else args.percentile
     threshold = anomaly.run_threshold(run, percentile)
-    print(f"{len(idx)} of {len(x)} {args.split} slices have room for a lesion; lesion pixels: "
-          f"{100 * masks.sum() / heads.sum():.2f} % of head pixels; NLL threshold {threshold:.3f} nats "
-          f"({percentile:g}th percentile of validation code NLL)")
+    heads_of = lambda imgs: np.stack([evaluation.brain_interior_mask(i, margin=0) for i in imgs])  # noqa: E731
+    common = dict(samples=args.samples, dilate=args.dilate, rounds=args.average_rounds, seed=args.seed,
+                  temperature=args.temperature)
+    report = {"run": str(run.path), "split": args.split, "seed": args.seed, "percentile": percentile,
+              "threshold_nats": threshold, **common}
 
-    both = np.concatenate([lesioned, clean])
+    # ---- single slices
+    idx, lesioned, masks, kinds = make_lesions(x[..., 0], split.masks, args.seed)
+    clean = x[idx]
+    cond = np.r_[positions[idx], positions[idx]] if run.conditioned else None
     n = len(idx)
-    f = x.shape[1] // run.vqvae.grid_shape[0]
-    lesion_codes = masks.reshape(n, masks.shape[1] // f, f, masks.shape[2] // f, f).mean(axis=(2, 4)) >= 0.25
-    results, healings, timing, resampled = {}, {}, {}, {}
-    for rounds in sorted({1, args.rounds}):
-        name = f"prior-healed, {rounds} round{'s' if rounds > 1 else ''}"
-        t0 = time.perf_counter()
-        healings[name] = h = anomaly.heal(run.vqvae, run.prior, both, threshold, rounds=rounds,
-                                          condition=None if cond is None else np.r_[cond, cond], seed=args.seed,
-                                          temperature=args.temperature, progress=True)
-        timing[name] = time.perf_counter() - t0
-        results[name] = score(h.anomaly_map[:n], h.anomaly_map[n:], masks, heads, kinds)
-        resampled[name] = {"lesion codes": float(h.resampled[:n][lesion_codes].mean()),
-                           "other codes, lesioned slices": float(h.resampled[:n][~lesion_codes].mean()),
-                           "clean slices": float(h.resampled[n:].mean())}
-    residual = anomaly.residual_map(run.vqvae, both)
-    results["VQ-VAE residual"] = score(residual[:n], residual[n:], masks, heads, kinds)
-    print()
-    for name, r in resampled.items():
-        print(f"{name}: healing {2 * n} slices took {timing[name]:.1f} s; codes redrawn: "
-              f"{100 * r['lesion codes']:.1f} % of lesion codes, {100 * r['other codes, lesioned slices']:.1f} % of "
-              f"the others, {100 * r['clean slices']:.1f} % in clean slices")
-    names = list(results)
-    print(f"\n{'metric':<24}" + "".join(f" {m:>{max(14, len(m))}}" for m in names))
-    for k in results[names[0]]:
-        print(f"{k:<24}" + "".join(f" {results[m][k]:>{max(14, len(m))}.3f}" for m in names))
+    heads = heads_of(clean[..., 0])
+    print(f"single slices: {n} of {len(x)} {args.split} slices hold a lesion ({100 * masks.sum() / heads.sum():.2f} % "
+          f"of head pixels); NLL threshold {threshold:.3f} nats ({percentile:g}th percentile of validation code NLL)")
+    both = np.concatenate([lesioned, clean])
+    maps, timing = {}, {}
+    t0 = time.perf_counter()
+    maps["VQ-VAE residual"] = anomaly.residual_map(run.vqvae, both)
+    t0 = time.perf_counter()
+    maps["prior-healed (before)"] = anomaly.heal(run.vqvae, run.prior, both, threshold, condition=cond, seed=args.seed,
+                                                 rounds=args.rounds, temperature=args.temperature).anomaly_map
+    timing["prior-healed (before)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    avg = anomaly.heal_average(run.vqvae, run.prior, both, threshold, condition=cond, **common)
+    timing["averaged healing"] = time.perf_counter() - t0
+    maps["averaged healing"] = avg.healed_map
+    maps["chosen: healing x NLL^2"] = avg.anomaly_map
+    single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
+    print_table(f"single slices ({args.split}, {n} lesions)", single)
+    report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
 
-    out = args.out or run.path / "anomaly_bench" / "bench_anomaly.json"
-    utils.save_json({"run": str(run.path), "split": args.split, "temperature": args.temperature, "seed": args.seed,
-                     "percentile": percentile, "threshold_nats": threshold,
-                     "num_lesion_slices": n, "resampled_fraction": resampled, "heal_seconds": timing,
-                     "results": results}, out)
-    healing = healings[names[-2]]   # the figure shows the last prior-healed variant
-    # Figure: one slice of each lesion size, bright and dark, spread over the slices.
-    picks = []
-    for kind in [f"{b} {round(100 * r)}%" for b in ("bright", "dark") for r in RADII]:
-        where = [k for k, kd in enumerate(kinds) if kd == kind]
-        if where:
-            picks.append(where[len(where) // 2])
-    picks = picks[:6]
-    plot_examples(lesioned[picks], healing.healed[picks], healing.anomaly_map[picks], residual[picks], masks[picks],
-                  [f"{kinds[k]}, slice {positions[idx[k]]}" for k in picks], args.figure, label=names[-2])
-    print(f"\nwrote {out} and {args.figure}")
+    # ---- whole cases
+    by_case = {c: i for c, i in dataset.subjects(split).items()}
+    s_full = max((len(i) for i in by_case.values()), default=0)
+    whole = [c for c, i in by_case.items() if len(i) == s_full and np.array_equal(positions[i], np.arange(s_full))]
+    if not args.no_volume and whole and getattr(run.prior.config, "previous_slice", False):
+        order = np.stack([by_case[c] for c in whole])                      # (C, S)
+        vols, tissue = x[order][..., 0], split.masks[order]
+        les_v, mask_v, kinds_v = make_volume_lesions(vols, tissue, args.seed)
+        threshold_prev = anomaly.run_threshold(run, percentile, previous=True)
+        c, s = vols.shape[:2]
+        print(f"\nwhole cases: {c} cases of {s} slices, {len(whole) * len(VOLUME_CENTRES)} lesions spanning slices; "
+              f"NLL threshold given the slice below {threshold_prev:.3f} nats")
+        vol_both = np.concatenate([les_v, vols])[..., None]                # (2C, S, H, W, 1)
+        flat = vol_both.reshape(2 * c * s, *vol_both.shape[2:])
+        vcond = np.tile(positions[order[0]], 2 * c) if run.conditioned else None
+        vmaps = {"VQ-VAE residual": anomaly.residual_map(run.vqvae, flat)}
+        t0 = time.perf_counter()
+        vs = anomaly.heal_average(run.vqvae, run.prior, flat, threshold, condition=vcond, **common)
+        timing["volume: single-slice"] = time.perf_counter() - t0
+        vmaps["single-slice map"] = vs.anomaly_map
+        t0 = time.perf_counter()
+        vv = anomaly.heal_volume(run.vqvae, run.prior, vol_both, threshold, threshold_prev,
+                                 condition=positions[order[0]] if run.conditioned else None, progress=True, **common)
+        timing["volume: volume-aware"] = time.perf_counter() - t0
+        vmaps["volume-aware map"] = vv.anomaly_map
+        has = mask_v.reshape(c * s, *mask_v.shape[2:]).any(axis=(1, 2))
+        vmask = mask_v.reshape(c * s, *mask_v.shape[2:])[has]
+        vkinds = list(kinds_v.reshape(-1)[has])
+        heads_v = heads_of(flat[:c * s, ..., 0])
+        clean_heads = heads_of(flat[c * s:, ..., 0])
+        volume = {name: score(m[:c * s][has], m[c * s:], vmask, heads_v[has], clean_heads, vkinds)
+                  for name, m in vmaps.items()}
+        # pixel metrics over every slice of the lesioned cases too (lesion-free slices' false positives count)
+        for name, m in vmaps.items():
+            allm = anomaly.detection_metrics(np.r_[m[:c * s][heads_v], m[c * s:][clean_heads]],
+                                             np.r_[mask_v.reshape(c * s, *mask_v.shape[2:])[heads_v],
+                                                   np.zeros(int(clean_heads.sum()), bool)])
+            volume[name]["all"]["pixel_auprc_every_slice"] = allm["auprc"]
+        print_table(f"whole cases ({args.split}, {int(has.sum())} lesion slices)", volume)
+        print("pixel AUPRC over every slice of the cases: " + ", ".join(
+            f"{k} {v['all']['pixel_auprc_every_slice']:.3f}" for k, v in volume.items()))
+        report["volume"] = {"cases": [int(w) for w in whole], "threshold_previous_nats": threshold_prev,
+                            "num_lesion_slices": int(has.sum()), "results": volume}
+    print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))
+    report["seconds"] = timing
+    out = args.out or run.path / "anomaly_bench" / f"bench_anomaly_{args.split}.json"
+    utils.save_json(report, out)
+    figure = args.figure or (REPO / "images" / "anomaly_examples.png" if args.split == "test" else None)
+    if figure is not None:
+        picks = []
+        for size in ("small", "medium", "large"):
+            for pol in ("bright", "dark"):
+                where = [k for k, kd in enumerate(kinds) if kd.size == size and kd.polarity == pol]
+                if where:
+                    picks.append(where[len(where) // 2])
+        plot_examples(lesioned[picks], {k: v[:n][picks] for k, v in maps.items()}, masks[picks],
+                      [f"{kinds[k]}, slice {positions[idx[k]]}" for k in picks], figure)
+    print(f"\nwrote {out}" + (f" and {figure}" if figure else ""))
     return 0
 
 

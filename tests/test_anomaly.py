@@ -204,7 +204,7 @@ def test_anomaly_command_writes_panels_maps_and_scores(tiny_run, test_slices, tm
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", out,
-                            "--threshold", "1.5", "--seed", "2", "--rounds", "1")[0] == 0
+                            "--threshold", "1.5", "--seed", "2", "--rounds", "1", "--maps", "healed")[0] == 0
     names = sorted(p.name for p in folder.iterdir())
     stems = [n.removesuffix(".nii.png") for n in names]
     assert sorted(p.name for p in a.glob("*_anomaly.png")) == sorted(f"{s}_anomaly.png" for s in stems)
@@ -219,6 +219,33 @@ def test_anomaly_command_writes_panels_maps_and_scores(tiny_run, test_slices, tm
     with open(a / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["file"] for r in rows] == names and [int(r["slice"]) for r in rows] == [0, 1, 2, 3]
+
+
+def test_anomaly_command_says_which_maps_it_made(tiny_run, test_slices, tmp_path, capsys):
+    import predict
+
+    _, _, folder = test_slices
+    # the tiny test folder is one whole case (slices 0..3) and the prior sees the previous slice
+    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "a",
+                        "--threshold", "1.5", "--samples", "2", "--rounds", "1")[0] == 0
+    said = capsys.readouterr().out
+    assert "volume-aware maps" in said and "1 whole case(s) of 4 slices" in said
+    report = json.loads((tmp_path / "a" / "scores.json").read_text())
+    assert report["maps"] == "volume" and report["samples"] == 2
+    assert [r["file"] for r in report["slices"]] == sorted(p.name for p in folder.iterdir())
+    maps, spread = np.load(tmp_path / "a" / "anomaly_maps.npy"), np.load(tmp_path / "a" / "spread_maps.npy")
+    assert maps.shape == spread.shape == (4, 32, 32)
+    # not whole cases: auto falls back to single slices, --maps volume is a one-line error
+    part = tmp_path / "part"
+    part.mkdir()
+    for p in sorted(folder.iterdir())[1:]:
+        shutil.copy(p, part / p.name)
+    assert predict._anomaly_maps_choice(predict.load_run(tiny_run), [p.name for p in part.iterdir()], "auto")[0] == "single"
+    code, errors = predict_main("anomaly", "--run", tiny_run, "--images", part, "--maps", "volume", "--out", tmp_path / "b")
+    assert code == 2 and len(errors) == 1 and "--maps volume" in errors[0] and "whole cases" in errors[0]
+    names = [f"case_00{c}_slice_{k}.nii.png" for c in (1, 2) for k in (1, 0, 2)]
+    np.testing.assert_array_equal(predict.whole_cases(names), [[1, 0, 2], [4, 3, 5]])
+    assert predict.whole_cases(names[:-1]) is None and predict.whole_cases(["a.png", "b.png"]) is None
 
 
 def test_complete_command_writes_panels_and_codes(tiny_run, test_slices, tmp_path):
@@ -283,3 +310,124 @@ def test_synthetic_lesion_is_inside_the_head_soft_edged_and_seeded():
     bright = anomaly.add_synthetic_lesion(img, np.random.default_rng(3), radius=0.08, bright=True)
     assert bright[0][bright[1]].mean() > img[bright[1]].mean() + 0.15
     assert anomaly.add_synthetic_lesion(img, np.random.default_rng(0), radius=0.45, bright=True) is None
+
+
+# ------------------------------------------------------------------------------------ lesion kinds (the bench's)
+def tissue_phantom(size=64):
+    """Tissue labels of a round head: white matter inside, a grey ring, CSF, background."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2) / (size / 2)
+    labels = np.zeros((size, size), np.uint8)
+    labels[r < 0.9], labels[r < 0.8], labels[r < 0.6] = 1, 2, 3
+    image = np.choose(labels, [0.0, 0.15, 0.27, 0.45]).astype(np.float32)
+    return image, labels
+
+
+def test_lesion_kinds_cover_every_combination_and_follow_the_seed():
+    import anomaly
+
+    kinds = anomaly.lesion_kinds(48, seed=1)
+    assert len(set(kinds)) == 48 and kinds == anomaly.lesion_kinds(48, seed=1) != anomaly.lesion_kinds(48, seed=2)
+    for factor in ("polarity", "size", "edge", "contrast", "tissue"):
+        values = [getattr(k, factor) for k in anomaly.lesion_kinds(96, seed=0)]
+        assert len(set(values.count(v) for v in set(values))) == 1  # every level equally often
+
+
+@pytest.mark.parametrize("tissue", ["white", "grey"])
+def test_lesions_lie_in_their_tissue_with_their_polarity_size_and_edge(tissue):
+    import anomaly
+
+    image, labels = tissue_phantom(128)
+    level = anomaly.LESION_TISSUES[tissue]
+    areas = {}
+    for size in ("small", "large"):
+        for pol in ("bright", "dark"):
+            kind = anomaly.LesionKind(pol, size, "sharp", "high", tissue)
+            out, mask = anomaly.add_lesion(image, labels, kind, np.random.default_rng(0))
+            assert out.shape == image.shape and mask.any() and labels[mask].max() > 0      # inside the head
+            centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int)
+            assert labels[tuple(centre)] == level or np.isin(labels[mask], (level,)).mean() > 0.3
+            change = (out - image)[mask].mean()
+            assert change > 0.1 if pol == "bright" else change < -0.1
+            assert np.abs(out[~np.isin(labels, (1, 2, 3))]).max() < 1e-6                  # background untouched
+            areas[size] = mask.sum()
+    assert areas["large"] > 5 * areas["small"]
+    # a soft edge spreads the change beyond the mask; a sharp one hardly
+    sharp, soft = (anomaly.add_lesion(image, labels, anomaly.LesionKind("bright", "large", e, "high", tissue),
+                                      np.random.default_rng(0)) for e in ("sharp", "soft"))
+    ring = lambda o: np.abs(o[0] - image)[~o[1]].sum()  # noqa: E731
+    assert ring(soft) > 3 * ring(sharp)
+    # no room: a slice without that tissue
+    assert anomaly.add_lesion(image, np.minimum(labels, 1), anomaly.LesionKind("dark", "small", "sharp", "low", tissue),
+                              np.random.default_rng(0)) is None
+
+
+def test_volume_lesion_keeps_its_centre_and_shrinks_away_from_it():
+    import anomaly
+
+    image, labels = tissue_phantom(128)
+    vol, tis = np.stack([image] * 9), np.stack([labels] * 9)
+    out, masks = anomaly.add_lesion_volume(vol, tis, anomaly.LesionKind("dark", "large", "sharp", "high", "white"),
+                                           np.random.default_rng(0), centre_slice=4, slice_spacing_px=3.0)
+    areas = masks.sum(axis=(1, 2))
+    assert areas[4] == areas.max() and areas[3] < areas[4] and areas[5] < areas[4] and areas[0] == areas[8] == 0
+    centres = [np.argwhere(m).mean(axis=0) for m in masks if m.any()]
+    assert np.ptp(np.array(centres), axis=0).max() < 2.0
+    np.testing.assert_array_equal(out[~masks.any(axis=(1, 2))], vol[~masks.any(axis=(1, 2))])
+
+
+# ------------------------------------------------------------------------------------ averaged healing, volume path
+def test_averaged_healing_changes_nothing_outside_the_flagged_region(run, test_slices):
+    import anomaly
+
+    x, cond, _ = test_slices
+    _, nll = anomaly.nll_map(run.vqvae, run.prior, x, cond)
+    threshold = float(np.percentile(nll, 85))
+    a = anomaly.heal_average(run.vqvae, run.prior, x, threshold, condition=cond, samples=3, dilate=1, rounds=2, seed=1)
+    assert a.healed_codes.shape == (3, *a.codes.shape) and a.healed.shape == (3, *x.shape)
+    assert (a.region >= anomaly.dilate_codes(nll > threshold, 1)).all()        # the flagged codes, grown
+    for healed in a.healed_codes:
+        np.testing.assert_array_equal(healed[~a.region], a.codes[~a.region])
+    px = anomaly.upsample_codes(a.region, x.shape[1:3])
+    assert (a.healed_map[~px] == 0).all() and (a.spread[~px] == 0).all() and a.healed_map[px].max() > 0
+    assert a.anomaly_map.shape == x.shape[:3] and np.isfinite(a.anomaly_map).all()
+    np.testing.assert_allclose(a.scores, anomaly.slice_scores(a.anomaly_map), rtol=1e-6)
+    again = anomaly.heal_average(run.vqvae, run.prior, x, threshold, condition=cond, samples=3, dilate=1, rounds=2,
+                                 seed=1)
+    np.testing.assert_array_equal(again.healed_codes, a.healed_codes)
+    nothing = anomaly.heal_average(run.vqvae, run.prior, x, np.inf, condition=cond, samples=2)
+    assert not nothing.region.any() and (nothing.healed_map == 0).all()
+
+
+def test_volume_path_heals_in_order_given_the_healed_slice_below(monkeypatch):
+    import keras
+
+    import anomaly
+    import sampler
+    from modules import VQVAE, VQVAEConfig, PixelCNN
+
+    keras.utils.set_random_seed(0)
+    vqvae = VQVAE(VQVAEConfig(image_size=16, channels=4, num_embeddings=6, embedding_dim=2, num_res_blocks=1,
+                              downsample=4))
+    prior = PixelCNN(6, filters=8, num_layers=2, num_conditions=3, grid_shape=(4, 4), condition_map=2,
+                     previous_slice=True, previous_dropout=0.25)
+    volumes = np.random.default_rng(0).uniform(0, 1, (2, 3, 16, 16, 1)).astype(np.float32)
+    calls, real = [], sampler.sample_codes
+
+    def recording(*a, **kw):
+        out = real(*a, **kw)
+        calls.append((None if kw.get("previous") is None else kw["previous"].copy(), out.copy()))
+        return out
+
+    monkeypatch.setattr(sampler, "sample_codes", recording)
+    v = anomaly.heal_volume(vqvae, prior, volumes, threshold=-1.0, threshold_previous=-1.0, condition=[0, 1, 2],
+                            samples=2, dilate=0, rounds=1, seed=0)
+    assert len(calls) == 3 and calls[0][0] is None                             # slice 0: no slice below
+    for k in (1, 2):
+        # each healing of slice k is drawn given that same healing's slice k - 1
+        np.testing.assert_array_equal(calls[k][0], calls[k - 1][1])
+    healed = v.healed_codes.reshape(2, 2, 3, 4, 4)                             # (samples, cases, slices, h, w)
+    np.testing.assert_array_equal(healed[:, :, 1].reshape(4, 4, 4), calls[1][1])
+    assert v.region.all() and v.anomaly_map.shape == (6, 16, 16)
+    with pytest.raises(ValueError, match="previous_slice"):
+        anomaly.heal_volume(vqvae, PixelCNN(6, filters=8, num_layers=1, grid_shape=(4, 4)), volumes, 1.0, 1.0)
