@@ -724,13 +724,14 @@ def add_anomaly_parsers(sub, common) -> None:
                         f"given the healed codes are redrawn too; 1 redraws exactly the codes above it "
                         f"(default: {anomaly.DEFAULT_AVERAGE_ROUNDS}; {anomaly.DEFAULT_ROUNDS} with --maps healed)")
     a.add_argument("--seed", type=int, default=0, help="sampling seed of the redrawn codes (default: 0)")
-    a.add_argument("--maps", choices=ANOMALY_MAPS, default="auto",
+    a.add_argument("--maps", choices=ANOMALY_MAPS, default="single",
                    help="volume: heal each case's slices in order, each given the healed slice below (needs whole "
                         "cases, case_<id>_slice_<k>.nii.png from slice 0, and a prior with previous_slice); single: "
                         "each slice alone; both average --samples healings of the flagged region and weight the "
                         "difference by the code NLL (anomaly.heal_volume / heal_average); healed: the plain "
                         "|input - healed| of one healing (anomaly.heal); auto: volume where possible, else single "
-                        "(default: auto; the command says which it used)")
+                        "(default: single, which scores better than volume on whole cases in bench/bench_anomaly.py; "
+                        "the command says which it used)")
     a.add_argument("--samples", type=int, default=anomaly.DEFAULT_SAMPLES,
                    help=f"healings averaged per slice with --maps volume / single (default: {anomaly.DEFAULT_SAMPLES})")
     a.add_argument("--dilate", type=int, default=anomaly.DEFAULT_DILATE,

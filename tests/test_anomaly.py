@@ -226,7 +226,12 @@ def test_anomaly_command_says_which_maps_it_made(tiny_run, test_slices, tmp_path
 
     _, _, folder = test_slices
     # the tiny test folder is one whole case (slices 0..3) and the prior sees the previous slice
-    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "a",
+    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "s",
+                        "--threshold", "1.5", "--samples", "2", "--rounds", "1")[0] == 0
+    said = capsys.readouterr().out  # the default: single-slice maps, which score better on whole cases
+    assert "single-slice maps" in said and "--maps single" in said
+    assert json.loads((tmp_path / "s" / "scores.json").read_text())["maps"] == "single"
+    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "a", "--maps", "auto",
                         "--threshold", "1.5", "--samples", "2", "--rounds", "1")[0] == 0
     said = capsys.readouterr().out
     assert "volume-aware maps" in said and "1 whole case(s) of 4 slices" in said
