@@ -34,92 +34,15 @@ if __name__ == "__main__":  # hide TensorFlow's start-up lines before anything i
     utils.quiet_tensorflow(verbose="--verbose" in sys.argv[1:])
 
 from sampler import DEFAULT_TEMPERATURE, sample_codes  # noqa: E402,F401  (public: `from predict import sample_codes`)
+from trained_run import PredictError, Run, _conditions, load_run, load_slices  # noqa: E402,F401  (public here too)
+from anomaly_cli import (ANOMALY_MAPS, _anomaly_command, _anomaly_maps_choice, _complete_command,  # noqa: E402,F401
+                         add_anomaly_parsers, whole_cases)  # the anomaly and complete commands
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUN = REPO / "runs" / "demo"
 COMMANDS = ("sample", "reconstruct", "evaluate", "anomaly", "complete", "subject", "segment")
-ANOMALY_MAPS = ("auto", "volume", "single", "healed")
 SYNTHETIC_CASE = 9000  # case id of the first synthetic subject in the OASIS-style folder (real ids stay below)
 SYNTHETIC_SPLIT = "keras_png_slices_train"  # so that dataset.read_oasis / train.py --data read the folder as is
-
-
-class PredictError(Exception):
-    """A problem the user can fix; reported as one line without a traceback."""
-
-
-@dataclass
-class Run:
-    """A trained run: its directory, saved config and models (``prior`` is None if not trained)."""
-
-    path: Path
-    config: dict
-    vqvae: object
-    prior: object | None
-
-    @property
-    def conditioned(self) -> bool:
-        return self.num_conditions > 0 and self.prior is not None
-
-    @property
-    def num_conditions(self) -> int:
-        return int(self.config.get("prior", {}).get("num_conditions") or 0)
-
-    def read_splits(self, masks: bool = False):
-        """The run's data as it was trained on: ``dataset.read_oasis`` with the run's root, image
-        size, validation fraction and seed (``{"train", "validate", "test"} -> Split``, uint8), with
-        ``masks`` the tissue masks too where the data has them.
-
-        Raises:
-            dataset.DatasetError: the data folder is gone or unreadable.
-        """
-        import dataset
-
-        data = self.config["data"]
-        return dataset.read_oasis(data["root"], image_size=data["image_size"], val_fraction=data["val_fraction"],
-                                  seed=self.config["seed"], masks=masks and dataset.has_masks(data["root"]))
-
-
-def load_run(run_dir, need_prior: bool = True) -> Run:
-    """Load ``config.json``, ``vqvae.keras`` and (if ``need_prior``) ``pixelcnn.keras`` from a run.
-
-    Raises:
-        PredictError: the directory, its config or a model is missing, with the command that makes it.
-    """
-    import keras
-
-    import modules  # noqa: F401  (registers the custom layers for load_model)
-    import utils
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PredictError(f"run directory {run_dir} not found; train one with: python train.py --out {run_dir}")
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise PredictError(f"{config_path} not found: {run_dir} is not a train.py run directory")
-    config = utils.load_json(config_path)
-    vq_path, prior_path = run_dir / "vqvae.keras", run_dir / "pixelcnn.keras"
-    if not vq_path.exists():
-        raise PredictError(f"{vq_path} not found; finish training with: python train.py --out {run_dir} --resume")
-    prior = None
-    if need_prior:
-        if not prior_path.exists():
-            raise PredictError(f"{prior_path} not found: this run has no trained prior; train it with: "
-                               f"python train.py --stage prior --out {run_dir}")
-        prior = keras.models.load_model(prior_path)
-    return Run(run_dir, config, keras.models.load_model(vq_path), prior)
-
-
-def _conditions(run: Run, slice_index, num: int):
-    """The condition array for ``num`` samples, validated against the run's prior."""
-    if slice_index is None:
-        return None
-    if not run.conditioned:
-        raise PredictError("--slice was given but this run's prior is not conditioned on slice position; "
-                           "drop --slice (or train with --condition-on-slice)")
-    if not 0 <= slice_index < run.num_conditions:
-        raise PredictError(f"--slice {slice_index} is out of range: this prior knows slices 0 to "
-                           f"{run.num_conditions - 1}")
-    return np.full(num, slice_index, dtype=np.int32)
 
 
 def generate(run: Run, num: int, temperature: float = DEFAULT_TEMPERATURE, seed: int | None = None, condition=None,
@@ -692,60 +615,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_anomaly_parsers(sub, common) -> None:
-    """The ``anomaly`` and ``complete`` commands (handlers: :func:`_anomaly_command`, :func:`_complete_command`)."""
-    import anomaly  # light: NumPy only until a function runs
-
-    def slices_flags(sp):
-        sp.add_argument("--images", type=Path, required=True,
-                        help="folder of PNG slices; a slice-conditioned prior reads each slice's position from "
-                             "its name (case_<id>_slice_<k>.nii.png)")
-        sp.add_argument("--slice", type=int, default=None,
-                        help="slice position for every image, for a conditioned prior (default: from file names)")
-        sp.add_argument("--temperature", type=float, default=1.0,
-                        help="sampling temperature of the redrawn codes (default: 1)")
-
-    a = sub.add_parser("anomaly", help="anomaly maps: resample the codes the prior finds unlikely",
-                       description="For each slice: the per-code NLL under the prior; codes above --threshold "
-                                   "are resampled in raster order given the kept codes and decoded (the healed "
-                                   "slice); the anomaly map is |input - healed| inside the resampled codes. "
-                                   "Writes a PNG panel per slice, nll_maps.npy, anomaly_maps.npy, healed.npy and "
-                                   "scores.json / scores.csv (slice score: the anomaly map's mean).")
-    common(a)
-    slices_flags(a)
-    a.add_argument("--threshold", type=float, default=None,
-                   help="NLL threshold in nats: codes above it are resampled (default: the --percentile-th "
-                        "percentile of the run's validation code NLL, cached in the run directory)")
-    a.add_argument("--percentile", type=float, default=None,
-                   help="percentile (0-100) of healthy validation code NLL used as the default threshold "
-                        f"(default: {anomaly.DEFAULT_PERCENTILE:g})")
-    a.add_argument("--rounds", type=int, default=None,
-                   help="scoring / redrawing rounds: after the first, kept codes that are above the threshold "
-                        f"given the healed codes are redrawn too; 1 redraws exactly the codes above it "
-                        f"(default: {anomaly.DEFAULT_AVERAGE_ROUNDS}; {anomaly.DEFAULT_ROUNDS} with --maps healed)")
-    a.add_argument("--seed", type=int, default=0, help="sampling seed of the redrawn codes (default: 0)")
-    a.add_argument("--maps", choices=ANOMALY_MAPS, default="single",
-                   help="volume: heal each case's slices in order, each given the healed slice below (needs whole "
-                        "cases, case_<id>_slice_<k>.nii.png from slice 0, and a prior with previous_slice); single: "
-                        "each slice alone; both average --samples healings of the flagged region and weight the "
-                        "difference by the code NLL (anomaly.heal_volume / heal_average); healed: the plain "
-                        "|input - healed| of one healing (anomaly.heal); auto: volume where possible, else single "
-                        "(default: single, which scores better than volume on whole cases in bench/bench_anomaly.py; "
-                        "the command says which it used)")
-    a.add_argument("--samples", type=int, default=anomaly.DEFAULT_SAMPLES,
-                   help=f"healings averaged per slice with --maps volume / single (default: {anomaly.DEFAULT_SAMPLES})")
-    a.add_argument("--dilate", type=int, default=anomaly.DEFAULT_DILATE,
-                   help=f"codes the flagged region grows by before it is redrawn (default: {anomaly.DEFAULT_DILATE})")
-    c = sub.add_parser("complete", help="complete slices from their top code rows",
-                       description="Keep the first --keep-rows rows of each slice's code grid and draw the other "
-                                   "rows from the prior, once per seed; writes a PNG panel per slice and codes.npy.")
-    common(c)
-    slices_flags(c)
-    c.add_argument("--keep-rows", type=int, required=True, help="code rows to keep, 1 to (grid rows - 1)")
-    c.add_argument("--seeds", type=int, default=3, help="completions per slice, seeds --seed .. --seed+N-1 (default: 3)")
-    c.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
-
-
 def _check_positive(parser, name: str, value) -> None:
     if value is not None and value < 1:
         parser.error(f"{name} must be at least 1, got {value}")
@@ -881,162 +750,6 @@ def _run_command(args) -> int:
 # Anomaly maps and completion (the functions live in anomaly.py)
 # ----------------------------------------------------------------------------------------------
 
-def load_slices(run: Run, folder: Path, slice_index: int | None = None):
-    """The PNGs of ``folder`` at the run's image size, their names, and their slice positions.
-
-    Returns:
-        ``(images (N, H, W, 1) float32, names, condition)``; ``condition`` is None for an
-        unconditioned prior, else int32 ``(N,)``: ``slice_index`` for all, or parsed from the names.
-    Raises:
-        PredictError: empty or missing folder, names without a position on a conditioned prior,
-            positions the prior does not know.
-    """
-    import dataset
-
-    try:
-        x, info = dataset.load_images(folder, image_size=run.config["vqvae"]["image_size"], return_info=True)
-    except dataset.DatasetError as e:
-        raise PredictError(f"--images: {e}") from None
-    if not run.conditioned:
-        if slice_index is not None:
-            raise PredictError("--slice was given but this run's prior is not conditioned on slice position; "
-                               "drop --slice")
-        return x, info.names, None
-    if slice_index is not None:
-        return x, info.names, _conditions(run, slice_index, len(x))
-    positions = np.asarray(info.slice_indices)
-    unknown = [n for n, k in zip(info.names, positions) if k < 0]
-    if unknown:
-        raise PredictError(f"--images {folder}: {len(unknown)} file(s) have no slice position in their name "
-                           f"(e.g. {unknown[0]}) and this run's prior is conditioned on it: rename them "
-                           "case_<id>_slice_<k>.nii.png, or pass --slice K to use one position for all")
-    bad = [(n, k) for n, k in zip(info.names, positions) if k >= run.num_conditions]
-    if bad:
-        raise PredictError(f"--images {folder}: {bad[0][0]} has slice position {bad[0][1]} but this prior knows "
-                           f"positions 0 to {run.num_conditions - 1}; pass --slice K to override")
-    return x, info.names, positions.astype(np.int32)
-
-
-def whole_cases(names) -> np.ndarray | None:
-    """The files as whole cases: int ``(C, S)`` indices into ``names``, slices 0..S-1 of each case in
-    order, when every file is ``case_<id>_slice_<k>.nii.png`` and every case holds the same slices
-    0..S-1 (S >= 2); else None."""
-    import dataset
-
-    parsed = [dataset.parse_slice_name(n) for n in names]
-    cases = {}
-    for i, (c, k) in enumerate(parsed):
-        if c < 0 or k < 0:
-            return None
-        cases.setdefault(c, {})[k] = i
-    sizes = {len(v) for v in cases.values()}
-    if len(sizes) != 1 or min(sizes) < 2:
-        return None
-    s = sizes.pop()
-    if any(sorted(v) != list(range(s)) for v in cases.values()):
-        return None
-    return np.array([[cases[c][k] for k in range(s)] for c in sorted(cases)])
-
-
-def _anomaly_maps_choice(run: Run, names, choice: str):
-    """``(path, cases (C, S) or None, why)``: which maps ``predict.py anomaly`` makes."""
-    previous = getattr(getattr(run.prior, "config", None), "previous_slice", False)
-    if choice in ("single", "healed"):
-        return choice, None, "--maps " + choice
-    cases = whole_cases(names)
-    why = ("the prior does not see the previous slice" if not previous else
-           "the folder does not hold whole cases (case_<id>_slice_<k>.nii.png, slices 0..S-1 of every case)"
-           if cases is None else f"{len(cases)} whole case(s) of {cases.shape[1]} slices")
-    if choice == "volume" and (cases is None or not previous):
-        raise PredictError(f"--maps volume: {why}; use --maps single")
-    return ("volume" if cases is not None and previous else "single"), cases, why
-
-
-def _anomaly_command(args) -> None:
-    import csv
-
-    from tqdm import tqdm
-
-    import anomaly
-    import utils
-
-    run = load_run(args.run)
-    x, names, condition = load_slices(run, args.images, args.slice)
-    path, cases, why = _anomaly_maps_choice(run, names, args.maps)
-    threshold, source = args.threshold, "--threshold"
-    percentile = anomaly.DEFAULT_PERCENTILE if args.percentile is None else args.percentile
-    if threshold is None:
-        try:
-            threshold = anomaly.run_threshold(run, percentile)
-        except FileNotFoundError as e:
-            raise PredictError(str(e)) from None
-        source = f"{percentile:g}th percentile of the validation code NLL"
-    rounds = args.rounds or (anomaly.DEFAULT_ROUNDS if path == "healed" else anomaly.DEFAULT_AVERAGE_ROUNDS)
-    label = {"volume": "volume-aware maps (slices healed in order, each given the healed slice below)",
-             "single": "single-slice maps (each slice healed alone)",
-             "healed": "plain healed maps (|input - healed|, one healing)"}[path]
-    print(f"anomaly: {label}: {why}")
-    print(f"anomaly: {len(x)} slices, NLL threshold {threshold:.3f} nats ({source})")
-    extra = {}
-    if path == "healed":
-        result = anomaly.heal(run.vqvae, run.prior, x, threshold, condition=condition, seed=args.seed,
-                              temperature=args.temperature, rounds=rounds, batch_size=args.batch_size,
-                              progress=True)
-        resampled, healed = result.resampled, result.healed
-    else:
-        common = dict(samples=args.samples, dilate=args.dilate, rounds=rounds, seed=args.seed,
-                      temperature=args.temperature, batch_size=args.batch_size)
-        if path == "volume":
-            threshold_prev = threshold
-            if args.threshold is None:
-                try:
-                    threshold_prev = anomaly.run_threshold(run, percentile, previous=True)
-                except FileNotFoundError as e:
-                    raise PredictError(str(e)) from None
-            print(f"anomaly: NLL threshold given the slice below {threshold_prev:.3f} nats")
-            extra["threshold_previous_nats"] = threshold_prev
-            order = cases.reshape(-1)
-            vol = x[cases]                                                     # (C, S, H, W, 1)
-            result = anomaly.heal_volume(run.vqvae, run.prior, vol, threshold, threshold_prev,
-                                         condition=None if condition is None else condition[cases[0]],
-                                         progress=True, **common)
-            back = np.argsort(order)                                           # case-major -> file order
-            result = anomaly.AveragedHealing(
-                *(a[back] for a in (result.codes, result.nll, result.region)), result.healed_codes[:, back],
-                result.healed[:, back], *(a[back] for a in (result.residual, result.healed_map, result.spread,
-                                                              result.anomaly_map, result.scores)), result.threshold)
-        else:
-            result = anomaly.heal_average(run.vqvae, run.prior, x, threshold, condition=condition, **common)
-        resampled, healed = result.region, result.healed.mean(axis=0)
-    out = Path(args.out or run.path / "anomaly")
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "nll_maps.npy", result.nll)
-    np.save(out / "anomaly_maps.npy", result.anomaly_map)
-    np.save(out / "healed.npy", healed[..., 0])
-    if path != "healed":
-        np.save(out / "spread_maps.npy", result.spread)
-    rows = []
-    for k, name in enumerate(tqdm(names, desc="panels", unit="slice")):
-        stem = name.removesuffix(".png").removesuffix(".nii")
-        anomaly.plot_healing(x[k], result.nll[k], healed[k], result.anomaly_map[k], threshold,
-                             title=f"{stem}: score {result.scores[k]:.4f}", path=out / f"{stem}_anomaly.png")
-        rows.append({"file": name, "slice": None if condition is None else int(condition[k]),
-                     "score": float(result.scores[k]), "resampled_fraction": float(resampled[k].mean()),
-                     "mean_nll_nats": float(result.nll[k].mean())})
-    score = "mean of the anomaly map" if path == "healed" else "mean of the anomaly map's top 0.3 % of pixels"
-    utils.save_json({"maps": path, "maps_reason": why, "threshold_nats": threshold, "threshold_source": source,
-                     **extra, "seed": args.seed, "temperature": args.temperature, "rounds": rounds,
-                     **({} if path == "healed" else {"samples": args.samples, "dilate": args.dilate}),
-                     "score": score, "slices": rows},
-                    out / "scores.json")
-    with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {len(x)} panels, nll_maps.npy, anomaly_maps.npy, healed.npy"
-          f"{'' if path == 'healed' else ', spread_maps.npy'}, scores.json and scores.csv to {out} ({path} maps)")
-
-
 def mask_file_name(image_name: str) -> str:
     """The OASIS mask name of an image: ``case_011_slice_12.nii.png`` -> ``seg_011_slice_12.nii.png``
     (any other name gets a ``seg_`` prefix)."""
@@ -1075,29 +788,6 @@ def _segment_command(args) -> None:
             Image.fromarray(dataset.labels_to_mask(labels), mode="L").save(out / mask_file_name(name))
     share = ", ".join(f"{t} {c / counts.sum():.1%}" for t, c in zip(dataset.TISSUES[1:], counts[1:]))
     print(f"wrote {len(x)} masks (seg_*.png, grey levels {list(dataset.SEG_LEVELS)}) to {out}; pixels: {share}")
-
-
-def _complete_command(args) -> None:
-    import anomaly
-
-    run = load_run(args.run)
-    h = int(run.config["prior"]["grid_shape"][0])
-    if not 1 <= args.keep_rows < h:
-        raise PredictError(f"--keep-rows {args.keep_rows} is outside the code grid: this run's grid has {h} rows; "
-                           f"pass 1 to {h - 1}")
-    x, names, condition = load_slices(run, args.images, args.slice)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    _, codes, images = anomaly.complete(run.vqvae, run.prior, x, args.keep_rows, condition=condition, seeds=seeds,
-                                        temperature=args.temperature, batch_size=args.batch_size, progress=True)
-    out = Path(args.out or run.path / "completions")
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "codes.npy", codes)
-    for k, name in enumerate(names):
-        stem = name.removesuffix(".png").removesuffix(".nii")
-        anomaly.plot_completion(x[k], images[:, k], args.keep_rows, h,
-                                title=f"{stem}: first {args.keep_rows} of {h} code rows kept, seeds {seeds[0]}-{seeds[-1]}",
-                                path=out / f"{stem}_completion.png")
-    print(f"wrote {len(x)} completion panels ({len(seeds)} seeds each) and codes.npy (seeds, slices, h, w) to {out}")
 
 
 if __name__ == "__main__":
