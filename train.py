@@ -380,6 +380,21 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     model = fit_stage("vqvae", build, train_ds, val_ds, t["vqvae_epochs"], dirs, resume, strategy,
                       first_epoch_callbacks=[stall_guard(probe, t["vqvae_lr"], warmup_steps=t["vqvae_warmup_steps"],
                                                          clipnorm=t["vqvae_clipnorm"])])
+    pre_decoder = dirs.out / PRE_DECODER
+    if pre_decoder.exists():  # --stage decoder fine-tuned this run's decoder after stage 1
+        import keras
+
+        before = keras.models.load_model(pre_decoder)
+        unchanged = all(np.array_equal(np.asarray(a), np.asarray(b)) for name in ("encoder", "vector_quantizer")
+                        for a, b in zip(getattr(before, name).weights, getattr(model, name).weights)
+                        if not a.name.startswith("batch_"))  # per-batch usage reports, not the codebook
+        if unchanged:  # stage 1 had nothing left to train: the codes, and so the fine-tuned decoder, hold
+            print("[vqvae] kept vqvae.keras: its decoder was fine-tuned by --stage decoder on this VQ-VAE")
+            return keras.models.load_model(dirs.out / "vqvae.keras")
+        print("[vqvae] notice: stage 1 trained on, so the codes changed and the decoder fine-tune no longer "
+              "fits them; vqvae.keras is stage 1's model again (run --stage decoder again to sharpen it)")
+        if dirs.is_chief:
+            pre_decoder.unlink()
     rundir.save_final(model, dirs.write / "vqvae.keras", "vqvae")
     return model
 

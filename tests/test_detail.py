@@ -148,6 +148,16 @@ def test_decoder_stage_freezes_encoder_codebook_and_codes_changes_the_decoder_an
     # a resumed stage may not change its losses
     assert train.main(["--data", oasis_tree, "--out", out, "--stage", "decoder", "--resume",
                        "--spectral-weight", "0.1"]) == 2
+    # resuming stage 1, which has nothing left to train, keeps the fine-tuned decoder
+    assert train.main(["--data", oasis_tree, "--out", out, "--stage", "vqvae", "--resume"]) == 0
+    kept = keras.models.load_model(out / "vqvae.keras")
+    for a, b in zip(resumed.decoder.get_weights(), kept.decoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # ... while stage 1 trained on changes the codes: the fine-tune is dropped, stage 1's model saved
+    assert train.main(["--data", oasis_tree, "--out", out, "--stage", "vqvae", "--resume", "--vqvae-epochs", "2"]) == 0
+    assert not (out / "vqvae_before_decoder.keras").exists()
+    retrained = keras.models.load_model(out / "vqvae.keras")
+    assert any(not np.array_equal(a, b) for a, b in zip(kept.encoder.get_weights(), retrained.encoder.get_weights()))
 
 
 _MIRRORED_SCRIPT = """
