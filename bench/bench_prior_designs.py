@@ -6,7 +6,9 @@ Each ``--runs`` entry is a ``train.py`` run (its own VQ-VAE grid, codebook and p
 slices (``evaluation.reference_pick``, seed 0) are shown once, then for every run its reconstructions of
 those slices and samples drawn at their slice positions (``predict.generate``, the default temperature,
 seed 0), each beside a 4x zoom of its centre, where grey and white matter meet. It prints each run's
-grid, codebook, test SSIM and the prior's test NLL per slice (``metrics.json``); the anatomy judge's
+grid, codebook, test SSIM and the prior's test NLL per slice (``metrics.json``) and, with
+``--time-samples N``, the seconds per sample of drawing N samples with each run's prior (the fast
+sampler, after a warm-up draw of as many that compiles it; the runs timed one after another in this process); the anatomy judge's
 figures for each run come from ``predict.py evaluate --run RUN`` or ``bench/bench_sampling_defaults.py``
 (docs/prior-designs.md gathers them).
 """
@@ -30,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="train.py run directories, one per design")
     p.add_argument("--labels", nargs="+", default=None, help="a short name per run (default: the folder names)")
     p.add_argument("--num", type=int, default=4, help="test slices shown (default: 4)")
+    p.add_argument("--time-samples", type=int, default=0, metavar="N",
+                   help="also time drawing N samples per run (0: no timing; default 0)")
     p.add_argument("--figure", type=Path, default=REPO / "images" / "prior_designs.png",
                    help="where the figure goes (default: images/prior_designs.png)")
     args = p.parse_args(argv)
@@ -38,6 +42,8 @@ def main(argv=None) -> int:
         p.error(f"--labels: {len(labels)} names for {len(args.runs)} runs; give one per run")
     if args.num < 1:
         p.error(f"--num must be at least 1, got {args.num}")
+    if args.time_samples < 0:
+        p.error(f"--time-samples must be 0 or more, got {args.time_samples}")
 
     import dataset
     import evaluation
@@ -66,11 +72,20 @@ def main(argv=None) -> int:
         _, samples = predict.generate(run, args.num, seed=0, condition=condition, progress=False)
         rows += [(f"{label}: recon", recon), ("centre x4", evaluation.center_crop(recon, 0.25)),
                  (f"{label}: sample", samples), ("centre x4", evaluation.center_crop(samples, 0.25))]
+        timing = ""
+        if args.time_samples:
+            import time
+
+            positions = np.resize(test.slice_indices.astype(np.int32), args.time_samples) if run.conditioned else None
+            predict.generate(run, args.time_samples, seed=2, condition=positions, progress=False)  # compiles
+            start = time.perf_counter()
+            predict.generate(run, args.time_samples, seed=1, condition=positions, progress=False)
+            timing = f", {(time.perf_counter() - start) / args.time_samples:.3f} s / sample ({args.time_samples} drawn)"
         metrics = utils.load_json(run.path / "metrics.json") if (run.path / "metrics.json").exists() else {}
         grid = run.config["prior"]["grid_shape"]
         print(f"{label}: grid {grid[0]}x{grid[1]}, {run.config['vqvae']['num_embeddings']} codes, test SSIM "
               f"{metrics.get('test_ssim', float('nan')):.3f}, prior test NLL "
-              f"{metrics.get('prior_test_nll_bits_per_slice', float('nan')):.0f} bits / slice")
+              f"{metrics.get('prior_test_nll_bits_per_slice', float('nan')):.0f} bits / slice{timing}")
     titles = [[f"slice {k}" for k in test.slice_indices[pick]]] + [None] * (len(rows) - 1)
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     utils.plot_image_rows(rows, args.figure, titles=titles, cell_inches=1.8)
