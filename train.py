@@ -4,7 +4,7 @@
     python train.py --data /data/oasis --preset oasis --out runs/oasis
     python train.py --out runs/demo --resume          # continue after an interruption
     python train.py --stage prior --out runs/demo     # (re)train only the prior on a trained VQ-VAE
-    python train.py --stage decoder --out runs/demo --spectral-weight 0.1   # sharpen its decoder alone
+    python train.py --stage decoder --out runs/demo --spectral-weight 0.1 --spectral-log   # sharpen its decoder alone
 
 Everything a run produces lands in its run directory (``--out``): ``config.json``, ``vqvae.keras``,
 ``pixelcnn.keras``, per-epoch checkpoints, ``history_*.csv``, TensorBoard logs, cached codes,
@@ -358,7 +358,8 @@ def stall_guard(images, lr: float, min_steps: int | None = None, warmup_steps: i
     return StallGuard()
 
 
-def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
+def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy) -> None:
+    """Fit stage 1 and save ``vqvae.keras`` (the caller reloads it), keeping a decoder fine-tune that still fits."""
     import dataset
     from modules import VQVAE, VQVAEConfig
 
@@ -390,13 +391,12 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
                         if not a.name.startswith("batch_"))  # per-batch usage reports, not the codebook
         if unchanged:  # stage 1 had nothing left to train: the codes, and so the fine-tuned decoder, hold
             print("[vqvae] kept vqvae.keras: its decoder was fine-tuned by --stage decoder on this VQ-VAE")
-            return keras.models.load_model(dirs.out / "vqvae.keras")
+            return
         print("[vqvae] notice: stage 1 trained on, so the codes changed and the decoder fine-tune no longer "
               "fits them; vqvae.keras is stage 1's model again (run --stage decoder again to sharpen it)")
         if dirs.is_chief:
             pre_decoder.unlink()
     rundir.save_final(model, dirs.write / "vqvae.keras", "vqvae")
-    return model
 
 
 PRE_DECODER = "vqvae_before_decoder.keras"  # the VQ-VAE as stage 1 left it, kept by the first --stage decoder
