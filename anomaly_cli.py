@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trained_run import PredictError, Run, load_run, load_slices
+from trained_run import PredictError, Run, load_run, load_slices, one_level
 
 ANOMALY_MAPS = ("auto", "volume", "single", "healed")
 
@@ -114,7 +114,7 @@ def _anomaly_command(args) -> None:
     import anomaly
     import utils
 
-    run = load_run(args.run)
+    run = one_level(load_run(args.run), args.command)
     x, names, condition = load_slices(run, args.images, args.slice)
     path, cases, why = _anomaly_maps_choice(run, names, args.maps)
     threshold, source = args.threshold, "--threshold"
@@ -193,7 +193,7 @@ def _anomaly_command(args) -> None:
 
 def _complete_command(args) -> None:
     import anomaly
-    run = load_run(args.run)
+    run = one_level(load_run(args.run), args.command)
     h = int(run.config["prior"]["grid_shape"][0])
     if not 1 <= args.keep_rows < h:
         raise PredictError(f"--keep-rows {args.keep_rows} is outside the code grid: this run's grid has "

@@ -775,8 +775,11 @@ def previous_slice_index(split) -> np.ndarray:
 
 
 def prior_inputs(codes: dict, conditioned: bool):
-    """The prior's inputs from a split's cached codes: ``codes`` alone, or ``(codes, slice)`` when conditioned."""
-    return (codes["codes"], codes["slices"].astype(np.int32)) if conditioned else codes["codes"]
+    """The prior's inputs from a split's cached codes: ``codes`` alone, or ``(codes, slice)`` when
+    conditioned, with the top level's codes ``codes["top"]`` last when the split has them (two levels)."""
+    parts = [codes["codes"]] + ([codes["slices"].astype(np.int32)] if conditioned else []) + (
+        [codes["top"]] if "top" in codes else [])
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int, batch_size: int,
@@ -786,11 +789,15 @@ def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int
     With ``previous_slice`` each example is a consecutive pair from one case: the inputs are
     ``(codes, slice, previous)``, ``previous`` gathered from the split's codes by
     ``codes["previous"]`` (``dataset.previous_slice_index``; a case's first slice gets the "no
-    previous slice" grid), so the pairs cost no second copy of the codes.
+    previous slice" grid), so the pairs cost no second copy of the codes. A two-level prior
+    (``top_codes``) also takes the slice's top-level codes, ``codes["top"]``, last.
     """
     import tensorflow as tf
 
     target = codes["codes"]
+    if prior_cfg.top_codes and "top" not in codes:
+        raise ValueError("prior_dataset: this prior has two levels (top_codes > 0) but the codes have no 'top' "
+                         "grids (the top level's codes of each slice)")
 
     def shuffled(ds):
         return ds if shuffle_seed is None else ds.shuffle(len(target), seed=shuffle_seed)
@@ -806,11 +813,12 @@ def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int
         def pair(n, k):
             previous = tf.where(k >= 0, tf.gather(table, tf.maximum(k, 0)), none)
             current = tf.gather(table, n)
-            if slices is None:
-                return (current, previous), current
-            return (current, tf.gather(slices_t, n), previous), current
+            parts = [current] + ([] if slices is None else [tf.gather(slices_t, n)]) + [previous] + (
+                [] if top_t is None else [tf.gather(top_t, n)])
+            return tuple(parts), current
 
         slices_t = None if slices is None else tf.constant(slices)
+        top_t = tf.constant(codes["top"], tf.int32) if "top" in codes else None
         ds = shuffled(tf.data.Dataset.from_tensor_slices((np.arange(len(target), dtype=np.int64), index))).map(pair)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -387,7 +387,7 @@ def previous_codes(codes, previous_index, no_previous: int) -> np.ndarray:
     return out
 
 
-def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) -> np.ndarray:
+def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None, top=None) -> np.ndarray:
     """Per-position negative log-likelihood, in nats, of the given codes under the prior.
 
     The prior's logits at ``(i, j)`` see only codes before ``(i, j)`` in raster order, so this is
@@ -404,6 +404,9 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) 
         batch_size: grids per forward pass.
         previous: int ``(N, h, w)``, the previous slices' codes (``previous_codes``), for a prior with
             ``previous_slice``; None: its "no previous slice".
+        top: int ``(N, *top_grid_shape)``, the top level's codes of the same slices, for the fine
+            prior of a two-level model (required there): its NLL is then that of the fine codes
+            given the top ones.
     Returns:
         float32 ``(N, h, w)``: the sparse categorical cross-entropy (from logits) at each position.
     """
@@ -422,14 +425,14 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) 
     out = []
     for i in range(0, len(codes), batch_size):
         batch = codes[i:i + batch_size]
-        parts = [batch] + ([condition[i:i + batch_size]] if condition is not None else []) + (
-            [np.asarray(previous[i:i + batch_size], np.int32)] if previous is not None else [])
+        parts = [batch] + ([condition[i:i + batch_size]] if condition is not None else []) + [
+            np.asarray(g[i:i + batch_size], np.int32) for g in (previous, top) if g is not None]
         logits = prior(parts[0] if len(parts) == 1 else tuple(parts), training=False)
         out.append(np.asarray(keras.ops.sparse_categorical_crossentropy(batch, logits, from_logits=True)))
     return np.concatenate(out).astype(np.float32)
 
 
-def prior_nll(prior, codes, condition=None, batch_size: int = 64, previous=None) -> dict[str, float]:
+def prior_nll(prior, codes, condition=None, batch_size: int = 64, previous=None, top=None) -> dict[str, float]:
     """The prior's mean NLL of a set of code grids, in bits per code and in bits per slice.
 
     Bits per code depend on the grid (a 16x16 grid packs more of the image into each code than a
@@ -438,7 +441,7 @@ def prior_nll(prior, codes, condition=None, batch_size: int = 64, previous=None)
     Returns:
         ``{"bits_per_code": float, "bits_per_slice": float}``.
     """
-    nll = code_nll(prior, codes, condition, batch_size, previous).astype(np.float64)
+    nll = code_nll(prior, codes, condition, batch_size, previous, top).astype(np.float64)
     per_slice = nll.sum(axis=(1, 2)) / LOG2
     return {"bits_per_code": float(nll.mean() / LOG2), "bits_per_slice": float(per_slice.mean())}
 

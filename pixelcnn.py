@@ -1,7 +1,7 @@
 """PixelCNN priors over VQ-VAE code grids (Keras 3). Nothing runs on import.
 
 * :class:`MaskedConv2D`, :class:`GatedPixelCNNBlock`, :class:`MaskedResidualBlock`,
-  :class:`CausalAttentionBlock`, :class:`PreviousSliceMap` -- the layers; each sampled layer has an
+  :class:`CausalAttentionBlock`, :class:`CodeGridMap`, :class:`PreviousSliceMap` -- the layers; each sampled layer has an
   ``init_cache`` / ``step`` pair for incremental generation (sampling lives in ``sampler.sample_codes``).
 * :class:`PriorConfig` / :class:`PixelCNN` -- the prior.
 
@@ -559,30 +559,33 @@ class CausalAttentionBlock(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class PreviousSliceMap(layers.Layer):
-    """Spatial condition map from the previous slice's code grid: ``(B, h, w)`` int -> ``(B, h, w, M)``.
+class CodeGridMap(layers.Layer):
+    """Spatial condition map from a code grid known in full: ``(B, h, w)`` int -> ``(B, h*u, w*u, M)``.
 
-    The slice before is known in full before the current one is drawn, so it enters as a condition,
-    not through the raster order, and needs no mask: an embedding of its codes (one more row, index
-    ``num_embeddings``, is the learned "no previous slice"), ``num_convs`` ordinary 3x3 convs with ReLU
-    (each widens the view by one code each way) and a 1x1 conv to ``channels`` = M. ``PixelCNN`` adds
-    the map to the slice's condition map, so every gated layer sees it through its own 1x1 map convs
-    (location-dependent conditioning, van den Oord et al. 2016), in ``call`` over the grid and, row
-    by row, in ``step``: the sampler needs nothing new beyond computing the map once per grid.
+    A grid known before the current one is drawn (the previous slice's codes, or the top level's
+    coarse codes of this slice) enters as a condition, not through the raster order, and needs no
+    mask: an embedding of its codes (one more row, index ``num_embeddings``, is the learned "no grid"),
+    repeated ``upsample`` times along rows and columns (a coarse grid onto the prior's finer one),
+    ``num_convs`` ordinary 3x3 convs with ReLU (each widens the view by one code each way) and a 1x1
+    conv to ``channels`` = M. ``PixelCNN`` adds the map to the slice's condition map, so every gated
+    layer sees it through its own 1x1 map convs (location-dependent conditioning, van den Oord et al.
+    2016), in ``call`` over the grid and, row by row, in ``step``: the sampler computes it once per grid.
     """
 
-    def __init__(self, num_embeddings, channels, filters=32, num_convs=2, **kwargs):
+    def __init__(self, num_embeddings, channels, filters=32, num_convs=2, upsample=1, **kwargs):
         super().__init__(**kwargs)
         self.num_embeddings, self.channels = int(num_embeddings), int(channels)
-        self.filters, self.num_convs = int(filters), int(num_convs)
+        self.filters, self.num_convs, self.upsample = int(filters), int(num_convs), int(upsample)
+        if self.upsample < 1:
+            raise ValueError(f"CodeGridMap.upsample must be an int >= 1, got {upsample!r}")
         self.embedding = layers.Embedding(self.num_embeddings + 1, self.filters, name="embedding")
         self.convs = [layers.Conv2D(self.filters, 3, padding="same", activation="relu", name=f"conv_{n}")
                       for n in range(self.num_convs)]
         self.out = layers.Conv2D(self.channels, 1, name="out")
 
     @property
-    def no_previous(self) -> int:
-        """The code value that means "no previous slice" (``num_embeddings``)."""
+    def none_code(self) -> int:
+        """The code value that means "no grid" (``num_embeddings``)."""
         return self.num_embeddings
 
     def build(self, input_shape=None):
@@ -591,20 +594,40 @@ class PreviousSliceMap(layers.Layer):
             conv.build((None, None, None, self.filters))
         self.out.build((None, None, None, self.filters))
 
-    def call(self, previous):
-        x = self.embedding(ops.cast(previous, "int32"))  # (B, h, w, filters)
+    def call(self, grid):
+        x = self.embedding(ops.cast(grid, "int32"))  # (B, h, w, filters)
+        if self.upsample > 1:
+            x = ops.repeat(ops.repeat(x, self.upsample, axis=1), self.upsample, axis=2)
         for conv in self.convs:
             x = conv(x)
-        return self.out(x)  # (B, h, w, M)
+        return self.out(x)  # (B, h*u, w*u, M)
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.channels,)
+        b, h, w = tuple(input_shape)
+        return (b, None if h is None else h * self.upsample, None if w is None else w * self.upsample,
+                self.channels)
 
     def get_config(self):
         config = super().get_config()
         config.update(num_embeddings=self.num_embeddings, channels=self.channels, filters=self.filters,
                       num_convs=self.num_convs)
+        if self.upsample != 1:
+            config["upsample"] = self.upsample
         return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class PreviousSliceMap(CodeGridMap):
+    """The previous slice's code grid as a condition map (a :class:`CodeGridMap` on the prior's own grid).
+
+    The slice before is known in full before the current one is drawn, so it enters as a condition;
+    ``no_previous`` (= ``num_embeddings``) is the learned "no previous slice".
+    """
+
+    @property
+    def no_previous(self) -> int:
+        """The code value that means "no previous slice" (``num_embeddings``)."""
+        return self.none_code
 
 
 @dataclass
@@ -651,6 +674,13 @@ class PriorConfig:
     previous_dropout: float = field(default=0.0, metadata={
         "help": "fraction of training examples whose previous slice is replaced by a learned 'no previous "
                 "slice', so one prior also draws a subject's first slice and single slices (needs previous_slice)"})
+    top_codes: int = field(default=0, metadata={
+        "help": "two levels: the codebook size of a top level (a coarser VQ-VAE of the same slices with its "
+                "own prior) whose code grid of the slice, drawn first, conditions this prior through the "
+                "condition map (VQ-VAE-2, Razavi et al. 2019); 0: one level (train.py sets it from --top-run)"})
+    top_grid_shape: tuple | None = field(default=None, metadata={
+        "help": "(h, w) of the top level's code grid; grid_shape must be a whole multiple of it (train.py "
+                "sets it from --top-run)"})
 
     def __post_init__(self):
         for name in ("kernel_size", "first_kernel_size"):
@@ -683,10 +713,32 @@ class PriorConfig:
             self.grid_shape = tuple(int(s) for s in self.grid_shape)
             if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
                 raise ValueError(f"PriorConfig.grid_shape must be (h, w), got {self.grid_shape!r}")
+        if self.top_codes < 0:
+            raise ValueError(f"PriorConfig.top_codes must be >= 0 (0: one level), got {self.top_codes!r}")
+        if self.top_codes:
+            if not self.condition_map:
+                raise ValueError("PriorConfig.top_codes needs condition_map > 0 (the top level's codes enter as a "
+                                 "spatial map added to the slice's condition map)")
+            if self.top_grid_shape is None:
+                raise ValueError("PriorConfig.top_codes needs top_grid_shape (the top level's code grid)")
+            self.top_grid_shape = tuple(int(s) for s in self.top_grid_shape)
+            factors = {g // t for g, t in zip(self.grid_shape, self.top_grid_shape)}
+            if (len(self.top_grid_shape) != 2 or min(self.top_grid_shape) < 1 or len(factors) != 1
+                    or any(g % t for g, t in zip(self.grid_shape, self.top_grid_shape))):
+                raise ValueError(f"PriorConfig.top_grid_shape {self.top_grid_shape!r} must divide grid_shape "
+                                 f"{self.grid_shape!r} by one whole factor along both axes")
+        elif self.top_grid_shape is not None:
+            raise ValueError("PriorConfig.top_grid_shape needs top_codes > 0")
+
+    @property
+    def top_upsample(self) -> int:
+        """How many codes of this prior's grid one top-level code covers along each axis (0: one level)."""
+        return self.grid_shape[0] // self.top_grid_shape[0] if self.top_codes else 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["grid_shape"] = list(self.grid_shape) if self.grid_shape is not None else None
+        for key in ("grid_shape", "top_grid_shape"):
+            d[key] = list(d[key]) if d[key] is not None else None
         return d
 
     @classmethod
@@ -728,6 +780,13 @@ class PixelCNN(keras.Model):
     the previous slice reaches every layer's gates the way the slice position does; ``previous_dropout``
     trains that fraction of examples with the learned "no previous slice" (a subject's first slice, and
     plain single-slice sampling). Priors saved without it load as before (default off).
+
+    Two levels (VQ-VAE-2, Razavi et al. 2019): with ``top_codes`` the prior is the fine level of a
+    two-level model and takes the top level's code grid of the same slice (a coarser VQ-VAE's codes,
+    drawn first by that level's own prior) as its last input, always: a :class:`CodeGridMap` repeats
+    it onto this grid and adds it to the condition map, so the fine codes are drawn given the layout
+    the top level chose. Tuple inputs are then ``(codes, condition, top)`` or ``(codes, condition,
+    previous, top)`` (without ``condition`` when unconditioned).
 
     Sampling (``sampler.sample_codes``) uses ``init_cache`` and ``call_with_cache``: one raster
     position per call, each layer updating its own cache through its ``step`` method.
@@ -777,6 +836,9 @@ class PixelCNN(keras.Model):
             self.previous_map = PreviousSliceMap(self.num_embeddings, c.condition_map, c.filters, name="previous_map")
             if c.previous_dropout:
                 self.previous_seed = keras.random.SeedGenerator(1, name="previous_dropout_seed")
+        if c.top_codes:
+            self.top_map = CodeGridMap(c.top_codes, c.condition_map, c.filters, upsample=c.top_upsample,
+                                       name="top_map")
         self.head_hidden = layers.Conv2D(c.filters, 1, name="head_hidden")
         self.head_out = layers.Conv2D(self.num_embeddings, 1, dtype="float32", name="logits")
 
@@ -806,6 +868,8 @@ class PixelCNN(keras.Model):
         self.embedding.build((None, None, None))
         if self.config.previous_slice:
             self.previous_map.build()
+        if self.config.top_codes:
+            self.top_map.build()
         if self.config.gated:
             self.input_block.build()
             if self.config.condition_map:  # one map per condition slot (one map if unconditioned)
@@ -825,35 +889,41 @@ class PixelCNN(keras.Model):
         self.head_hidden.build((None, None, None, f))
         self.head_out.build((None, None, None, f))
 
-    def _split_inputs(self, inputs):
-        """``(codes, cond, previous)`` from the accepted input forms (see the class docstring)."""
+    def input_forms(self) -> str:
+        """The input forms this prior accepts, as an error message names them."""
         c = self.config
-        conditioned = c.num_conditions > 0
-        forms = ("(codes, condition)" if conditioned else "codes") + (
-            (", or (codes, condition, previous)" if conditioned else ", or (codes, previous)")
-            if c.previous_slice else "")
-        cond = previous = None
-        if isinstance(inputs, (list, tuple)):
-            if len(inputs) == 2 and conditioned:
-                codes, cond = inputs
-            elif len(inputs) == 2 and c.previous_slice:
-                codes, previous = inputs
-            elif len(inputs) == 3 and conditioned and c.previous_slice:
-                codes, cond, previous = inputs
-            else:
-                raise ValueError(f"this PixelCNN (num_conditions={c.num_conditions}, previous_slice="
-                                 f"{c.previous_slice}) takes {forms}; got a {len(inputs)}-tuple")
-        else:
-            if conditioned:
-                raise ValueError("This PixelCNN is conditioned (num_conditions="
-                                 f"{c.num_conditions}): call it with {forms}")
-            codes = inputs
-        codes = ops.cast(codes, "int32")
-        if cond is not None:
-            cond = ops.reshape(ops.cast(cond, "int32"), (-1,))
-        if previous is not None:
-            previous = ops.cast(previous, "int32")
-        return codes, cond, previous
+        head = "codes" + (", condition" if c.num_conditions else "")
+        tail = ", top" if c.top_codes else ""
+        forms = [f"({head}{tail})" if head != "codes" or tail else "codes"]
+        if c.previous_slice:
+            forms.append(f"({head}, previous{tail})")
+        return " or ".join(forms)
+
+    def _split_inputs(self, inputs):
+        """``(codes, cond, previous, top)`` from the accepted input forms (see the class docstring).
+
+        A tuple holds, in order: the codes, the condition (a conditioned prior), the previous
+        slice's codes (optional, a prior with ``previous_slice``) and the top level's codes (a
+        two-level prior: always).
+        """
+        c = self.config
+        parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        required = 1 + (c.num_conditions > 0) + (c.top_codes > 0)
+        if not required <= len(parts) <= required + bool(c.previous_slice):
+            got = f"a {len(parts)}-tuple" if isinstance(inputs, (list, tuple)) else "codes alone"
+            raise ValueError(f"this PixelCNN (num_conditions={c.num_conditions}, previous_slice={c.previous_slice}, "
+                             f"top_codes={c.top_codes}) takes {self.input_forms()}; got {got}")
+        codes = ops.cast(parts.pop(0), "int32")
+        cond = ops.reshape(ops.cast(parts.pop(0), "int32"), (-1,)) if c.num_conditions else None
+        top = ops.cast(parts.pop(), "int32") if c.top_codes else None
+        previous = ops.cast(parts.pop(), "int32") if parts else None
+        return codes, cond, previous, top
+
+    def _top_map(self, top):
+        """The top level's map ``(B, h, w, M)`` of a two-level prior, checked against ``top_grid_shape``."""
+        if tuple(top.shape[1:]) != self.config.top_grid_shape:
+            raise ValueError(f"top codes must be (B, *{self.config.top_grid_shape}) grids, got {tuple(top.shape)}")
+        return self.top_map(top)
 
     def _previous_map(self, previous, batch_size, grid_shape, training=None):
         """The previous slice's map ``(B, h, w, M)``; ``previous=None``: the "no previous slice" map."""
@@ -873,7 +943,7 @@ class PixelCNN(keras.Model):
         return self.attention_blocks[n // every - 1] if every and n % every == 0 else None
 
     def call(self, inputs, training=None):
-        codes, cond, previous = self._split_inputs(inputs)
+        codes, cond, previous, top = self._split_inputs(inputs)
         if cond is not None and training and self.has_null_condition:
             # classifier-free guidance (Ho & Salimans 2022): drop the condition of some examples
             drop = keras.random.uniform(ops.shape(cond), seed=self.condition_seed) < self.config.condition_dropout
@@ -885,6 +955,8 @@ class PixelCNN(keras.Model):
             cmap = ops.take(self.condition_maps, self._map_index(codes, cond), axis=0)  # (B, h, w, M)
             if self.config.previous_slice:
                 cmap = cmap + self._previous_map(previous, ops.shape(codes)[0], self.config.grid_shape, training)
+            if top is not None:
+                cmap = cmap + self._top_map(top)
             extra = [cond, cmap]
         if self.config.gated:
             v, h = self.input_block([x, x] + extra, training=training)
@@ -914,23 +986,34 @@ class PixelCNN(keras.Model):
         return stream if block is None else block([stream, embedded], training=training)
 
     # ---- incremental generation: one raster position per call, each layer owning its step
-    def init_cache(self, batch_size: int, grid_shape, previous=None):
+    def init_cache(self, batch_size: int, grid_shape, previous=None, top=None):
         """Zero caches of every layer for sampling ``batch_size`` grids of ``grid_shape``.
 
         A nested structure of tensors (what ``tf.while_loop`` carries); only ``call_with_cache``
         reads it. ``previous``: int ``(B, h, w)``, the previous slices' codes, for a prior with
-        ``previous_slice`` (None: "no previous slice"); their map is computed here, once per grid,
-        and read row by row.
+        ``previous_slice`` (None: "no previous slice"); ``top``: int ``(B, *top_grid_shape)``, the
+        top level's codes, for a two-level prior (required). Their maps are computed here, once per
+        grid, and read row by row.
         """
         grid_shape = tuple(int(s) for s in grid_shape)
         first = self.input_block if self.config.gated else self.input_conv
         cache = {"input": first.init_cache(batch_size, grid_shape),
                  "blocks": [b.init_cache(batch_size, grid_shape) for b in self.blocks],
                  "attention": [a.init_cache(batch_size, grid_shape) for a in self.attention_blocks]}
+        code_map = None  # the maps of the grids known in full, summed: read row by row
         if self.config.previous_slice:
-            cache["previous_map"] = ops.cast(self._previous_map(previous, batch_size, grid_shape), self.compute_dtype)
+            code_map = self._previous_map(previous, batch_size, grid_shape)
         elif previous is not None:
             raise ValueError("init_cache: previous given but this prior is not conditioned on the previous slice")
+        if self.config.top_codes:
+            if top is None:
+                raise ValueError("init_cache: this prior has two levels (top_codes > 0): pass top= the top codes")
+            top_map = self._top_map(ops.cast(top, "int32"))
+            code_map = top_map if code_map is None else code_map + top_map
+        elif top is not None:
+            raise ValueError("init_cache: top given but this prior has one level (top_codes=0)")
+        if code_map is not None:
+            cache["code_map"] = ops.cast(code_map, self.compute_dtype)
         return cache
 
     def call_with_cache(self, prev_codes, i, j, cache, condition=None):
@@ -956,8 +1039,8 @@ class PixelCNN(keras.Model):
         if self.config.condition_map:
             map_row = ops.take(ops.take(self.condition_maps, i, axis=1), self._map_index(prev_codes, condition),
                                axis=0)
-            if self.config.previous_slice:
-                map_row = map_row + ops.take(cache["previous_map"], i, axis=1)
+            if "code_map" in cache:
+                map_row = map_row + ops.take(cache["code_map"], i, axis=1)
 
         def attend(n, stream):
             block = self._attention_after(n)
@@ -986,8 +1069,8 @@ class PixelCNN(keras.Model):
         hidden = ops.relu(_pointwise(self.head_hidden, ops.relu(out)))
         logits = ops.cast(_pointwise(self.head_out, hidden), "float32")
         new_cache = {"input": first, "blocks": blocks, "attention": attention}
-        if "previous_map" in cache:
-            new_cache["previous_map"] = cache["previous_map"]
+        if "code_map" in cache:
+            new_cache["code_map"] = cache["code_map"]
         return logits, new_cache
 
     def get_config(self):

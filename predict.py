@@ -33,7 +33,7 @@ if __name__ == "__main__":  # hide TensorFlow's start-up lines before anything i
 
     utils.quiet_tensorflow(verbose="--verbose" in sys.argv[1:])
 
-from sampler import DEFAULT_TEMPERATURE, sample_codes  # noqa: E402,F401  (public: `from predict import sample_codes`)
+from sampler import DEFAULT_TEMPERATURE, sample_codes, sample_two_level  # noqa: E402,F401  (public: `from predict import sample_codes`)
 from trained_run import PredictError, Run, _conditions, load_run, load_slices  # noqa: E402,F401  (public here too)
 from anomaly_cli import (ANOMALY_MAPS, _anomaly_command, _anomaly_maps_choice, _complete_command,  # noqa: E402,F401
                          add_anomaly_parsers, whole_cases)  # the anomaly and complete commands
@@ -51,15 +51,19 @@ def generate(run: Run, num: int, temperature: float = DEFAULT_TEMPERATURE, seed:
     """Sample ``num`` code grids from the run's prior and decode them.
 
     ``condition=None`` on a slice-conditioned prior samples unconditionally (its "no condition"
-    slot); ``guidance``, ``top_k`` and ``top_p`` are those of :func:`sampler.sample_codes`.
+    slot); ``guidance``, ``top_k`` and ``top_p`` are those of :func:`sampler.sample_codes`. A
+    two-level run draws the top level's codes first (:func:`sampler.sample_two_level`).
 
     Returns:
         ``(codes, images)``: int32 ``(num, h, w)`` and float32 ``(num, H, W, 1)`` in [0, 1].
     """
+    options = dict(temperature=temperature, condition=condition, batch_size=batch_size, progress=progress,
+                   guidance=guidance, top_k=top_k, top_p=top_p)
     try:
-        codes = sample_codes(run.prior, num, temperature=temperature, seed=seed, condition=condition,
-                             batch_size=batch_size, progress=progress, guidance=guidance, top_k=top_k,
-                             top_p=top_p)
+        if run.two_level:
+            codes, _ = sample_two_level(run.top.prior, run.prior, num, seed=seed, **options)
+        else:
+            codes = sample_codes(run.prior, num, seed=seed, **options)
     except ValueError as e:  # the sampler's argument checks: one line each, naming what to change
         raise PredictError(f"{run.path}: {e}") from None
     import evaluation
@@ -106,6 +110,9 @@ def _check_subject_run(run: Run) -> None:
                            f"{'' if run.conditioned else ' and it is not conditioned on slice position'}), so it "
                            f"cannot draw subjects; retrain its prior: python train.py --stage prior --out {run.path} "
                            "--prior-previous-slice --prior-previous-dropout 0.5")
+    if run.two_level and not run.top.prior.config.previous_slice:
+        raise PredictError(f"{run.path}: the top level's prior ({run.top.path}) does not see the previous slice, so "
+                           "this run cannot draw subjects; retrain the top level's prior with --prior-previous-slice")
 
 
 def generate_subjects(run: Run, num: int, seed: int = 0, temperature: float = DEFAULT_TEMPERATURE, *, keep=None,
@@ -140,6 +147,7 @@ def generate_subjects(run: Run, num: int, seed: int = 0, temperature: float = DE
     h, w = run.prior.config.grid_shape
     size = int(run.config["vqvae"]["image_size"])
     codes = np.zeros((num, n_slices, h, w), np.int32)
+    top = np.zeros((num, n_slices, *run.prior.config.top_grid_shape), np.int32) if run.two_level else None
     images = np.zeros((num, n_slices, size, size, 1), np.float32)
     kept = 0
     if keep is not None:
@@ -151,13 +159,20 @@ def generate_subjects(run: Run, num: int, seed: int = 0, temperature: float = DE
         if not 1 <= kept < n_slices:
             raise PredictError(f"--keep {kept}: keep 1 to {n_slices - 1} slices (this prior draws {n_slices})")
         codes[:, :kept] = evaluation.encode_images(run.vqvae, x)[None]
+        if top is not None:
+            top[:, :kept] = evaluation.encode_images(run.top.vqvae, x)[None]
         images[:, :kept] = x[None]
     bar = tqdm(range(kept, n_slices), desc=f"subjects: {num} x {n_slices} slices", unit="slice", disable=not progress)
     for k in bar:
         previous = codes[:, k - 1] if k > 0 else None
+        options = dict(temperature=temperature, seed=_slice_seed(seed, k), condition=k, previous=previous,
+                       batch_size=batch_size)
         try:
-            codes[:, k] = sample_codes(run.prior, num, temperature=temperature, seed=_slice_seed(seed, k),
-                                       condition=k, previous=previous, batch_size=batch_size)
+            if top is None:
+                codes[:, k] = sample_codes(run.prior, num, **options)
+            else:
+                codes[:, k], top[:, k] = sample_two_level(run.top.prior, run.prior, num, **options,
+                                                          top_previous=top[:, k - 1] if k > 0 else None)
         except ValueError as e:
             raise PredictError(f"{run.path}: {e}") from None
         images[:, k] = evaluation.decode_codes(run.vqvae, codes[:, k], batch_size or 32)
@@ -393,8 +408,16 @@ def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, 
     metrics = {"num_samples": num, "temperature": temperature, "seed": seed, "guidance": guidance,
                "top_k": top_k, "top_p": top_p, **scores}
     test_codes = evaluation.encode_images(run.vqvae, test.images)
-    nll = evaluation.prior_nll(run.prior, test_codes,
-                               test.slice_indices.astype(np.int32) if run.conditioned else None)
+    test_condition = test.slice_indices.astype(np.int32) if run.conditioned else None
+    if run.two_level:  # the two levels' bits add up: the top codes, then the fine codes given them
+        test_top = evaluation.encode_images(run.top.vqvae, test.images)
+        nll = evaluation.prior_nll(run.prior, test_codes, test_condition, top=test_top)
+        top_nll = evaluation.prior_nll(run.top.prior, test_top, test_condition)
+        metrics.update(prior_test_fine_nll_bits_per_slice=nll["bits_per_slice"],
+                       prior_test_top_nll_bits_per_slice=top_nll["bits_per_slice"])
+        nll = {"bits_per_code": nll["bits_per_code"], "bits_per_slice": nll["bits_per_slice"] + top_nll["bits_per_slice"]}
+    else:
+        nll = evaluation.prior_nll(run.prior, test_codes, test_condition)
     test_recon = evaluation.decode_codes(run.vqvae, test_codes)  # the power spectrum's and the two-sample test's
     power, spectra = evaluation.power_spectrum_ratios(test.images, {"reconstructions": test_recon, "samples": samples})
     metrics.update(power)

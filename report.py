@@ -45,12 +45,16 @@ def evaluate_vqvae(vqvae, splits, run_dir: Path, num_embeddings: int, batch_size
     return out
 
 
-def evaluate_prior(prior, codes, conditioned: bool, batch_size: int) -> dict:
+def evaluate_prior(prior, codes, conditioned: bool, batch_size: int, top_prior=None) -> dict:
     """The prior's NLL of the validate and test codes, in bits per code and bits per slice.
 
     A prior with ``previous_slice`` is scored twice: without the previous slice (its "no previous
     slice", comparable with a single-slice prior) and ``_given_previous`` (each slice given the one
     below it in its case, ``codes[split]["previous"]`` from ``dataset.previous_slice_index``).
+
+    Two levels (``top_prior`` given, ``codes[split]["top"]`` the top level's codes): the fine prior is
+    scored given the top codes, and ``prior_<split>_top_nll_bits_per_slice`` (``_given_previous``) is
+    the top prior's own NLL of them; the two add up to the two-level model's bits per slice.
     """
     import evaluation
 
@@ -58,18 +62,24 @@ def evaluate_prior(prior, codes, conditioned: bool, batch_size: int) -> dict:
     for split in ("validate", "test"):
         condition = codes[split]["slices"].astype(np.int32) if conditioned else None
         name = "val" if split == "validate" else split
-        nll = evaluation.prior_nll(prior, codes[split]["codes"], condition, batch_size)
-        out[f"prior_{name}_nll_bits"] = nll["bits_per_code"]
-        out[f"prior_{name}_nll_bits_per_slice"] = nll["bits_per_slice"]
-        if prior.config.previous_slice and "previous" in codes[split]:
-            previous = evaluation.previous_codes(codes[split]["codes"], codes[split]["previous"], prior.no_previous)
-            nll = evaluation.prior_nll(prior, codes[split]["codes"], condition, batch_size, previous)
-            out[f"prior_{name}_nll_bits_given_previous"] = nll["bits_per_code"]
-            out[f"prior_{name}_nll_bits_per_slice_given_previous"] = nll["bits_per_slice"]
+        levels = [("", prior, codes[split]["codes"], codes[split].get("top"))]
+        if top_prior is not None:
+            levels.append(("_top", top_prior, codes[split]["top"], None))
+        for level, model, grids, top in levels:
+            nll = evaluation.prior_nll(model, grids, condition, batch_size, top=top)
+            out[f"prior_{name}{level}_nll_bits"] = nll["bits_per_code"]
+            out[f"prior_{name}{level}_nll_bits_per_slice"] = nll["bits_per_slice"]
+            if model.config.previous_slice and "previous" in codes[split]:
+                previous = evaluation.previous_codes(grids, codes[split]["previous"], model.no_previous)
+                nll = evaluation.prior_nll(model, grids, condition, batch_size, previous, top=top)
+                out[f"prior_{name}{level}_nll_bits_given_previous"] = nll["bits_per_code"]
+                out[f"prior_{name}{level}_nll_bits_per_slice_given_previous"] = nll["bits_per_slice"]
     return out
 
 
-def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int) -> None:
+def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int, top_prior=None) -> None:
+    """``samples.png``: ``num`` samples at slice positions spread over the training split's, at the
+    default temperature (two levels: ``top_prior`` draws the top codes first)."""
     import evaluation
     import sampler
     import utils
@@ -79,8 +89,12 @@ def draw_samples(vqvae, prior, cfg: dict, codes, run_dir: Path, num: int) -> Non
         seen = np.unique(codes["train"]["slices"])
         condition = seen[np.linspace(0, len(seen) - 1, num).round().astype(int)]
     t0 = time.time()
-    sampled = sampler.sample_codes(prior, num, seed=cfg["seed"], condition=condition,
-                                   temperature=sampler.DEFAULT_TEMPERATURE)
+    if top_prior is None:
+        sampled = sampler.sample_codes(prior, num, seed=cfg["seed"], condition=condition,
+                                       temperature=sampler.DEFAULT_TEMPERATURE)
+    else:
+        sampled, _ = sampler.sample_two_level(top_prior, prior, num, seed=cfg["seed"], condition=condition,
+                                              temperature=sampler.DEFAULT_TEMPERATURE)
     images = evaluation.decode_codes(vqvae, sampled)
     titles = [f"slice {c}" for c in condition] if condition is not None else None
     utils.save_image_grid(images, run_dir / "samples.png", titles=titles,

@@ -184,11 +184,52 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
             decoder_vqvae_config(cfg)
         cfg["prior"]["grid_shape"] = list(vq.grid_shape)
         cfg["prior"]["num_conditions"] = 0
+        if getattr(args, "top_run", None) is not None:
+            top = top_level_config(args.top_run, cfg, args.stage, out)
+            cfg["prior"].update(top_codes=top["vqvae"]["num_embeddings"], top_grid_shape=top["prior"]["grid_shape"])
         PriorConfig.from_dict(cfg["prior"])
     except (TypeError, ValueError) as e:
         raise TrainError(f"bad model setting: {e}") from None
     cfg["out"] = str(out.resolve())
     return cfg, bool(condition_on_slice)
+
+
+TOP_DIR = "top"  # a two-level run's top level: a complete run directory inside the run (train.py --top-run)
+TOP_FILES = ("config.json", "vqvae.keras", "pixelcnn.keras")
+
+
+def top_level_config(top_run: Path, cfg: dict, stage: str, out: Path) -> dict:
+    """The config of ``--top-run``, checked to be a trained run on this run's data with a coarser grid.
+
+    Raises:
+        TrainError: a missing file, a run on other data or image size, a grid that does not divide
+            this run's, a prior without the top level's own condition map, or ``--stage vqvae``.
+    """
+    import utils
+
+    top_run = Path(top_run)
+    if stage in ("vqvae", DECODER, JUDGE, SEGMENTER):
+        raise TrainError(f"--top-run gives the prior a top level: use it with --stage all or --stage prior, "
+                         f"not --stage {stage}")
+    missing = [name for name in TOP_FILES if not (top_run / name).exists()]
+    if missing:
+        raise TrainError(f"--top-run {top_run}: {', '.join(missing)} not found; train the top level first, e.g. "
+                         f"python train.py --out {top_run} --downsample 8 --num-embeddings 512 --channels 48 "
+                         "--vqvae-warmup-steps 100 --vqvae-clipnorm 1")
+    top = utils.load_json(top_run / "config.json")
+    if Path(out).resolve() == top_run.resolve():
+        raise TrainError(f"--top-run {top_run} is this run itself; give the coarser run's directory")
+    if top["data"]["image_size"] != cfg["data"]["image_size"]:
+        raise TrainError(f"--top-run {top_run} was trained at {top['data']['image_size']} px, this run at "
+                         f"{cfg['data']['image_size']}: train both levels at one image size")
+    if cfg["data"].get("root") and top["data"].get("root") and             Path(top["data"]["root"]).resolve() != Path(cfg["data"]["root"]).resolve():
+        raise TrainError(f"--top-run {top_run} was trained on {top['data']['root']}, this run on "
+                         f"{cfg['data']['root']}: train both levels on the same data")
+    fine, coarse = cfg["prior"]["grid_shape"], top["prior"]["grid_shape"]
+    if any(f % c or f <= c for f, c in zip(fine, coarse)) or fine[0] // coarse[0] != fine[1] // coarse[1]:
+        raise TrainError(f"--top-run {top_run} has {coarse[0]}x{coarse[1]} codes, this run {fine[0]}x{fine[1]}: the "
+                         "top level needs a coarser grid that divides this one (e.g. --downsample 8 against 4)")
+    return top
 
 
 def decoder_config(cfg: dict, args, requested: dict, parser) -> dict:

@@ -6,8 +6,9 @@ NumPy ``Generator`` seeded by ``(seed, sample_index)``. Both methods use the sam
 return the same codes, and chunking (``batch_size``) does not change any sample. ``top_k`` /
 ``top_p`` set the scores outside the kept codes to ``-inf`` before the same Gumbel-max draw;
 classifier-free ``guidance`` mixes the logits of the conditioned and the "no condition" prior;
-``previous`` passes a prior with ``previous_slice`` the previous slices' codes (its own business how
-they enter: the sampler hands them to the full-grid call and to ``init_cache``).
+``previous`` passes a prior with ``previous_slice`` the previous slices' codes, and ``top`` a two-level
+prior the top level's codes (the prior's own business how they enter: the sampler hands these *given
+grids* to the full-grid call and to ``init_cache``, row for row with the samples).
 
 * ``method="naive"``: the reference (keras.io): one full-grid forward pass of the model per position.
 * ``method="fast"``: the prior's ``init_cache`` / ``call_with_cache``: one raster position per call,
@@ -63,7 +64,7 @@ last_exact_rows = 0
 
 # --------------------------------------------------------------------------- arguments and noise
 def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method, batch_size,
-                  guidance, top_k, top_p, codes, keep, previous=None):
+                  guidance, top_k, top_p, codes, keep, previous=None, top=None):
     if int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     if not float(temperature) > 0.0:
@@ -145,11 +146,27 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
             raise ValueError(f"previous codes must lie in [0, {prior.num_embeddings}] ({prior.num_embeddings}: "
                              f"no previous slice), got [{previous.min()}, {previous.max()}]")
         previous = previous.astype("int32")
+    top_codes = getattr(cfg, "top_codes", 0)
+    if top_codes and top is None:
+        raise ValueError("this prior is the fine level of a two-level model (top_codes > 0): pass top= the top "
+                         f"level's (N, {cfg.top_grid_shape[0]}, {cfg.top_grid_shape[1]}) codes, drawn first by "
+                         "the top level's prior")
+    if top is not None:
+        if not top_codes:
+            raise ValueError("top= given but the prior has one level (top_codes=0); drop top=")
+        top = np.asarray(top)
+        if top.shape != (n, *cfg.top_grid_shape) or not np.issubdtype(top.dtype, np.integer):
+            raise ValueError(f"top must be an int array {(n, *cfg.top_grid_shape)} (the top level's codes), "
+                             f"got {top.dtype} {top.shape}")
+        if top.min() < 0 or top.max() >= top_codes:
+            raise ValueError(f"top codes must lie in [0, {top_codes}), got [{top.min()}, {top.max()}]")
+        top = top.astype("int32")
+    given = {name: a for name, a in (("previous", previous), ("top", top)) if a is not None}
     options = {"top_k": None if top_k is None or top_k >= prior.num_embeddings else int(top_k),
                "top_p": None if top_p is None or top_p >= 1.0 else float(top_p),
                "guided": guidance is not None}
     chunk = min(n, DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size))
-    return n, grid_shape, float(temperature), cond, chunk, guidance, options, codes, keep, previous
+    return n, grid_shape, float(temperature), cond, chunk, guidance, options, codes, keep, given
 
 
 def gumbel_noise(seed: int, sample_indices: Sequence[int], grid_shape, num_embeddings: int):
@@ -208,31 +225,41 @@ def _mix(logits, guidance):
     return uncond + guidance * (cond - uncond)
 
 
-def _model_inputs(grid, cond, guided, null, previous=None):
-    """Batch for a full-grid call: the grid, the condition and the previous slices' codes when the prior
-    takes them (all twice, with the null condition second, when guided: guidance is on slice position)."""
+def _rows(given: dict, index) -> dict:
+    """The given grids (``previous``, ``top``) of the rows ``index``."""
+    return {name: a[index] for name, a in given.items()}
+
+
+def _doubled(given: dict, guided: bool) -> dict:
+    """The given grids for a guided batch: twice, as guidance mixes over the slice position only."""
+    return {name: np.concatenate([a, a]) for name, a in given.items()} if guided else given
+
+
+def _model_inputs(grid, cond, guided, null, given=None):
+    """Batch for a full-grid call: the grid, the condition and the given grids (``previous``, then
+    ``top``) when the prior takes them (all twice, with the null condition second, when guided)."""
+    given = _doubled(given or {}, guided)
     if guided:
         grid, cond = np.concatenate([grid, grid]), np.concatenate([cond, np.full_like(cond, null)])
-        previous = None if previous is None else np.concatenate([previous, previous])
-    parts = [grid] + [a for a in (cond, previous) if a is not None]
+    parts = [grid] + [a for a in (cond, given.get("previous"), given.get("top")) if a is not None]
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int, guidance, previous=None) -> tf.Tensor:
+def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int, guidance, given=None) -> tf.Tensor:
     """Logits ``(B, K)`` at ``(i, j)`` from one full-grid forward pass (the reference)."""
     guided = guidance is not None
     null = prior.config.num_conditions
-    logits = tf.convert_to_tensor(prior(_model_inputs(grid, cond, guided, null, previous), training=False))[:, i, j, :]
+    logits = tf.convert_to_tensor(prior(_model_inputs(grid, cond, guided, null, given), training=False))[:, i, j, :]
     return _mix(logits, guidance) if guided else logits
 
 
-def _exact_draw(prior, grid, cond, i, j, noise_ij, temperature, guidance, options, codes, keep, previous=None):
+def _exact_draw(prior, grid, cond, i, j, noise_ij, temperature, guidance, options, codes, keep, given=None):
     """The code at ``(i, j)`` of every row of ``grid`` as the naive sampler decides it (kept codes stay).
 
     Rows are independent, so the fast sampler passes only its tied rows (and their ``cond``,
-    ``noise_ij``, ``codes``, ``keep``, ``previous``).
+    ``noise_ij``, ``codes``, ``keep`` and given grids).
     """
-    logits = _exact_logits(prior, grid, cond, i, j, guidance, previous)
+    logits = _exact_logits(prior, grid, cond, i, j, guidance, given)
     drawn, _ = _draw(logits, tf.constant(noise_ij), tf.constant(temperature, tf.float32),
                      options["top_k"], options["top_p"])
     return np.where(keep[:, i, j], codes[:, i, j], drawn.numpy()).astype("int32")
@@ -277,7 +304,7 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
                  seed: int | None = None, condition=None, method: str = "fast",
                  batch_size: int | None = None, progress: bool = False, *,
                  guidance: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 codes=None, keep=None, previous=None) -> np.ndarray:
+                 codes=None, keep=None, previous=None, top=None) -> np.ndarray:
     """Draw code grids from a PixelCNN prior, position by position in raster order.
 
     Args:
@@ -310,13 +337,16 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
             previous slice (a sample is drawn given them, as given its slice position); None: "no
             previous slice" (a subject's first slice, or a single slice). Guidance leaves it in
             both halves: it mixes over the slice position only.
+        top: for the fine prior of a two-level model (``top_codes > 0``, required there): int
+            ``(N, *top_grid_shape)``, each sample's top-level codes (drawn first by the top level's
+            prior); the fine codes are drawn given them. Guidance leaves them in both halves.
 
     Returns:
         int32 array ``(N, h, w)`` with values in ``[0, num_embeddings)``.
     """
-    n, (h, w), temperature, cond, chunk, guidance, options, codes, keep, previous = _resolve_args(
+    n, (h, w), temperature, cond, chunk, guidance, options, codes, keep, given = _resolve_args(
         prior, num_samples, grid_shape, temperature, condition, method, batch_size,
-        guidance, top_k, top_p, codes, keep, previous)
+        guidance, top_k, top_p, codes, keep, previous, top)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2 ** 63))
     k = prior.num_embeddings
@@ -332,44 +362,68 @@ def sample_codes(prior, num_samples: int, grid_shape=None, temperature: float = 
             idx = np.arange(start, min(start + chunk, n))
             noise = gumbel_noise(seed, idx, (h, w), k)
             c = None if cond is None else cond[idx]
-            p = None if previous is None else previous[idx]
+            g = _rows(given, idx)
             if method == "naive":
-                out[idx] = _sample_naive(model, noise, temperature, c, guidance, options, codes[idx], keep[idx], p)
+                out[idx] = _sample_naive(model, noise, temperature, c, guidance, options, codes[idx], keep[idx], g)
             else:
                 out[idx] = _sample_fast(model, noise, temperature, c, guidance, options, codes[idx], keep[idx],
-                                        pad_to=chunk, previous=p)
+                                        pad_to=chunk, given=g)
             bar.update(len(idx))
         bar.close()
     return out
 
 
-def _sample_naive(prior, noise, temperature, cond, guidance, options, codes, keep, previous=None):
+def sample_two_level(top_prior, prior, num_samples: int, seed: int | None = None, *, previous=None,
+                     top_previous=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Draw two-level code grids: the top level's coarse codes first, then the fine codes given them.
+
+    Args:
+        top_prior: the top level's prior (its own grid, e.g. 16x16).
+        prior: the fine prior (``top_codes > 0``), conditioned on the top codes of each sample.
+        num_samples, seed: as in :func:`sample_codes`; each level draws with its own seed derived
+            from ``seed``, so the same seed gives the same pairs.
+        previous, top_previous: the previous slices' fine and top codes (subjects), or None.
+        **kwargs: the rest of :func:`sample_codes`' arguments (temperature, condition, guidance,
+            top_k, top_p, batch_size, progress, method), used by both levels.
+    Returns:
+        ``(codes (N, h, w), top (N, *top_grid_shape))``, int32.
+    """
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+    top_seed, fine_seed = (int(s) for s in np.random.SeedSequence([int(seed), 2]).generate_state(2))
+    top = sample_codes(top_prior, num_samples, seed=top_seed, previous=top_previous, **kwargs)
+    codes = sample_codes(prior, num_samples, seed=fine_seed, previous=previous, top=top, **kwargs)
+    return codes, top
+
+
+def _sample_naive(prior, noise, temperature, cond, guidance, options, codes, keep, given=None):
     b, h, w, _ = noise.shape
     grid = np.zeros((b, h, w), dtype="int32")
     for i in range(h):
         for j in range(w):
             grid[:, i, j] = _exact_draw(prior, grid, cond, i, j, noise[:, i, j], temperature, guidance,
-                                        options, codes, keep, previous)
+                                        options, codes, keep, given)
     return grid
 
 
-def _pad_rows(pad_to, noise, cond, codes, keep, previous=None):
+def _pad_rows(pad_to, noise, cond, codes, keep, given=None):
     """Pad a short last chunk to ``pad_to`` rows with fully kept rows (they never tie, cost no exact pass)."""
+    given = given or {}
     extra = pad_to - len(noise)
     if extra <= 0:
-        return noise, cond, codes, keep, previous
+        return noise, cond, codes, keep, given
 
     def pad(a, value):
         return np.concatenate([a, np.full((extra, *a.shape[1:]), value, a.dtype)])
 
     return (pad(noise, 0.0), (None if cond is None else pad(cond, cond[0])), pad(codes, 0), pad(keep, True),
-            None if previous is None else pad(previous, 0))
+            {name: pad(a, 0) for name, a in given.items()})
 
 
-def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep, pad_to=None, previous=None):
+def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep, pad_to=None, given=None):
     global last_exact_fallbacks, last_exact_rows
     n = len(noise)
-    noise, cond, codes, keep, previous = _pad_rows(pad_to or n, noise, cond, codes, keep, previous)
+    noise, cond, codes, keep, given = _pad_rows(pad_to or n, noise, cond, codes, keep, given)
     b, h, w, _ = noise.shape
     key = tuple(sorted(options.items()))
     fns = _FAST_FNS.setdefault(prior, {})
@@ -380,10 +434,8 @@ def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep
     rows = 2 * b if guided else b
     null = prior.config.num_conditions
     cond_t = None if cond is None else tf.constant(_model_inputs(codes, cond, guided, null)[1], tf.int32)
-    cache_kw = {}
-    if previous is not None:  # the prior turns the previous slices into its condition map once, here
-        prev_rows = np.concatenate([previous, previous]) if guided else previous
-        cache_kw = {"previous": tf.constant(prev_rows, tf.int32)}
+    # the prior turns the given grids (previous slices, top codes) into its condition map once, here
+    cache_kw = {name: tf.constant(a, tf.int32) for name, a in _doubled(given, guided).items()}
     args = (tf.constant(noise), tf.constant(temperature, tf.float32),
             tf.constant(1.0 if guidance is None else guidance, tf.float32),
             tf.constant(keep), tf.constant(codes))
@@ -397,8 +449,7 @@ def _sample_fast(prior, noise, temperature, cond, guidance, options, codes, keep
             grid = state[0].numpy()  # codes before pos; at pos the loop's draws, 0 for the tied rows
             r = np.flatnonzero(tied.numpy())
             grid[r, i, j] = _exact_draw(prior, grid[r], None if cond is None else cond[r], i, j, noise[r, i, j],
-                                        temperature, guidance, options, codes[r], keep[r],
-                                        None if previous is None else previous[r])
+                                        temperature, guidance, options, codes[r], keep[r], _rows(given, r))
             code = grid[:, i, j]
             prev = np.concatenate([code, code]) if guided else code
             state = (tf.constant(grid), tf.constant(prev), state[2])

@@ -176,7 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(case_<id>_slice_<k>.nii.png), so samples can be asked for at a given depth; sets "
                         "PriorConfig.num_conditions to the training split's slice count (default: on in both "
                         "presets; on --stage prior, what the run was trained with)")
-    _add_dataclass_flags(g, PriorConfig, "prior-", skip={"grid_shape", "num_conditions"})
+    g.add_argument("--top-run", type=Path, default=None, metavar="RUN",
+                   help="two levels (VQ-VAE-2): a trained run on the same data with a coarser code grid (e.g. "
+                        "--downsample 8, 16x16 codes) and its own prior becomes this run's top level: it is copied "
+                        "into <out>/top, and this run's prior learns to draw its codes given the top level's codes "
+                        "of the same slice, which the top prior draws first when sampling. Sets the prior's "
+                        "top_codes and top_grid_shape; needs a condition map (--prior-condition-map > 0). On "
+                        "--stage prior of a two-level run, the top level it already has is kept")
+    _add_dataclass_flags(g, PriorConfig, "prior-", skip={"grid_shape", "num_conditions", "top_codes", "top_grid_shape"})
     return p
 
 
@@ -484,6 +491,39 @@ def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
     return model
 
 
+def attach_top_level(cfg: dict, top_run: Path | None, dirs: RunDirs):
+    """The top level of a two-level run, in ``<write>/top``: copied there from ``top_run`` (``--top-run``),
+    or the one the run already holds (``--stage prior`` / ``--resume`` of a two-level run). Checks that
+    its prior knows the same slice positions, since it draws the top codes at the fine prior's.
+
+    Returns:
+        the top level as ``trained_run.Run`` (its VQ-VAE encodes the slices, its prior draws top codes).
+    """
+    import shutil
+
+    from trained_run import PredictError, load_run
+
+    dest = dirs.write / runconfig.TOP_DIR
+    source = Path(top_run) if top_run is not None else dirs.out / runconfig.TOP_DIR
+    if not source.is_dir():
+        raise TrainError(f"{source} not found: this run's prior has two levels (top_codes > 0) but its top level "
+                         "is gone; pass --top-run RUN (a trained run with a coarser grid)")
+    if source.resolve() != dest.resolve():
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in runconfig.TOP_FILES:
+            shutil.copy2(source / name, dest / name)
+        print(f"[prior] top level: {source} copied into {dest}")
+    try:
+        top = load_run(dest)
+    except PredictError as e:
+        raise TrainError(str(e)) from None
+    if top.num_conditions != cfg["prior"]["num_conditions"]:
+        raise TrainError(f"the top level {source} knows {top.num_conditions} slice positions, this run "
+                         f"{cfg['prior']['num_conditions']}: train both levels on the same data with the same "
+                         "--condition-on-slice")
+    return top
+
+
 def set_judge_config(cfg: dict, splits, epochs: int | None) -> None:
     """``cfg["judge"]``: the judge's ``JudgeConfig`` (kept from a saved run; ``--judge-epochs`` wins),
     classifying as many slice positions as the data has."""
@@ -682,15 +722,22 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
 
         for name, split in splits.items():  # consecutive pairs, for a prior that sees the previous slice
             codes[name]["previous"] = dataset.previous_slice_index(split)
+        top = None
+        if cfg["prior"].get("top_codes"):  # two levels: the fine prior learns its codes given the top level's
+            top = attach_top_level(cfg, args.top_run, dirs)
+            top_codes = evaluation.encode_splits(top.vqvae, splits, top.path, model_path=top.path / "vqvae.keras")
+            for name in codes:
+                codes[name]["top"] = top_codes[name]["codes"]
         t0 = time.time()
         train_prior(cfg, codes, dirs, args.resume, strategy)
         timings["prior_train_s"] = time.time() - t0
         if dirs.is_chief:
             prior = keras.models.load_model(dirs.write / "pixelcnn.keras")
+            top_prior = None if top is None else top.prior
             metrics.update(report.evaluate_prior(prior, codes, cfg["prior"]["num_conditions"] > 0,
-                                          cfg["training"]["prior_batch_size"]))
+                                                 cfg["training"]["prior_batch_size"], top_prior=top_prior))
             if args.num_samples:
-                report.draw_samples(vqvae, prior, cfg, codes, dirs.write, args.num_samples)
+                report.draw_samples(vqvae, prior, cfg, codes, dirs.write, args.num_samples, top_prior=top_prior)
     if not dirs.is_chief:  # the judge trains on one device, so on the chief only
         print(f"worker done; the run directory is the chief's: {dirs.out}")
         return 0

@@ -19,12 +19,21 @@ class PredictError(Exception):
 
 @dataclass
 class Run:
-    """A trained run: its directory, saved config and models (``prior`` is None if not trained)."""
+    """A trained run: its directory, saved config and models (``prior`` is None if not trained).
+
+    ``top`` is the top level of a two-level run (``train.py --top-run``): the run in ``<path>/top``,
+    whose prior draws each slice's coarse codes first; ``prior`` then draws the fine codes given them.
+    """
 
     path: Path
     config: dict
     vqvae: object
     prior: object | None
+    top: "Run | None" = None
+
+    @property
+    def two_level(self) -> bool:
+        return self.top is not None
 
     @property
     def conditioned(self) -> bool:
@@ -76,7 +85,22 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
             raise PredictError(f"{prior_path} not found: this run has no trained prior; train it with: "
                                f"python train.py --stage prior --out {run_dir}")
         prior = keras.models.load_model(prior_path)
-    return Run(run_dir, config, keras.models.load_model(vq_path), prior)
+    top = None
+    if need_prior and config.get("prior", {}).get("top_codes"):  # two levels: the top level lives in <run>/top
+        if not (run_dir / "top").is_dir():
+            raise PredictError(f"{run_dir / 'top'} not found: this run's prior has two levels but its top level is "
+                               f"gone; retrain its prior: python train.py --stage prior --out {run_dir} --top-run RUN")
+        top = load_run(run_dir / "top")
+    return Run(run_dir, config, keras.models.load_model(vq_path), prior, top)
+
+
+def one_level(run: Run, command: str) -> Run:
+    """``run``, or a :class:`PredictError` when it has two levels: ``command`` heals and completes code grids
+    with a one-level prior (the fine prior of a two-level run would need top codes of the healed slice)."""
+    if run.two_level:
+        raise PredictError(f"{run.path}: predict.py {command} works on one-level runs; this run's prior has two levels "
+                           "(train.py --top-run). Use a one-level run, e.g. --run runs/demo")
+    return run
 
 
 def _conditions(run: Run, slice_index, num: int):
