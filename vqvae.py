@@ -515,6 +515,12 @@ class VQVAEConfig:
     gradient_weight: float = field(default=0.0, metadata={
         "help": "weight of the image-gradient loss, mean |dx x - dx x_hat| + |dy x - dy x_hat| over neighbouring "
                 "pixels, which asks for sharp borders (0: off)"})
+    code_noise: float = field(default=0.0, metadata={
+        "help": "training only: the fraction of code positions whose quantised vector is replaced by a random "
+                "code's before the decoder (the reconstruction target stays the real slice), so the decoder learns "
+                "to render a grid holding a few wrong codes, as every grid a prior draws does, from their "
+                "neighbours instead of as a dark spot; train.py --stage decoder --code-noise 0.1 teaches an "
+                "existing run's decoder (0: off)"})
     freeze_encoder: bool = field(default=False, metadata={
         "help": "encoder and vector quantiser frozen (no gradient steps, no EMA updates, no restarts), so only "
                 "the decoder trains; set by train.py --stage decoder"})
@@ -554,6 +560,8 @@ class VQVAEConfig:
         for name in ("spectral_weight", "spectral_focal", "gradient_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if not 0.0 <= self.code_noise < 1.0:
+            raise ValueError(f"code_noise must be in [0, 1) (0: off), got {self.code_noise}")
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -715,6 +723,8 @@ class VQVAE(keras.Model):
         # the detail losses are tracked (and so shown in the progress bar) only when they are on
         self.spectral_tracker = keras.metrics.Mean(name="spectral_loss") if cfg.spectral_weight else None
         self.gradient_tracker = keras.metrics.Mean(name="gradient_loss") if cfg.gradient_weight else None
+        if cfg.code_noise:
+            self.code_noise_seed = keras.random.SeedGenerator(cfg.seed + 1, name="code_noise_seed")
         if cfg.freeze_encoder:
             # train.py --stage decoder: no gradient step reaches them, and a frozen quantiser makes no
             # EMA update and no restart (VectorQuantizer.call), so the codes stay what they were.
@@ -754,8 +764,24 @@ class VQVAE(keras.Model):
         """
         z = self.encoder(images, training=training)  # (B, h, w, D)
         q = self.vector_quantizer(z, training=training)  # (B, h, w, D) float32
+        if training and self.config.code_noise:
+            q = self._with_code_noise(q)
         out = self.decoder(q, training=training)
         return out if training else ops.clip(out, 0.0, 1.0)
+
+    def _with_code_noise(self, q):
+        """``q`` with ``config.code_noise`` of its positions set to random codes' vectors (training only).
+
+        A prior's grids hold codes that a real slice would not have at that place; a decoder that has only
+        seen encoded real slices draws each such code as what it stands for alone (often a dark spot).
+        Trained with random codes at random places and the real slice as the target, it learns to read a
+        code in its neighbours' context. No gradient flows to the encoder through a replaced position.
+        """
+        grid = ops.shape(q)[:3]
+        swap = keras.random.uniform(grid, seed=self.code_noise_seed) < self.config.code_noise
+        codes = keras.random.randint(grid, 0, self.config.num_embeddings, seed=self.code_noise_seed)
+        noisy = ops.stop_gradient(self.vector_quantizer.quantize(codes))
+        return ops.where(swap[..., None], ops.cast(noisy, q.dtype), q)
 
     def encode(self, images):
         """images (B, H, W, 1) -> int32 codes (B, h, w)."""

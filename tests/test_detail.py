@@ -71,6 +71,29 @@ def test_config_round_trip_and_old_configs_load_with_the_losses_off():
         VQVAEConfig(spectral_weight=-1.0)
 
 
+def test_code_noise_swaps_that_share_of_codes_for_codebook_rows_in_training_only():
+    import keras
+
+    from modules import VQVAE, VQVAEConfig
+
+    model = VQVAE(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4, code_noise=0.5)
+    codes = np.random.default_rng(0).integers(0, 8, (64, 4, 4))
+    q = np.asarray(model.vector_quantizer.quantize(codes))
+    noisy = np.asarray(model._with_code_noise(keras.ops.convert_to_tensor(q)))
+    changed = np.any(noisy != q, axis=-1)
+    # half the positions are redrawn; a redraw lands on the same code 1 time in 8
+    assert 0.38 < changed.mean() < 0.50, changed.mean()
+    book = np.asarray(model.vector_quantizer.codebook)
+    distance = np.abs(noisy[..., None, :] - book).sum(-1).min(-1)  # every position holds some codebook row
+    np.testing.assert_allclose(distance, 0.0, atol=1e-6)
+    x = _slices(4, 16)  # inference never swaps: the model reconstructs as decode(encode(x))
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), np.asarray(model.decode(model.encode(x))),
+                               atol=1e-6)
+    assert VQVAEConfig().code_noise == 0.0
+    with pytest.raises(ValueError, match="code_noise"):
+        VQVAEConfig(code_noise=1.0)
+
+
 def test_fit_reports_the_detail_losses_only_when_they_are_on():
     import keras
 
@@ -120,7 +143,8 @@ def test_decoder_stage_freezes_encoder_codebook_and_codes_changes_the_decoder_an
     codes = np.asarray(before.encode(x))
 
     assert train.main(["--data", oasis_tree, "--out", out, "--stage", "decoder", "--decoder-epochs", "1",
-                       "--decoder-lr", "0.01", "--spectral-weight", "0.5", "--gradient-weight", "0.5"]) == 0
+                       "--decoder-lr", "0.01", "--spectral-weight", "0.5", "--gradient-weight", "0.5",
+                       "--code-noise", "0.2"]) == 0
     after = keras.models.load_model(out / "vqvae.keras")
     for a, b in zip(before.encoder.get_weights(), after.encoder.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -134,6 +158,7 @@ def test_decoder_stage_freezes_encoder_codebook_and_codes_changes_the_decoder_an
 
     config = json.loads((out / "config.json").read_text())
     assert config["decoder"]["spectral_weight"] == 0.5 and config["decoder"]["epochs"] == 1
+    assert config["decoder"]["code_noise"] == 0.2 and after.config.code_noise == 0.0
     assert config["vqvae"]["spectral_weight"] == 0.0
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["power_ratio_reconstructions"]) == 8 and "decoder_train_s" in metrics

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN_FLAGS, write_tree
+from conftest import TINY_RUN_FLAGS
 
-SLICES = 4
+SLICES = 4  # the tiny run's slices per case
 
 
 def tiny_flags(downsample: int) -> list[str]:
@@ -21,15 +22,16 @@ def tiny_flags(downsample: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def levels(tmp_path_factory):
-    """A coarse run (32x32 images, 4x4 codes) and a fine run (8x8 codes) whose prior it tops."""
+def levels(tiny_run, tmp_path_factory):
+    """Two levels on the session's tiny run: it is the top level (32x32 images, 8x8 codes); the fine run
+    beside it has 16x16 codes (downsample 2) and a prior conditioned on the tiny run's codes."""
     import train
 
     root = tmp_path_factory.mktemp("two_level")
-    data = write_tree(root / "oasis", slices=SLICES)
-    assert train.main(["--data", data, "--out", root / "top", *tiny_flags(8)]) == 0
-    assert train.main(["--data", data, "--out", root / "fine", *tiny_flags(4), "--top-run", root / "top"]) == 0
-    return root
+    data = Path(json.loads((tiny_run / "config.json").read_text())["data"]["root"])
+    assert train.main(["--data", data, "--out", root / "fine", *tiny_flags(2), "--judge-epochs", "0",
+                       "--top-run", tiny_run]) == 0
+    return {"top": tiny_run, "fine": root / "fine", "data": data}
 
 
 def one_line_error(main, argv) -> tuple[int, list[str]]:
@@ -126,20 +128,20 @@ def test_sampler_is_exact_with_top_codes_and_names_what_is_missing():
 def test_two_level_run_keeps_its_top_level_and_samples_through_it(levels, tmp_path):
     import predict
 
-    cfg = json.loads((levels / "fine" / "config.json").read_text())
-    top_cfg = json.loads((levels / "top" / "config.json").read_text())
+    cfg = json.loads((levels["fine"] / "config.json").read_text())
+    top_cfg = json.loads((levels["top"] / "config.json").read_text())
     assert cfg["prior"]["top_codes"] == top_cfg["vqvae"]["num_embeddings"]
-    assert cfg["prior"]["top_grid_shape"] == [4, 4] and cfg["prior"]["grid_shape"] == [8, 8]
+    assert cfg["prior"]["top_grid_shape"] == [8, 8] and cfg["prior"]["grid_shape"] == [16, 16]
     for name in ("config.json", "vqvae.keras", "pixelcnn.keras"):
-        assert (levels / "fine" / "top" / name).exists()
-    metrics = json.loads((levels / "fine" / "metrics.json").read_text())
+        assert (levels["fine"] / "top" / name).exists()
+    metrics = json.loads((levels["fine"] / "metrics.json").read_text())
     assert metrics["prior_val_top_nll_bits_per_slice"] > 0 and metrics["prior_val_nll_bits_per_slice"] > 0
 
-    run = predict.load_run(levels / "fine")
-    assert run.two_level and run.top.prior.config.grid_shape == (4, 4)
+    run = predict.load_run(levels["fine"])
+    assert run.two_level and run.top.prior.config.grid_shape == (8, 8)
     codes, images = predict.generate(run, 3, seed=0, condition=1, progress=False)
     again, _ = predict.generate(run, 3, seed=0, condition=1, progress=False)
-    assert codes.shape == (3, 8, 8) and images.shape == (3, 32, 32, 1)
+    assert codes.shape == (3, 16, 16) and images.shape == (3, 32, 32, 1)
     np.testing.assert_array_equal(codes, again)
     # the fine codes are drawn given the top codes that the top prior drew with the same seed
     import sampler
@@ -147,36 +149,37 @@ def test_two_level_run_keeps_its_top_level_and_samples_through_it(levels, tmp_pa
     fine, top = sampler.sample_two_level(run.top.prior, run.prior, 3, seed=0, condition=1,
                                          temperature=sampler.DEFAULT_TEMPERATURE)
     np.testing.assert_array_equal(fine, codes)
-    assert top.shape == (3, 4, 4)
+    assert top.shape == (3, 8, 8)
 
-    code, lines = one_line_error(predict.main, ["sample", "--run", levels / "fine", "--num", "2",
+    code, lines = one_line_error(predict.main, ["sample", "--run", levels["fine"], "--num", "2",
                                                 "--out", tmp_path / "samples"])
     assert code == 0, lines
     assert len(list((tmp_path / "samples").glob("*.png"))) >= 2
 
     subjects = predict.generate_subjects(run, 2, seed=0, progress=False)
-    assert subjects.codes.shape == (2, SLICES, 8, 8)
+    assert subjects.codes.shape == (2, SLICES, 16, 16)
 
 
 def test_two_level_mistakes_are_one_line(levels, tmp_path):
     import train
 
-    data = levels / "oasis"
+    data = levels["data"]
     cases = {
         "missing": (["--top-run", tmp_path / "nowhere"], "not found"),
-        "same grid": (["--top-run", levels / "fine"], "coarser grid"),
+        "same grid": (["--top-run", levels["top"]], "coarser grid"),  # the top run's own 8x8 grid
+        "other size": (["--top-run", levels["top"], "--image-size", "64"], "image size"),
     }
     for name, (extra, message) in cases.items():
         code, lines = one_line_error(train.main, ["--data", data, "--out", tmp_path / name, *tiny_flags(4), *extra])
         assert code == 2 and len(lines) == 1 and message in lines[0], (name, lines)
-    code, lines = one_line_error(train.main, ["--data", data, "--out", tmp_path / "v", *tiny_flags(4), "--stage",
-                                              "vqvae", "--top-run", levels / "top"])
+    code, lines = one_line_error(train.main, ["--data", data, "--out", tmp_path / "v", *tiny_flags(2), "--stage",
+                                              "vqvae", "--top-run", levels["top"]])
     assert code != 0 and "--top-run" in lines[-1]
 
 
 def test_anomaly_maps_refuse_a_two_level_run_in_one_line(levels, tmp_path):
     import predict
 
-    code, lines = one_line_error(predict.main, ["anomaly", "--run", levels / "fine", "--images",
-                                                levels / "oasis" / "keras_png_slices_test", "--out", tmp_path / "a"])
+    code, lines = one_line_error(predict.main, ["anomaly", "--run", levels["fine"], "--images",
+                                                levels["data"] / "keras_png_slices_test", "--out", tmp_path / "a"])
     assert code == 2 and len(lines) == 1 and "two levels" in lines[0], lines
