@@ -201,6 +201,8 @@ def prior_run_steps(args) -> None:
             x.append(rng.integers(0, prior_cfg.num_conditions, batch).astype(np.int32))
         if prior_cfg.previous_slice:
             x.append(rng.integers(0, k, codes.shape).astype(np.int32))
+        if prior_cfg.top_codes:  # the fine prior of a two-level run (its top level's own prior is not timed)
+            x.append(rng.integers(0, prior_cfg.top_codes, (batch, *prior_cfg.top_grid_shape)).astype(np.int32))
         x = tuple(x) if len(x) > 1 else x[0]
         for _ in range(args.warmup):
             model.train_on_batch(x, codes)
