@@ -585,14 +585,15 @@ def test_help_explains_every_flag():
                  "--image-size", "--seed", "--resume", "--preset", "--distribute", "--mixed-precision",
                  "--num-embeddings", "--embedding-dim", "--downsample", "--prior-gated", "--prior-filters",
                  "--condition-on-slice", "--no-condition-on-slice", "--verbose", "--vqvae-warmup-steps",
-                 "--vqvae-clipnorm", "--decoder-epochs", "--decoder-lr", "--spectral-weight", "--gradient-weight"):
+                 "--vqvae-clipnorm", "--decoder-epochs", "--decoder-lr", "--spectral-weight", "--gradient-weight",
+                 "--code-noise", "--top-run"):
         assert flag in text, flag
     flat = "".join(text.split())  # argparse re-wraps the help
     for guards in ("Guardsagainstdeadrelus", "Guardsagainstlossspikes"):  # what the opt-in flags are for
         assert guards.lower() in flat.lower(), guards
     # Each config field's flag shows the help written beside the field (dataclasses.field metadata).
     for cls, prefix, skip in ((VQVAEConfig, "", {"image_size", "seed", "freeze_encoder"}),
-                              (PriorConfig, "prior-", {"grid_shape", "num_conditions"})):
+                              (PriorConfig, "prior-", {"grid_shape", "num_conditions", "top_codes", "top_grid_shape"})):
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
