@@ -517,6 +517,10 @@ def attach_top_level(cfg: dict, top_run: Path | None, dirs: RunDirs):
         top = load_run(dest)
     except PredictError as e:
         raise TrainError(str(e)) from None
+    ours, theirs = Path(cfg["data"]["root"]).resolve(), Path(top.config["data"]["root"]).resolve()
+    if ours != theirs:  # the default demo's root is only known now, after the data was read
+        raise TrainError(f"the top level {source} was trained on {theirs}, this run on {ours}: train both levels "
+                         "on the same data")
     if top.num_conditions != cfg["prior"]["num_conditions"]:
         raise TrainError(f"the top level {source} knows {top.num_conditions} slice positions, this run "
                          f"{cfg['prior']['num_conditions']}: train both levels on the same data with the same "

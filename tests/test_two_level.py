@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN_FLAGS
+from conftest import TINY_RUN_FLAGS, write_tree
 
 SLICES = 4  # the tiny run's slices per case
 
@@ -172,6 +172,10 @@ def test_two_level_mistakes_are_one_line(levels, tmp_path):
     for name, (extra, message) in cases.items():
         code, lines = one_line_error(train.main, ["--data", data, "--out", tmp_path / name, *tiny_flags(4), *extra])
         assert code == 2 and len(lines) == 1 and message in lines[0], (name, lines)
+    other = write_tree(tmp_path / "other", slices=SLICES)
+    code, lines = one_line_error(train.main, ["--data", other, "--out", tmp_path / "other_run", *tiny_flags(2),
+                                              "--top-run", levels["top"]])
+    assert code == 2 and len(lines) == 1 and "same data" in lines[0], lines
     code, lines = one_line_error(train.main, ["--data", data, "--out", tmp_path / "v", *tiny_flags(2), "--stage",
                                               "vqvae", "--top-run", levels["top"]])
     assert code != 0 and "--top-run" in lines[-1]
