@@ -491,7 +491,7 @@ def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
     return model
 
 
-def attach_top_level(cfg: dict, top_run: Path | None, dirs: RunDirs):
+def attach_top_level(cfg: dict, top_run: Path | None, dirs: RunDirs, resume: bool = False):
     """The top level of a two-level run, in ``<write>/top``: copied there from ``top_run`` (``--top-run``),
     or the one the run already holds (``--stage prior`` / ``--resume`` of a two-level run). Checks that
     its prior knows the same slice positions, since it draws the top codes at the fine prior's.
@@ -509,6 +509,10 @@ def attach_top_level(cfg: dict, top_run: Path | None, dirs: RunDirs):
         raise TrainError(f"{source} not found: this run's prior has two levels (top_codes > 0) but its top level "
                          "is gone; pass --top-run RUN (a trained run with a coarser grid)")
     if source.resolve() != dest.resolve():
+        held = dirs.out / runconfig.TOP_DIR / "vqvae.keras"
+        if resume and held.exists() and evaluation.file_sha256(held) != evaluation.file_sha256(source / "vqvae.keras"):
+            raise TrainError(f"--resume --top-run {source}: this run's prior was trained over another top level "
+                             f"({held.parent}); drop --top-run to resume it, or start a new --out")
         dest.mkdir(parents=True, exist_ok=True)
         for name in runconfig.TOP_FILES:
             shutil.copy2(source / name, dest / name)
@@ -728,7 +732,7 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
             codes[name]["previous"] = dataset.previous_slice_index(split)
         top = None
         if cfg["prior"].get("top_codes"):  # two levels: the fine prior learns its codes given the top level's
-            top = attach_top_level(cfg, args.top_run, dirs)
+            top = attach_top_level(cfg, args.top_run, dirs, args.resume)
             top_codes = evaluation.encode_splits(top.vqvae, splits, top.path, model_path=top.path / "vqvae.keras")
             for name in codes:
                 codes[name]["top"] = top_codes[name]["codes"]

@@ -187,3 +187,20 @@ def test_anomaly_maps_refuse_a_two_level_run_in_one_line(levels, tmp_path):
     code, lines = one_line_error(predict.main, ["anomaly", "--run", levels["fine"], "--images",
                                                 levels["data"] / "keras_png_slices_test", "--out", tmp_path / "a"])
     assert code == 2 and len(lines) == 1 and "two levels" in lines[0], lines
+
+
+def test_resume_refuses_a_different_top_level(levels, tmp_path):
+    import shutil
+
+    import keras
+
+    import train
+
+    fine, other_top = tmp_path / "fine", tmp_path / "other_top"
+    shutil.copytree(levels["fine"], fine)
+    shutil.copytree(levels["top"], other_top)
+    vqvae = keras.models.load_model(other_top / "vqvae.keras")
+    vqvae.decoder.weights[0].assign(vqvae.decoder.weights[0] + 0.1)  # another top level of the same shape
+    vqvae.save(other_top / "vqvae.keras")
+    code, lines = one_line_error(train.main, ["--out", fine, "--resume", "--top-run", other_top])
+    assert code == 2 and "another top level" in lines[-1], lines
