@@ -29,3 +29,23 @@ def test_gap_closed_is_the_share_towards_the_floor():
     assert bench.gap_closed(9.0, start=8.0, floor=4.0) < 0  # worse than the reference reads negative
     assert bench.gap_closed(0.96, start=0.95, floor=0.97) == pytest.approx(0.5)  # higher-is-better alike
     assert math.isnan(bench.gap_closed(1.0, start=1.0, floor=1.0))  # no gap: no share, not "all closed"
+
+
+def test_table_shows_the_real_test_split_beside_the_floor(capsys):
+    from bench_sampling_defaults import ANATOMY, print_table
+
+    def metrics(group_values: dict) -> dict:
+        out = {"interior_realism_ratio": 0.9, "sharpness_ratio": 1.0, "diversity_ms_ssim_samples": 0.6,
+               "diversity_ms_ssim_real_test": 0.56, "sharpness_reconstructions": 1.0, "sharpness_real_test": 1.0}
+        for group, value in group_values.items():
+            out.update({key.format(group): value for _, key, _ in ANATOMY})
+        return out
+
+    real_test = {"anatomy_components_csf_real_test": 20.5, "anatomy_components_white_real_test": 4.9}
+    print_table({"t1": {**metrics({"real_validate": 1.0, "reconstructions": 2.0, "samples": 3.0}), **real_test}},
+                "samples", "samples")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| real test"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "4.900" and cells[3] == "20.500" and cells[5] == "" and cells[7] == ""  # no area / Frechet
+    print_table({"t1": metrics({"real_validate": 1.0, "reconstructions": 2.0, "samples": 3.0})}, "samples", "samples")
+    assert "| real test" not in capsys.readouterr().out  # an evaluation without the test split's figures
