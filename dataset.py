@@ -774,14 +774,6 @@ def previous_slice_index(split) -> np.ndarray:
                      for c, k in zip(cases.tolist(), slices.tolist())], dtype=np.int64)
 
 
-def prior_inputs(codes: dict, conditioned: bool):
-    """The prior's inputs from a split's cached codes: ``codes`` alone, or ``(codes, slice)`` when
-    conditioned, with the top level's codes ``codes["top"]`` last when the split has them (two levels)."""
-    parts = [codes["codes"]] + ([codes["slices"].astype(np.int32)] if conditioned else []) + (
-        [codes["top"]] if "top" in codes else [])
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
 def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int, batch_size: int,
                   shuffle_seed: int | None = None):
     """``tf.data`` of ``(inputs, codes)`` batches for the prior.
@@ -794,8 +786,12 @@ def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int
     """
     import tensorflow as tf
 
+    from pixelcnn import pack_inputs
+
     target = codes["codes"]
-    if prior_cfg.top_codes and "top" not in codes:
+    slices = codes["slices"].astype(np.int32) if conditioned else None
+    top = codes.get("top")
+    if prior_cfg.top_codes and top is None:
         raise ValueError("prior_dataset: this prior has two levels (top_codes > 0) but the codes have no 'top' "
                          "grids (the top level's codes of each slice)")
 
@@ -803,22 +799,20 @@ def prior_dataset(codes: dict, conditioned: bool, prior_cfg, num_embeddings: int
         return ds if shuffle_seed is None else ds.shuffle(len(target), seed=shuffle_seed)
 
     if not prior_cfg.previous_slice:
-        ds = shuffled(tf.data.Dataset.from_tensor_slices((prior_inputs(codes, conditioned), target)))
+        ds = shuffled(tf.data.Dataset.from_tensor_slices((pack_inputs(target, slices, top=top), target)))
     else:
         table = tf.constant(target, tf.int32)
         none = tf.fill(tf.shape(table)[1:], num_embeddings)
-        slices = codes["slices"].astype(np.int32) if conditioned else None
         index = np.asarray(codes["previous"], np.int64)
 
         def pair(n, k):
             previous = tf.where(k >= 0, tf.gather(table, tf.maximum(k, 0)), none)
             current = tf.gather(table, n)
-            parts = [current] + ([] if slices is None else [tf.gather(slices_t, n)]) + [previous] + (
-                [] if top_t is None else [tf.gather(top_t, n)])
-            return tuple(parts), current
+            return pack_inputs(current, None if slices_t is None else tf.gather(slices_t, n), previous,
+                               None if top_t is None else tf.gather(top_t, n)), current
 
         slices_t = None if slices is None else tf.constant(slices)
-        top_t = tf.constant(codes["top"], tf.int32) if "top" in codes else None
+        top_t = None if top is None else tf.constant(top, tf.int32)
         ds = shuffled(tf.data.Dataset.from_tensor_slices((np.arange(len(target), dtype=np.int64), index))).map(pair)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -412,6 +412,8 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None, 
     """
     import keras
 
+    from pixelcnn import pack_inputs
+
     codes = np.asarray(codes).astype(np.int32)
     if codes.ndim != 3:
         raise ValueError(f"code_nll: codes must be (N, h, w), got shape {codes.shape}")
@@ -425,9 +427,8 @@ def code_nll(prior, codes, condition=None, batch_size: int = 64, previous=None, 
     out = []
     for i in range(0, len(codes), batch_size):
         batch = codes[i:i + batch_size]
-        parts = [batch] + ([condition[i:i + batch_size]] if condition is not None else []) + [
-            np.asarray(g[i:i + batch_size], np.int32) for g in (previous, top) if g is not None]
-        logits = prior(parts[0] if len(parts) == 1 else tuple(parts), training=False)
+        rows = [None if a is None else np.asarray(a[i:i + batch_size], np.int32) for a in (condition, previous, top)]
+        logits = prior(pack_inputs(batch, *rows), training=False)
         out.append(np.asarray(keras.ops.sparse_categorical_crossentropy(batch, logits, from_logits=True)))
     return np.concatenate(out).astype(np.float32)
 

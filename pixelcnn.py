@@ -137,6 +137,16 @@ class PriorConfig:
         return _config_from_dict(cls, d)
 
 
+def pack_inputs(codes, condition=None, previous=None, top=None):
+    """A prior's call input from its parts: ``codes`` alone, or the tuple of the parts given, in the order
+    :class:`PixelCNN` reads them (codes, condition, previous slice's codes, top level's codes).
+
+    The one place that knows the order; works on arrays and on tensors (inside ``tf.data`` too).
+    """
+    parts = [codes] + [p for p in (condition, previous, top) if p is not None]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class PixelCNN(keras.Model):
     """Autoregressive prior over VQ-VAE code grids.
@@ -293,9 +303,9 @@ class PixelCNN(keras.Model):
     def _split_inputs(self, inputs):
         """``(codes, cond, previous, top)`` from the accepted input forms (see the class docstring).
 
-        A tuple holds, in order: the codes, the condition (a conditioned prior), the previous
-        slice's codes (optional, a prior with ``previous_slice``) and the top level's codes (a
-        two-level prior: always).
+        A tuple holds, in order (:func:`pack_inputs` builds it): the codes, the condition (a
+        conditioned prior), the previous slice's codes (optional, a prior with ``previous_slice``)
+        and the top level's codes (a two-level prior: always).
         """
         c = self.config
         parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]

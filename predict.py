@@ -380,7 +380,8 @@ def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, 
     The metrics are those of ``evaluation.score_samples`` (realism, memorisation, interior realism,
     sharpness, diversity and, with the run's ``judge.keras``, Frechet distance, precision / recall
     and slice agreement; validation reconstructions scored alike as the decoder's ceiling), the
-    prior's NLL of the test codes in bits per code and per slice, the power of the test slices'
+    prior's NLL of the test codes in bits per code and per slice (two levels: the fine prior's given the
+    top codes, and ``prior_test_top_nll_bits_per_slice`` the top prior's own), the power of the test slices'
     reconstructions and of the samples over the real test slices' per frequency band
     (``evaluation.power_spectrum_ratios``; the three spectra in ``power_spectrum.png``), and the classifier two-sample
     test (``evaluation.two_sample_scores``: its floor and power rows, reconstructions vs real paired by
@@ -409,15 +410,11 @@ def evaluate(run: Run, num: int = 64, temperature: float = DEFAULT_TEMPERATURE, 
                "top_k": top_k, "top_p": top_p, **scores}
     test_codes = evaluation.encode_images(run.vqvae, test.images)
     test_condition = test.slice_indices.astype(np.int32) if run.conditioned else None
-    if run.two_level:  # the two levels' bits add up: the top codes, then the fine codes given them
-        test_top = evaluation.encode_images(run.top.vqvae, test.images)
-        nll = evaluation.prior_nll(run.prior, test_codes, test_condition, top=test_top)
-        top_nll = evaluation.prior_nll(run.top.prior, test_top, test_condition)
-        metrics.update(prior_test_fine_nll_bits_per_slice=nll["bits_per_slice"],
-                       prior_test_top_nll_bits_per_slice=top_nll["bits_per_slice"])
-        nll = {"bits_per_code": nll["bits_per_code"], "bits_per_slice": nll["bits_per_slice"] + top_nll["bits_per_slice"]}
-    else:
-        nll = evaluation.prior_nll(run.prior, test_codes, test_condition)
+    test_top = evaluation.encode_images(run.top.vqvae, test.images) if run.two_level else None
+    nll = evaluation.prior_nll(run.prior, test_codes, test_condition, top=test_top)  # two levels: given the top codes
+    if run.two_level:  # the top prior's own bits, as train.py's metrics.json names them; the two levels' add up
+        metrics["prior_test_top_nll_bits_per_slice"] = evaluation.prior_nll(run.top.prior, test_top,
+                                                                            test_condition)["bits_per_slice"]
     test_recon = evaluation.decode_codes(run.vqvae, test_codes)  # the power spectrum's and the two-sample test's
     power, spectra = evaluation.power_spectrum_ratios(test.images, {"reconstructions": test_recon, "samples": samples})
     metrics.update(power)

@@ -202,9 +202,11 @@ def top_level_config(top_run: Path, cfg: dict, stage: str, out: Path) -> dict:
     """The config of ``--top-run``, checked to be a trained run on this run's data with a coarser grid.
 
     Raises:
-        TrainError: a missing file, a run on other data or image size, a grid that does not divide
-            this run's, a prior without the top level's own condition map, or ``--stage vqvae``.
+        TrainError: a missing file, this run itself, a run on other data (the default demo's root when
+            ``--data`` is not given) or image size, a grid that is not coarser or does not divide this
+            run's, or a stage without a prior to train (``--stage vqvae``, ...).
     """
+    import build_data
     import utils
 
     top_run = Path(top_run)
@@ -222,9 +224,10 @@ def top_level_config(top_run: Path, cfg: dict, stage: str, out: Path) -> dict:
     if top["data"]["image_size"] != cfg["data"]["image_size"]:
         raise TrainError(f"--top-run {top_run} was trained at {top['data']['image_size']} px, this run at "
                          f"{cfg['data']['image_size']}: train both levels at one image size")
-    if cfg["data"].get("root") and top["data"].get("root") and             Path(top["data"]["root"]).resolve() != Path(cfg["data"]["root"]).resolve():
-        raise TrainError(f"--top-run {top_run} was trained on {top['data']['root']}, this run on "
-                         f"{cfg['data']['root']}: train both levels on the same data")
+    ours = Path(cfg["data"]["root"] or build_data.DEFAULT_DEMO_ROOT).resolve()  # the demo when --data is not given
+    if Path(top["data"]["root"]).resolve() != ours:
+        raise TrainError(f"--top-run {top_run} was trained on {top['data']['root']}, this run on {ours}: train "
+                         "both levels on the same data")
     fine, coarse = cfg["prior"]["grid_shape"], top["prior"]["grid_shape"]
     if any(f % c or f <= c for f, c in zip(fine, coarse)) or fine[0] // coarse[0] != fine[1] // coarse[1]:
         raise TrainError(f"--top-run {top_run} has {coarse[0]}x{coarse[1]} codes, this run {fine[0]}x{fine[1]}: the "

@@ -138,14 +138,8 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
         if not getattr(cfg, "previous_slice", False):
             raise ValueError("previous= given but the prior is not conditioned on the previous slice "
                              "(previous_slice=False); drop previous=, or train a prior with previous_slice")
-        previous = np.asarray(previous)
-        if previous.shape != (n, *grid_shape) or not np.issubdtype(previous.dtype, np.integer):
-            raise ValueError(f"previous must be an int array {(n, *grid_shape)} (the previous slices' codes), "
-                             f"got {previous.dtype} {previous.shape}")
-        if previous.min() < 0 or previous.max() > prior.num_embeddings:
-            raise ValueError(f"previous codes must lie in [0, {prior.num_embeddings}] ({prior.num_embeddings}: "
-                             f"no previous slice), got [{previous.min()}, {previous.max()}]")
-        previous = previous.astype("int32")
+        previous = _given_grid("previous", previous, (n, *grid_shape), prior.num_embeddings,
+                               "the previous slices' codes", f" ({prior.num_embeddings}: no previous slice)")
     top_codes = getattr(cfg, "top_codes", 0)
     if top_codes and top is None:
         raise ValueError("this prior is the fine level of a two-level model (top_codes > 0): pass top= the top "
@@ -154,19 +148,23 @@ def _resolve_args(prior, num_samples, grid_shape, temperature, condition, method
     if top is not None:
         if not top_codes:
             raise ValueError("top= given but the prior has one level (top_codes=0); drop top=")
-        top = np.asarray(top)
-        if top.shape != (n, *cfg.top_grid_shape) or not np.issubdtype(top.dtype, np.integer):
-            raise ValueError(f"top must be an int array {(n, *cfg.top_grid_shape)} (the top level's codes), "
-                             f"got {top.dtype} {top.shape}")
-        if top.min() < 0 or top.max() >= top_codes:
-            raise ValueError(f"top codes must lie in [0, {top_codes}), got [{top.min()}, {top.max()}]")
-        top = top.astype("int32")
+        top = _given_grid("top", top, (n, *cfg.top_grid_shape), top_codes - 1, "the top level's codes")
     given = {name: a for name, a in (("previous", previous), ("top", top)) if a is not None}
     options = {"top_k": None if top_k is None or top_k >= prior.num_embeddings else int(top_k),
                "top_p": None if top_p is None or top_p >= 1.0 else float(top_p),
                "guided": guidance is not None}
     chunk = min(n, DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size))
     return n, grid_shape, float(temperature), cond, chunk, guidance, options, codes, keep, given
+
+
+def _given_grid(name: str, a, shape, highest: int, what: str, note: str = "") -> np.ndarray:
+    """``a`` as int32 after checking it is an int array of ``shape`` with values in ``[0, highest]``."""
+    a = np.asarray(a)
+    if a.shape != shape or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be an int array {shape} ({what}), got {a.dtype} {a.shape}")
+    if a.min() < 0 or a.max() > highest:
+        raise ValueError(f"{name} codes must lie in [0, {highest}]{note}, got [{a.min()}, {a.max()}]")
+    return a.astype("int32")
 
 
 def gumbel_noise(seed: int, sample_indices: Sequence[int], grid_shape, num_embeddings: int):
@@ -238,11 +236,12 @@ def _doubled(given: dict, guided: bool) -> dict:
 def _model_inputs(grid, cond, guided, null, given=None):
     """Batch for a full-grid call: the grid, the condition and the given grids (``previous``, then
     ``top``) when the prior takes them (all twice, with the null condition second, when guided)."""
+    from pixelcnn import pack_inputs
+
     given = _doubled(given or {}, guided)
     if guided:
         grid, cond = np.concatenate([grid, grid]), np.concatenate([cond, np.full_like(cond, null)])
-    parts = [grid] + [a for a in (cond, given.get("previous"), given.get("top")) if a is not None]
-    return parts[0] if len(parts) == 1 else tuple(parts)
+    return pack_inputs(grid, cond, **given)
 
 
 def _exact_logits(prior, grid: np.ndarray, cond, i: int, j: int, guidance, given=None) -> tf.Tensor:

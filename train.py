@@ -409,7 +409,7 @@ def train_vqvae(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy) -> Non
 PRE_DECODER = "vqvae_before_decoder.keras"  # the VQ-VAE as stage 1 left it, kept by the first --stage decoder
 
 
-def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
+def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy) -> None:
     """``--stage decoder``: fine-tune the decoder of the run's VQ-VAE with ``cfg["decoder"]``'s losses.
 
     The encoder and the vector quantiser are frozen (``VQVAEConfig.freeze_encoder``: no gradient steps,
@@ -417,7 +417,8 @@ def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     stage always starts from the VQ-VAE as stage 1 left it (``vqvae_before_decoder.keras``, copied from
     ``vqvae.keras`` the first time), so running it again with other settings replaces the last
     fine-tune rather than adding to it. Checkpoints and ``--resume`` as for the other stages; at the end
-    ``vqvae.keras`` is that file with the new decoder's weights (its config, as trained in stage 1, kept).
+    ``vqvae.keras`` is that file with the new decoder's weights (its config, as trained in stage 1, kept;
+    the caller reloads it).
     """
     import shutil
 
@@ -455,7 +456,6 @@ def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy):
     final = keras.models.load_model(source)  # the run's VQ-VAE as it was (config, discriminator), new decoder
     final.decoder.set_weights(model.decoder.get_weights())
     rundir.save_final(final, dirs.write / "vqvae.keras", DECODER)
-    return final
 
 
 def train_prior(cfg: dict, codes, dirs: RunDirs, resume: bool, strategy):
@@ -521,10 +521,6 @@ def attach_top_level(cfg: dict, top_run: Path | None, dirs: RunDirs, resume: boo
         top = load_run(dest)
     except PredictError as e:
         raise TrainError(str(e)) from None
-    ours, theirs = Path(cfg["data"]["root"]).resolve(), Path(top.config["data"]["root"]).resolve()
-    if ours != theirs:  # the default demo's root is only known now, after the data was read
-        raise TrainError(f"the top level {source} was trained on {theirs}, this run on {ours}: train both levels "
-                         "on the same data")
     if top.num_conditions != cfg["prior"]["num_conditions"]:
         raise TrainError(f"the top level {source} knows {top.num_conditions} slice positions, this run "
                          f"{cfg['prior']['num_conditions']}: train both levels on the same data with the same "

@@ -36,13 +36,13 @@ def code_sets(run, test, pick, seed: int = 0) -> dict:
     slices at ``pick``, and ``name -> share of positions holding the real code``."""
     import evaluation
     import sampler
+    from pixelcnn import pack_inputs
 
     cond = test.slice_indices[pick].astype(np.int32) if run.conditioned else None
     x = test.subset(pick).float()
     codes = evaluation.encode_images(run.vqvae, x)
     top = evaluation.encode_images(run.top.vqvae, x) if run.two_level else None
-    parts = [codes] + ([cond] if cond is not None else []) + ([top] if top is not None else [])
-    logits = np.asarray(run.prior(tuple(parts) if len(parts) > 1 else codes, training=False))
+    logits = np.asarray(run.prior(pack_inputs(codes, cond, top=top), training=False))
     rng = np.random.default_rng(seed)
     grids = {"real test slices, encoded and decoded": codes, "teacher-forced, argmax": logits.argmax(-1)}
     for t in (1.0, 0.8):

@@ -180,6 +180,7 @@ def prior_run_steps(args) -> None:
 
     import utils
     from modules import PixelCNN, PriorConfig
+    from pixelcnn import pack_inputs
 
     n = 1920  # the demo set's training slices, for seconds per epoch
     entries = []
@@ -196,14 +197,12 @@ def prior_run_steps(args) -> None:
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         rng = np.random.default_rng(0)
         codes = rng.integers(0, k, (batch, *prior_cfg.grid_shape)).astype(np.int32)
-        x = [codes]
-        if prior_cfg.num_conditions:
-            x.append(rng.integers(0, prior_cfg.num_conditions, batch).astype(np.int32))
-        if prior_cfg.previous_slice:
-            x.append(rng.integers(0, k, codes.shape).astype(np.int32))
-        if prior_cfg.top_codes:  # the fine prior of a two-level run (its top level's own prior is not timed)
-            x.append(rng.integers(0, prior_cfg.top_codes, (batch, *prior_cfg.top_grid_shape)).astype(np.int32))
-        x = tuple(x) if len(x) > 1 else x[0]
+        cond = rng.integers(0, prior_cfg.num_conditions, batch).astype(np.int32) if prior_cfg.num_conditions else None
+        previous = rng.integers(0, k, codes.shape).astype(np.int32) if prior_cfg.previous_slice else None
+        top = None  # the fine prior of a two-level run takes top codes (its top level's own prior is not timed)
+        if prior_cfg.top_codes:
+            top = rng.integers(0, prior_cfg.top_codes, (batch, *prior_cfg.top_grid_shape)).astype(np.int32)
+        x = pack_inputs(codes, cond, previous, top)
         for _ in range(args.warmup):
             model.train_on_batch(x, codes)
         entries.append((run, prior_cfg, k, batch, model, x, codes))
