@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent
 STAGES = ("vqvae", "prior")
 JUDGE = "judge"  # the independent judge of samples (judge.py): trained after the prior, on real slices only
 SEGMENTER = "segmenter"  # the tissue segmenter (segmenter.py): trained last, on real slices and masks only
-DECODER = "decoder"  # fine-tunes the decoder of a trained run (encoder and codebook frozen); never part of "all"
+DECODER = "decoder"  # fine-tunes the decoder of a trained run (encoder and codebook frozen); part of "all" when
+# the preset has a "decoder_config" (the demo's) and --decoder-epochs is not 0
 
 # The VQ-VAE settings that only steer training (the losses and the discriminator): --stage decoder takes
 # them as its own, in the run's "decoder" section, while the encoder and codebook stay as trained.
@@ -137,6 +138,8 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
 
     if args.stage == DECODER:
         cfg["decoder"] = decoder_config(cfg, args, decoder_requested, parser)
+    elif args.stage == "all":
+        all_stage_decoder(cfg, args, preset, parser, new_run=saved is None)
     train = cfg["training"]
     for key, off in TRAINING_DEFAULTS.items():  # a run saved before the key existed trained without it
         train.setdefault(key, off)
@@ -180,7 +183,7 @@ def resolve_config(args, parser, presets: dict) -> tuple[dict, bool]:
     # grid follows from the VQ-VAE; the number of slice positions waits for the data.
     try:
         vq = VQVAEConfig.from_dict(cfg["vqvae"])
-        if args.stage == DECODER:
+        if "decoder" in cfg and args.stage in (DECODER, "all"):
             decoder_vqvae_config(cfg)
         cfg["prior"]["grid_shape"] = list(vq.grid_shape)
         cfg["prior"]["num_conditions"] = 0
@@ -267,6 +270,36 @@ def decoder_config(cfg: dict, args, requested: dict, parser) -> dict:
     if not dec["lr"] > 0:
         parser.error(f"--decoder-lr must be above 0, got {dec['lr']}")
     return dec
+
+
+def all_stage_decoder(cfg: dict, args, preset: dict, parser, new_run: bool) -> None:
+    """The decoder fine-tune of ``--stage all``: sets or drops ``cfg["decoder"]``.
+
+    A new run fine-tunes its decoder after the prior when the preset has a ``"decoder_config"`` (the
+    demo's: code noise and the detail losses, chosen in docs/decoder.md), with those losses over the
+    VQ-VAE's, ``DECODER_EPOCHS`` and ``DECODER_LR``; ``--decoder-epochs 0`` skips it (stage 1's decoder
+    is then the run's), ``--decoder-epochs N`` / ``--decoder-lr`` set it, and in ``--stage all`` the
+    loss flags stay stage 1's. A resumed run keeps its saved section (``--decoder-epochs`` may extend it).
+    """
+    if args.decoder_epochs is not None and args.decoder_epochs < 0:
+        parser.error(f"--decoder-epochs must be 0 (no decoder fine-tune) or more, got {args.decoder_epochs}")
+    if not new_run:
+        if "decoder" not in cfg and (args.decoder_epochs or args.decoder_lr is not None):
+            parser.error("--decoder-epochs/--decoder-lr: this run has no decoder fine-tune; finish it, then run "
+                         "python train.py --stage decoder --out RUN")
+        if "decoder" in cfg and args.decoder_epochs == 0:
+            parser.error("--decoder-epochs 0: this run fine-tunes its decoder (config.json's decoder section); "
+                         "a resumed run keeps its stages, so drop the flag or use a new --out")
+        if "decoder" in cfg:
+            cfg["decoder"] = decoder_config(cfg, args, {}, parser)
+        return
+    if args.decoder_epochs == 0 or ("decoder_config" not in preset and args.decoder_epochs is None):
+        if args.decoder_lr is not None:
+            parser.error("--decoder-lr: this run has no decoder fine-tune (--decoder-epochs 0, or a preset without "
+                         "one): give --decoder-epochs N, or drop --decoder-lr")
+        cfg.pop("decoder", None)
+        return
+    cfg["decoder"] = decoder_config(cfg, args, dict(preset.get("decoder_config", {})), parser)
 
 
 def decoder_vqvae_config(cfg: dict):

@@ -45,6 +45,9 @@ PRESETS = {
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
                          "condition_map": 8, "previous_slice": True, "previous_dropout": 0.5},
+        # the decoder fine-tune after the prior (docs/decoder.md#the-demos-decoder): code noise and the
+        # detail losses; --decoder-epochs 0 skips it
+        "decoder_config": {"code_noise": 0.1, "spectral_weight": 0.1, "spectral_log": True, "gradient_weight": 0.5},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=None,
                    help="run directory for models, logs, metrics and figures (default: runs/<preset>)")
     g.add_argument("--stage", choices=("all",) + STAGES + (DECODER, JUDGE, SEGMENTER), default="all",
-                   help="all: both stages, then the judge and the segmenter; vqvae: only stage 1; prior: only "
+                   help="all: both stages (the demo preset then fine-tunes the decoder, see --decoder-epochs), then the judge and the segmenter; vqvae: only stage 1; prior: only "
                         "stage 2, on the run's trained VQ-VAE; decoder: fine-tune the decoder alone of an existing "
                         "run, its encoder and codebook frozen so its codes and prior stay valid (the loss flags "
                         "--spectral-weight, --gradient-weight, --ssim-weight, --adversarial ... then set this stage's "
@@ -147,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"presets, for now; {VQVAE_CLIPNORM:g} with --vqvae-warmup-steps {VQVAE_WARMUP_STEPS} "
                         "cures --downsample 8)")
     g.add_argument("--decoder-epochs", type=int, default=None,
-                   help=f"epochs of --stage decoder (default: {runconfig.DECODER_EPOCHS})")
+                   help=f"epochs of the decoder fine-tune: --stage decoder, and in --stage all the demo preset's "
+                        f"fine-tune after the prior (its losses: the preset's decoder_config); 0 skips that one "
+                        f"(default: {runconfig.DECODER_EPOCHS})")
     g.add_argument("--decoder-lr", type=float, default=None,
-                   help="Adam learning rate of --stage decoder (start of a cosine decay to 5%% of it; default: "
-                        f"{runconfig.DECODER_LR:g})")
+                   help="Adam learning rate of the decoder fine-tune (start of a cosine decay to 5%% of it; "
+                        f"default: {runconfig.DECODER_LR:g})")
     g.add_argument("--prior-lr", type=float, default=None,
                    help="Adam learning rate of the prior (start of a cosine decay to 5%% of it)")
     g.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none",
@@ -429,6 +434,9 @@ def train_decoder(cfg: dict, splits, dirs: RunDirs, resume: bool, strategy) -> N
 
     d = cfg["decoder"]
     source = dirs.out / PRE_DECODER
+    # a first fine-tune of this stage 1 model starts afresh: checkpoints left beside no vqvae_before_decoder.keras
+    # fine-tuned a stage 1 model that has since trained on (train_vqvae dropped that fine-tune)
+    resume = resume and source.exists()
     if not source.exists():
         if not (dirs.out / "vqvae.keras").exists():
             raise TrainError(f"{dirs.out / 'vqvae.keras'} not found: train the VQ-VAE first (--stage vqvae or all)")
@@ -696,31 +704,25 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
     dirs.write_config(cfg)  # complete: grid shape and slice count are known
 
     num_embeddings = cfg["vqvae"]["num_embeddings"]
-    stages = STAGES + (JUDGE, SEGMENTER) if args.stage == "all" else (args.stage,)
+    stages = (args.stage,)
+    if args.stage == "all":  # the decoder fine-tune after the prior, which its frozen encoder leaves valid
+        stages = STAGES + ((DECODER,) if "decoder" in cfg else ()) + (JUDGE, SEGMENTER)
     timings = {}
     if "vqvae" in stages:
         t0 = time.time()
         train_vqvae(cfg, splits, dirs, args.resume, strategy)
         timings["vqvae_train_s"] = time.time() - t0
-    if DECODER in stages:
-        t0 = time.time()
-        train_decoder(cfg, splits, dirs, args.resume, strategy)
-        timings["decoder_train_s"] = time.time() - t0
     metrics_path = dirs.out / "metrics.json"
     metrics = utils.load_json(metrics_path) if dirs.is_chief and metrics_path.exists() else {}
-    if "vqvae" in stages or "prior" in stages or DECODER in stages:
-        # Reloaded outside the strategy: encoding and evaluation are local to this process.
-        vq_path = (dirs.write if "vqvae" in stages or DECODER in stages else dirs.out) / "vqvae.keras"
-        if not vq_path.exists():
-            raise TrainError(f"{vq_path} not found: train the VQ-VAE first (--stage vqvae or all)")
-        vqvae = keras.models.load_model(vq_path)
-        if dirs.is_chief:
-            if DECODER in stages:  # figures of the decoder it replaced (predict.py evaluate measures them again)
-                for key in [k for k in metrics if k.startswith("two_sample_reconstructions")]:
-                    del metrics[key]
-            metrics.update(report.evaluate_vqvae(vqvae, splits, dirs.write, num_embeddings))
+
+    def load_vqvae():  # reloaded outside the strategy: encoding and evaluation are local to this process
+        path = (dirs.write if "vqvae" in stages or DECODER in stages else dirs.out) / "vqvae.keras"
+        if not path.exists():
+            raise TrainError(f"{path} not found: train the VQ-VAE first (--stage vqvae or all)")
+        return path, keras.models.load_model(path)
 
     if "prior" in stages:
+        vq_path, vqvae = load_vqvae()
         codes = evaluation.encode_splits(vqvae, splits, dirs.write, model_path=vq_path)
         import dataset
 
@@ -735,13 +737,24 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
         t0 = time.time()
         train_prior(cfg, codes, dirs, args.resume, strategy)
         timings["prior_train_s"] = time.time() - t0
+    if DECODER in stages:
+        t0 = time.time()
+        train_decoder(cfg, splits, dirs, args.resume, strategy)
+        timings["decoder_train_s"] = time.time() - t0
+    if "vqvae" in stages or "prior" in stages or DECODER in stages:
+        vq_path, vqvae = load_vqvae()
         if dirs.is_chief:
-            prior = keras.models.load_model(dirs.write / "pixelcnn.keras")
-            top_prior = None if top is None else top.prior
-            metrics.update(report.evaluate_prior(prior, codes, cfg["prior"]["num_conditions"] > 0,
-                                                 cfg["training"]["prior_batch_size"], top_prior=top_prior))
-            if args.num_samples:
-                report.draw_samples(vqvae, prior, cfg, codes, dirs.write, args.num_samples, top_prior=top_prior)
+            if DECODER in stages:  # figures of the decoder it replaced (predict.py evaluate measures them again)
+                for key in [k for k in metrics if k.startswith("two_sample_reconstructions")]:
+                    del metrics[key]
+            metrics.update(report.evaluate_vqvae(vqvae, splits, dirs.write, num_embeddings))
+    if "prior" in stages and dirs.is_chief:
+        prior = keras.models.load_model(dirs.write / "pixelcnn.keras")
+        top_prior = None if top is None else top.prior
+        metrics.update(report.evaluate_prior(prior, codes, cfg["prior"]["num_conditions"] > 0,
+                                             cfg["training"]["prior_batch_size"], top_prior=top_prior))
+        if args.num_samples:  # through the run's final decoder
+            report.draw_samples(vqvae, prior, cfg, codes, dirs.write, args.num_samples, top_prior=top_prior)
     if not dirs.is_chief:  # the judge trains on one device, so on the chief only
         print(f"worker done; the run directory is the chief's: {dirs.out}")
         return 0

@@ -51,7 +51,8 @@ def oasis_tree(tmp_path) -> Path:
 
 TINY_RUN_FLAGS = ["--image-size", "32", "--downsample", "4", "--channels", "8", "--num-res-blocks", "1",
                   "--num-embeddings", "16", "--embedding-dim", "4", "--prior-filters", "8", "--prior-num-layers", "2",
-                  "--batch-size", "4", "--vqvae-epochs", "1", "--prior-epochs", "1", "--num-samples", "0"]
+                  "--batch-size", "4", "--vqvae-epochs", "1", "--prior-epochs", "1", "--decoder-epochs", "1",
+                  "--num-samples", "0"]  # the demo preset's decoder fine-tune, one epoch
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from conftest import write_tree
 TINY = ["--image-size", "32", "--downsample", "4", "--channels", "8", "--num-res-blocks", "1",
         "--num-embeddings", "16", "--embedding-dim", "4", "--prior-filters", "8", "--prior-num-layers", "2",
         "--batch-size", "4", "--vqvae-epochs", "2", "--prior-epochs", "2", "--num-samples", "0",
-        "--prior-condition-dropout", "0"]  # no 'no condition' slot here; guided_run below has one
+        "--prior-condition-dropout", "0", "--decoder-epochs", "0"]  # no 'no condition' slot here; guided_run below has one
 
 
 @pytest.fixture(scope="module")

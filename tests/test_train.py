@@ -21,7 +21,7 @@ from conftest import REPO
 # A tiny model so that each epoch takes a fraction of a second on 2 cores.
 TINY = ["--image-size", "32", "--downsample", "4", "--channels", "8", "--num-res-blocks", "1",
         "--num-embeddings", "16", "--embedding-dim", "4", "--prior-filters", "8", "--prior-num-layers", "2",
-        "--batch-size", "4"]
+        "--batch-size", "4", "--decoder-epochs", "0"]  # the end-to-end test below runs the decoder fine-tune
 
 
 def run_train(*args, timeout=240):
@@ -51,12 +51,14 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path, m
     monkeypatch.setattr(utils, "save_json", recording_save_json)
     out = tmp_path / "run"
     assert train.main(["--data", oasis_tree, "--out", out, *TINY, "--vqvae-epochs", "2", "--prior-epochs", "2",
-                       "--num-samples", "2"]) == 0
+                       "--decoder-epochs", "1", "--num-samples", "2"]) == 0
     for name in ("config.json", "vqvae.keras", "pixelcnn.keras", "metrics.json", "codes.npz",
-                 "training_curves.png", "reconstructions.png", "code_grids.png", "codebook_usage.png", "samples.png"):
+                 "training_curves.png", "reconstructions.png", "code_grids.png", "codebook_usage.png", "samples.png",
+                 "vqvae_before_decoder.keras"):
         assert (out / name).is_file(), name
     assert history_epochs(out / "history_vqvae.csv") == [0, 1]
     assert history_epochs(out / "history_prior.csv") == [0, 1]
+    assert history_epochs(out / "history_decoder.csv") == [0]  # the demo preset's decoder fine-tune, after the prior
     assert any((out / "logs" / "vqvae").rglob("events.out.tfevents*"))
     config = json.loads((out / "config.json").read_text())
     assert config_writes == [config]  # written once, already complete
@@ -87,6 +89,25 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path, m
     assert tuple(vqvae.grid_shape) == (8, 8) and prior.num_embeddings == 16
 
     assert prior.config == PriorConfig.from_dict(config["prior"])
+    # The fine-tune ran with the preset's losses on a frozen encoder, so the prior's codes hold for the
+    # final VQ-VAE, whose own config is stage 1's.
+    assert {k: config["decoder"][k] for k in train.PRESETS["demo"]["decoder_config"]} == \
+        train.PRESETS["demo"]["decoder_config"]
+    assert config["decoder"]["epochs"] == 1 and vqvae.config.code_noise == 0.0
+    before = keras.models.load_model(out / "vqvae_before_decoder.keras")
+    assert any(not np.array_equal(a, b) for a, b in zip(before.decoder.get_weights(), vqvae.decoder.get_weights()))
+    import dataset
+    import evaluation
+
+    test = dataset.load_images(oasis_tree / "keras_png_slices_test", image_size=32)
+    np.testing.assert_array_equal(evaluation.encode_images(vqvae, test), evaluation.encode_images(before, test))
+    assert "decoder_train_s" in metrics
+    # --resume finds every stage done and keeps the fine-tuned decoder; it may not drop the fine-tune
+    assert train.main(["--out", out, "--resume", "--num-samples", "0", "--judge-epochs", "0"]) == 0
+    for a, b in zip(vqvae.decoder.get_weights(), keras.models.load_model(out / "vqvae.keras").decoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SystemExit):
+        train.main(["--out", out, "--resume", "--decoder-epochs", "0"])
 
     # --stage prior retrains only the prior, reusing the VQ-VAE and the cached codes; the user's switch
     # --no-condition-on-slice becomes num_conditions = 0 in the one config.json this stage writes.
@@ -522,6 +543,9 @@ def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oas
     (["--vqvae-warmup-steps", "-1"], "--vqvae-warmup-steps must be 0 or more (0: off), got -1"),
     (["--vqvae-clipnorm", "-0.5"], "--vqvae-clipnorm must be 0 or more (0: off), got -0.5"),
     (["--distribute", "ring"], "argument --distribute: invalid choice: 'ring'"),
+    (["--decoder-epochs", "-1"], "--decoder-epochs must be 0 (no decoder fine-tune) or more, got -1"),
+    (["--decoder-epochs", "0", "--decoder-lr", "0.01"], "--decoder-lr: this run has no decoder fine-tune"),
+    (["--decoder-lr", "0"], "--decoder-lr must be above 0, got 0.0"),
     (["--prior-filters", "many"], "argument --prior-filters: invalid int value: 'many'"),
 ])
 def test_bad_flags_exit_2_with_a_message_naming_the_flag(argv, message, tmp_path, capsys):
