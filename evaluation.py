@@ -305,7 +305,7 @@ def reconstruction_metrics(images, recon) -> dict[str, Any]:
 # Detail: the radial power spectrum
 # ----------------------------------------------------------------------------------------------
 
-POWER_BANDS = 8  # equal bands of normalised frequency from 0 to Nyquist (0.5 cycles per pixel)
+POWER_BANDS = utils.POWER_BANDS  # equal bands of normalised frequency from 0 to Nyquist (0.5 cycles per pixel)
 
 
 def radial_power_spectrum(images, bands: int = POWER_BANDS) -> tuple[np.ndarray, np.ndarray]:
@@ -326,22 +326,72 @@ def radial_power_spectrum(images, bands: int = POWER_BANDS) -> tuple[np.ndarray,
     Raises:
         ValueError: no images.
     """
-    x = np.asarray(images)
-    if x.size == 0 or len(x) == 0:
-        raise ValueError("radial_power_spectrum: no images")
-    x = utils.as_image_batch(_as_float_images(x))[..., 0].astype(np.float64)
+    x = _spectrum_batch(images, "radial_power_spectrum")
     h, w = x.shape[1:3]
-    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij"))  # (H, W)
-    edges = np.linspace(0.0, 0.5, bands + 1)
-    band = np.digitize(radius, edges[1:-1])  # 0 .. bands - 1; radii above 0.5 go to the last, masked below
-    keep = (radius > 0) & (radius <= 0.5)
+    edges, members = utils.frequency_bands(h, w, bands)
     power = np.zeros((h, w))
     for i in range(0, len(x), 64):  # bounded memory
         power += (np.abs(np.fft.fft2(x[i:i + 64])) ** 2).sum(axis=0)
     power /= len(x) * h * w
-    per_band = np.array([power[keep & (band == b)].mean() if (keep & (band == b)).any() else np.nan
-                         for b in range(bands)])
-    return edges, per_band
+    return edges, np.array([power[m].mean() if m.any() else np.nan for m in members])
+
+
+def _spectrum_batch(images, caller: str) -> np.ndarray:
+    x = np.asarray(images)
+    if x.size == 0 or len(x) == 0:
+        raise ValueError(f"{caller}: no images")
+    return utils.as_image_batch(_as_float_images(x))[..., 0].astype(np.float64)
+
+
+def band_coherence(real, made, bands: int = POWER_BANDS) -> dict[str, np.ndarray]:
+    """How much of each frequency band of ``real`` the paired images ``made`` (its reconstructions) get right.
+
+    Per band of :func:`radial_power_spectrum`, summed over the pairs' FFTs ``Y`` (real) and ``Z`` (made):
+    ``power`` = ``sum |Z|^2 / sum |Y|^2`` (the power ratio), ``correlation`` = ``sum Re(Y conj Z) /
+    sqrt(sum |Y|^2 sum |Z|^2)`` (1: the band drawn in place; 0: power at the right frequencies in the
+    wrong place, such as noise drawn afresh) and ``error`` = ``sum |Y - Z|^2 / sum |Y|^2`` (the band's
+    squared error over its real power; ``1 + power - 2 correlation sqrt(power)``). ``mse_share``: each
+    band's part of the pairs' total squared error (over every frequency, so the shares of the bands add
+    up to a little under 1: the zero frequency and the corners beyond Nyquist are left out).
+
+    Returns:
+        ``{"edges", "power", "correlation", "error", "mse_share"}``, float64 arrays (``bands`` each;
+        ``edges`` ``bands + 1``).
+    Raises:
+        ValueError: no images, or ``made`` not paired with ``real`` (another shape).
+    """
+    y = _spectrum_batch(real, "band_coherence")
+    z = _spectrum_batch(made, "band_coherence")
+    if y.shape != z.shape:
+        raise ValueError(f"band_coherence: {len(z)} made images of {z.shape[1:]} are not paired with "
+                         f"{len(y)} real images of {y.shape[1:]}")
+    edges, members = utils.frequency_bands(*y.shape[1:3], bands)
+    sums = {k: np.zeros(y.shape[1:3]) for k in ("yy", "zz", "yz", "err")}
+    for i in range(0, len(y), 64):  # bounded memory
+        fy, fz = np.fft.fft2(y[i:i + 64]), np.fft.fft2(z[i:i + 64])
+        sums["yy"] += (np.abs(fy) ** 2).sum(0)
+        sums["zz"] += (np.abs(fz) ** 2).sum(0)
+        sums["yz"] += np.real(fy * np.conj(fz)).sum(0)
+        sums["err"] += (np.abs(fy - fz) ** 2).sum(0)
+    per = {k: np.array([v[m].sum() for m in members]) for k, v in sums.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"edges": edges, "power": per["zz"] / per["yy"],
+                "correlation": per["yz"] / np.sqrt(per["yy"] * per["zz"]),
+                "error": per["err"] / per["yy"], "mse_share": per["err"] / sums["err"].sum()}
+
+
+def cheapest_power_error(correlation, target: float):
+    """A band's least squared error over its real power once its power ratio is ``target``, when the only
+    knowledge of the real band is what a decoder with this ``correlation`` already draws.
+
+    Outputs ``a Z + N`` (the band scaled, plus anything uncorrelated with the real band) of power
+    ``target`` have error ``1 + target - 2 a correlation sqrt(power)``, least when all the power is the
+    scaled band: ``1 + target - 2 correlation sqrt(target)``. Noise drawn afresh (correlation 0) costs
+    its whole power: ``1 + target``. The floor under how much PSNR lifting a band's power must cost a
+    decoder that knows no more of it.
+    """
+    rho = np.clip(np.nan_to_num(np.asarray(correlation, np.float64)), 0.0, 1.0)
+    return 1.0 + target - 2.0 * rho * np.sqrt(target)
 
 
 def power_spectrum_ratios(real, sets: dict[str, Any], bands: int = POWER_BANDS) -> tuple[dict[str, Any], dict]:

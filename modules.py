@@ -35,10 +35,10 @@ from pixelcnn import PixelCNN, PriorConfig  # noqa: F401
 from prior_layers import (CausalAttentionBlock, CodeGridMap, GatedPixelCNNBlock, MaskedConv2D,  # noqa: F401
                           MaskedResidualBlock, PreviousSliceMap, causal_mask, grid_position_encoding)
 from vqvae import (VQVAE, ResidualBlock, VectorQuantizer, VQVAEConfig, _mean_ssim, adaptive_weight,  # noqa: F401
-                   build_decoder, build_discriminator, build_encoder, gradient_loss, hinge_discriminator_loss,
-                   spectral_loss)
+                   band_power_loss, build_decoder, build_discriminator, build_encoder, gradient_loss,
+                   hinge_discriminator_loss, spectral_loss)
 
 __all__ = ["VectorQuantizer", "ResidualBlock", "VQVAEConfig", "VQVAE", "build_encoder", "build_decoder",
            "build_discriminator", "hinge_discriminator_loss", "adaptive_weight", "spectral_loss", "gradient_loss",
-           "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "CausalAttentionBlock",
+           "band_power_loss", "causal_mask", "MaskedConv2D", "GatedPixelCNNBlock", "MaskedResidualBlock", "CausalAttentionBlock",
            "grid_position_encoding", "CodeGridMap", "PreviousSliceMap", "PriorConfig", "PixelCNN"]

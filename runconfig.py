@@ -23,7 +23,7 @@ DECODER = "decoder"  # fine-tunes the decoder of a trained run (encoder and code
 # The VQ-VAE settings that only steer training (the losses and the discriminator): --stage decoder takes
 # them as its own, in the run's "decoder" section, while the encoder and codebook stay as trained.
 DECODER_LOSS_KEYS = ("recon_weight", "ssim_weight", "spectral_weight", "spectral_focal", "spectral_log", "gradient_weight",
-                     "code_noise", "adversarial", "disc_start", "disc_weight", "disc_filters", "disc_layers", "disc_lr")
+                     "band_power_weight", "code_noise", "adversarial", "disc_start", "disc_weight", "disc_filters", "disc_layers", "disc_lr")
 DECODER_EPOCHS = 4  # --decoder-epochs default: half the demo's VQ-VAE epochs (docs/training.md#fine-tune-the-decoder)
 DECODER_LR = 1e-3  # --decoder-lr default: half the demo's VQ-VAE rate, a fine-tune's
 

@@ -45,9 +45,9 @@ PRESETS = {
         "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
                          "condition_map": 8, "previous_slice": True, "previous_dropout": 0.5},
-        # the decoder fine-tune after the prior (docs/decoder.md#the-demos-decoder): code noise and the
-        # detail losses; --decoder-epochs 0 skips it
-        "decoder_config": {"code_noise": 0.1, "spectral_weight": 0.1, "spectral_log": True, "gradient_weight": 0.5},
+        # the decoder fine-tune after the prior (docs/decoder.md#the-demos-decoder): the band-power loss;
+        # --decoder-epochs 0 skips it
+        "decoder_config": {"band_power_weight": 0.01},
     },
     "oasis": {
         "image_size": 256, "downsample": 8, "vqvae_epochs": 100, "prior_epochs": 200,

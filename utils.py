@@ -20,6 +20,21 @@ from typing import Any, Sequence
 import numpy as np
 
 
+POWER_BANDS = 8  # equal bands of radial frequency from 0 to Nyquist (0.5 cycles per pixel)
+
+
+def frequency_bands(h: int, w: int, bands: int = POWER_BANDS) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(edges, members)``: the band edges in cycles per pixel and, per band, the ``(H, W)`` boolean mask
+    of the 2-D FFT's frequencies in it (radius ``sqrt(fx^2 + fy^2)`` in ``(edge_b, edge_b+1]``; the zero
+    frequency and the corners beyond the Nyquist radius 0.5 left out). The one definition of the bands
+    that ``evaluation``'s power spectrum and the VQ-VAE's band-power loss share."""
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij"))  # (H, W)
+    edges = np.linspace(0.0, 0.5, bands + 1)
+    band = np.digitize(radius, edges[1:-1])  # 0 .. bands - 1; radii above 0.5 go to the last, masked below
+    keep = (radius > 0) & (radius <= 0.5)
+    return edges, [keep & (band == b) for b in range(bands)]
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and the Keras/TensorFlow backends in one call."""
     import keras

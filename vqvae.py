@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
+import utils
 from keras_common import _LAYER_KWARGS, _PACKAGE, _config_from_dict
 
 
@@ -515,6 +517,11 @@ class VQVAEConfig:
     gradient_weight: float = field(default=0.0, metadata={
         "help": "weight of the image-gradient loss, mean |dx x - dx x_hat| + |dy x - dy x_hat| over neighbouring "
                 "pixels, which asks for sharp borders (0: off)"})
+    band_power_weight: float = field(default=0.0, metadata={
+        "help": "weight of the band-power loss, the mean over 8 radial frequency bands up to Nyquist of |log P_b(x) - "
+                "log P_b(x_hat)|, P_b the batch's mean power in the band (float32): asks only for the right amount "
+                "of power per band, so the MSE finds the cheapest way to it (the decoder's own detail, sharpened) "
+                "rather than texture matched frequency by frequency (0: off)"})
     code_noise: float = field(default=0.0, metadata={
         "help": "training only: the fraction of code positions whose quantised vector is replaced by a random "
                 "code's before the decoder (the reconstruction target stays the real slice), so the decoder learns "
@@ -557,7 +564,7 @@ class VQVAEConfig:
             raise ValueError(f"disc_filters and disc_layers must be >= 1, got {self.disc_filters}, {self.disc_layers}")
         if self.disc_lr <= 0:
             raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
-        for name in ("spectral_weight", "spectral_focal", "gradient_weight"):
+        for name in ("spectral_weight", "spectral_focal", "gradient_weight", "band_power_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if not 0.0 <= self.code_noise < 1.0:
@@ -649,6 +656,37 @@ def spectral_loss(x, y, focal: float = 0.0, log: bool = False):
     return ops.mean(dist)
 
 
+BAND_POWER_EPS = 1e-10  # orthonormal band powers below this count as this (real 128x128 slices' top band: ~1e-5)
+
+
+def band_power_loss(x, y, bands: int = utils.POWER_BANDS):
+    """Band-power loss of two image batches ``(B, H, W, 1)``: ``mean_b |log(eps + P_b(x)) - log(eps + P_b(y))|``.
+
+    ``P_b`` is the batch's mean power (orthonormal 2-D FFT, so per pixel) over the frequencies of radial
+    band ``b`` (``utils.frequency_bands``, the bands ``evaluation.radial_power_spectrum`` reports). Unlike
+    :func:`spectral_loss`, which matches every frequency of every image and so asks for texture where
+    the decoder cannot know the phase, this asks only for each band's total power: beside the MSE, the
+    cheapest way there is to draw the detail the decoder does know more strongly (a blur undone),
+    and to add power it cannot place only as far as the band needs. Computed in float32.
+
+    Returns:
+        a float32 scalar, 0 for identical batches (and for any two with the same band powers).
+    """
+    x = ops.cast(x, "float32")[..., 0]
+    y = ops.cast(y, "float32")[..., 0]
+    h, w = int(x.shape[1]), int(x.shape[2])
+    _, members = utils.frequency_bands(h, w, bands)
+    average = np.stack([m.reshape(-1) / max(m.sum(), 1) for m in members], axis=1).astype("float32")  # (H W, bands)
+    zeros = ops.zeros_like(x)
+
+    def band_power(images):
+        re, im = ops.fft2((images, zeros))
+        power = ops.mean(re * re + im * im, axis=0) / float(h * w)  # (H, W), the batch's mean
+        return ops.matmul(ops.reshape(power, (1, h * w)), average)[0]
+
+    return ops.mean(ops.abs(ops.log(BAND_POWER_EPS + band_power(x)) - ops.log(BAND_POWER_EPS + band_power(y))))
+
+
 def gradient_loss(x, y):
     """Image-gradient loss of two batches ``(B, H, W, 1)``: ``mean|dx x - dx y| + mean|dy x - dy y|``.
 
@@ -723,6 +761,7 @@ class VQVAE(keras.Model):
         # the detail losses are tracked (and so shown in the progress bar) only when they are on
         self.spectral_tracker = keras.metrics.Mean(name="spectral_loss") if cfg.spectral_weight else None
         self.gradient_tracker = keras.metrics.Mean(name="gradient_loss") if cfg.gradient_weight else None
+        self.band_power_tracker = keras.metrics.Mean(name="band_power_loss") if cfg.band_power_weight else None
         if cfg.code_noise:
             self.code_noise_seed = keras.random.SeedGenerator(cfg.seed + 1, name="code_noise_seed")
         if cfg.freeze_encoder:
@@ -793,7 +832,8 @@ class VQVAE(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """``recon_weight * MSE + ssim_weight * (1 - SSIM) + spectral_weight * spectral_loss
-        + gradient_weight * gradient_loss + vq_loss``; also updates the metrics."""
+        + gradient_weight * gradient_loss + band_power_weight * band_power_loss + vq_loss``; also updates
+        the metrics."""
         x = ops.cast(x, "float32")
         y_pred = ops.cast(y_pred, "float32")
         recon = ops.mean((x - y_pred) ** 2)
@@ -810,6 +850,10 @@ class VQVAE(keras.Model):
             grad = gradient_loss(x, y_pred)
             total = total + self.config.gradient_weight * grad
             self.gradient_tracker.update_state(grad)
+        if self.config.band_power_weight:
+            band = band_power_loss(x, y_pred)
+            total = total + self.config.band_power_weight * band
+            self.band_power_tracker.update_state(band)
         self.recon_loss_tracker.update_state(recon)
         self.ssim_tracker.update_state(ssim)
         self.vq_loss_tracker.update_state(vq)

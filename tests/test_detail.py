@@ -27,28 +27,45 @@ def _blur(images, sigma: float) -> np.ndarray:
     return np.stack([gaussian_filter(im[..., 0], sigma) for im in images])[..., None].astype("float32")
 
 
-@pytest.mark.parametrize("name", ["spectral", "spectral_focal", "spectral_log", "gradient"])
+@pytest.mark.parametrize("name", ["spectral", "spectral_focal", "spectral_log", "gradient", "band_power"])
 def test_each_loss_is_zero_for_identical_images_and_grows_with_blur(name):
-    from modules import gradient_loss, spectral_loss
+    from modules import band_power_loss, gradient_loss, spectral_loss
 
     loss = {"spectral": spectral_loss, "spectral_focal": lambda a, b: spectral_loss(a, b, focal=1.0),
-            "spectral_log": lambda a, b: spectral_loss(a, b, log=True), "gradient": gradient_loss}[name]
+            "spectral_log": lambda a, b: spectral_loss(a, b, log=True), "gradient": gradient_loss,
+            "band_power": band_power_loss}[name]
     x = _slices()
     assert float(loss(x, x)) == 0.0
     values = [float(loss(x, _blur(x, sigma))) for sigma in (0.5, 1.0, 2.0)]
     assert 0 < values[0] < values[1] < values[2], values
 
 
+def test_band_power_loss_asks_for_each_bands_power_not_for_each_frequency():
+    from modules import band_power_loss, spectral_loss
+
+    # two noise batches of one spectrum: every band's power the same, every frequency's amplitude not
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(0.5, 0.05, (32, 64, 64, 1)).astype("float32") for _ in range(2))
+    assert float(band_power_loss(a, b)) < 0.1 * float(spectral_loss(a, b, log=True))
+    # and it reads the same bands as evaluation's power ratio: a blur's loss is the mean |log ratio|
+    import evaluation
+
+    x = _slices(8)
+    metrics, _ = evaluation.power_spectrum_ratios(x, {"b": _blur(x, 1.0)})
+    expected = np.mean(np.abs(np.log(metrics["power_ratio_b"])))
+    assert float(band_power_loss(x, _blur(x, 1.0))) == pytest.approx(expected, rel=1e-2)  # ratios kept to 4 digits
+
+
 def test_losses_are_float32_with_gradients_under_float16_inputs():
     import tensorflow as tf
 
-    from modules import gradient_loss, spectral_loss
+    from modules import band_power_loss, gradient_loss, spectral_loss
 
     x = _slices(2)
     y = tf.Variable(_blur(x, 1.0).astype("float16"))
     with tf.GradientTape() as tape:
         total = (spectral_loss(x.astype("float16"), y, focal=1.0) + spectral_loss(x.astype("float16"), y, log=True)
-                 + gradient_loss(x.astype("float16"), y))
+                 + gradient_loss(x.astype("float16"), y) + band_power_loss(x.astype("float16"), y))
     assert total.dtype == tf.float32
     grad = tape.gradient(total, y)
     assert np.isfinite(grad.numpy()).all() and np.abs(grad.numpy()).max() > 0
@@ -58,17 +75,22 @@ def test_config_round_trip_and_old_configs_load_with_the_losses_off():
     from modules import VQVAE, VQVAEConfig
 
     cfg = VQVAEConfig(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4,
-                      spectral_weight=0.3, spectral_focal=1.0, spectral_log=True, gradient_weight=0.2)
+                      spectral_weight=0.3, spectral_focal=1.0, spectral_log=True, gradient_weight=0.2,
+                      band_power_weight=0.1)
     assert VQVAEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     model = VQVAE(cfg)
     assert VQVAE.from_config(model.get_config()).config == cfg
     old = {k: v for k, v in cfg.to_dict().items()
-           if k not in ("spectral_weight", "spectral_focal", "spectral_log", "gradient_weight", "freeze_encoder")}
+           if k not in ("spectral_weight", "spectral_focal", "spectral_log", "gradient_weight", "band_power_weight",
+                        "freeze_encoder")}
     restored = VQVAEConfig.from_dict(old)
-    assert (restored.spectral_weight, restored.spectral_focal, restored.gradient_weight) == (0.0, 0.0, 0.0)
+    assert (restored.spectral_weight, restored.spectral_focal, restored.gradient_weight,
+            restored.band_power_weight) == (0.0, 0.0, 0.0, 0.0)
     assert not restored.freeze_encoder and not restored.spectral_log
     with pytest.raises(ValueError, match="spectral_weight"):
         VQVAEConfig(spectral_weight=-1.0)
+    with pytest.raises(ValueError, match="band_power_weight"):
+        VQVAEConfig(band_power_weight=-0.1)
 
 
 def test_code_noise_swaps_that_share_of_codes_for_codebook_rows_in_training_only():
@@ -100,12 +122,12 @@ def test_fit_reports_the_detail_losses_only_when_they_are_on():
     from modules import VQVAE
 
     x = _slices(4, 16)
-    for weights, shown in (({}, False), ({"spectral_weight": 0.5, "gradient_weight": 0.5}, True)):
+    for weights, shown in (({}, False), ({"spectral_weight": 0.5, "gradient_weight": 0.5, "band_power_weight": 0.1}, True)):
         keras.utils.set_random_seed(0)
         model = VQVAE(image_size=16, channels=4, num_res_blocks=1, num_embeddings=8, embedding_dim=4, **weights)
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         logs = model.fit(x, batch_size=4, epochs=1, verbose=0).history
-        assert ("spectral_loss" in logs and "gradient_loss" in logs) == shown, logs.keys()
+        assert ("spectral_loss" in logs and "gradient_loss" in logs and "band_power_loss" in logs) == shown, logs.keys()
         assert np.isfinite(logs["loss"]).all()
 
 
@@ -242,3 +264,48 @@ def test_plot_power_spectrum_writes_a_figure(tmp_path):
     metrics, spectra = evaluation.power_spectrum_ratios(x, {"reconstructions": _blur(x, 1.0)})
     path = utils.plot_power_spectrum(metrics["power_band_edges"], spectra, tmp_path / "power_spectrum.png")
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_band_coherence_tells_a_band_drawn_in_place_from_noise_of_the_same_power():
+    import evaluation
+
+    x = _slices(8)
+    same = evaluation.band_coherence(x, x.copy())
+    np.testing.assert_allclose(same["correlation"], 1.0, atol=1e-9)
+    np.testing.assert_allclose(same["power"], 1.0, atol=1e-9)
+    np.testing.assert_allclose(same["error"], 0.0, atol=1e-9)
+    # its power ratio agrees with radial_power_spectrum's (one definition of the bands)
+    blurred = _blur(x, 1.0)
+    metrics, _ = evaluation.power_spectrum_ratios(x, {"b": blurred})
+    np.testing.assert_allclose(evaluation.band_coherence(x, blurred)["power"], metrics["power_ratio_b"], atol=1e-4)
+    # noise drawn afresh: the power is there but nothing of the band (error 1 + power); the blur keeps its
+    # low bands in place
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 0.05, (32, 64, 64))
+    noisy = evaluation.band_coherence(noise, rng.normal(0.0, 0.05, noise.shape))
+    assert np.all(np.abs(noisy["correlation"]) < 0.1)
+    np.testing.assert_allclose(noisy["error"], 1.0 + noisy["power"], atol=0.2)
+    assert evaluation.band_coherence(x, blurred)["correlation"][0] > 0.99
+    with pytest.raises(ValueError, match="not paired"):
+        evaluation.band_coherence(x, x[:4])
+    # the cheapest error at a power: nothing for a band known exactly at its own power, the whole
+    # added power for noise; a known band scaled costs less than noise of the same power
+    assert evaluation.cheapest_power_error(1.0, 1.0) == pytest.approx(0.0)
+    assert evaluation.cheapest_power_error(0.0, 0.8) == pytest.approx(1.8)
+    assert evaluation.cheapest_power_error(0.7, 0.8) < 1.8
+
+
+def test_bench_power_bands_lifting_costs_nothing_where_the_bands_are_known_and_their_power_where_not():
+    sys.path.insert(0, str(REPO / "bench"))
+    import evaluation
+    from bench_power_bands import lift_cost_db
+
+    x = _slices(8)
+    assert lift_cost_db(evaluation.band_coherence(x, x.copy() * 0.999 + 0.0005), 0.8) == 0.0
+    # a blur keeps every band in place: scaling it back up (a sharpening) gains
+    assert lift_cost_db(evaluation.band_coherence(x, _blur(x, 1.0)), 0.8) > 0.0
+    # real slices with noise, made ones blurred with noise drawn afresh (the demo's case): lifting the high
+    # bands, which hold little but noise, costs, the more the higher the target
+    rng = np.random.default_rng(0)
+    made = evaluation.band_coherence(x + rng.normal(0.0, 0.02, x.shape), _blur(x, 1.0) + rng.normal(0.0, 0.02, x.shape))
+    assert lift_cost_db(made, 0.95) < lift_cost_db(made, 0.8) < 0.0

@@ -477,7 +477,7 @@ def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oas
     temp.mkdir()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(temp)}  # the non-chief's write dir lands here
     argv = ["--data", oasis_tree, "--out", out, *TINY, "--vqvae-epochs", "3", "--prior-epochs", "1",
-            "--judge-epochs", "0", "--num-samples", "0",
+            "--decoder-epochs", "1", "--judge-epochs", "0", "--num-samples", "0",
             "--restart-after", "1"]
     ckpt_dir = out / "checkpoints" / "vqvae"
     procs = _start_workers(argv, logs, "first", env)
@@ -514,11 +514,12 @@ def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oas
         assert (out / name).is_file(), name
     assert history_epochs(out / "history_vqvae.csv") == list(range(3))  # no epoch missing or twice
     assert history_epochs(out / "history_prior.csv") == [0]
+    assert history_epochs(out / "history_decoder.csv") == [0]  # the demo preset's decoder fine-tune, on both
     assert set(temp.iterdir()) == left_behind  # the resumed non-chief removed its own write dir
     assert not Path(re.search(r"this worker writes to (\S+) \(removed", other).group(1)).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "oasis", "run", "temp"]
-    saved = re.compile(r"\[(vqvae|prior)\] saved (\S+) \(weights sha256 ([0-9a-f]{16})\)")
-    assert len(saved.findall(chief)) == 2 and saved.findall(chief) == saved.findall(other)
+    saved = re.compile(r"\[(vqvae|prior|decoder)\] saved (\S+) \(weights sha256 ([0-9a-f]{16})\)")
+    assert len(saved.findall(chief)) == 3 and saved.findall(chief) == saved.findall(other)
 
     import keras
 
