@@ -276,7 +276,7 @@ def all_stage_decoder(cfg: dict, args, preset: dict, parser, new_run: bool) -> N
     """The decoder fine-tune of ``--stage all``: sets or drops ``cfg["decoder"]``.
 
     A new run fine-tunes its decoder after the prior when the preset has a ``"decoder_config"`` (the
-    demo's: code noise and the detail losses, chosen in docs/decoder.md), with those losses over the
+    demo's: the band-power loss, chosen in docs/decoder.md), with those losses over the
     VQ-VAE's, ``DECODER_EPOCHS`` and ``DECODER_LR``; ``--decoder-epochs 0`` skips it (stage 1's decoder
     is then the run's), ``--decoder-epochs N`` / ``--decoder-lr`` set it, and in ``--stage all`` the
     loss flags stay stage 1's. A resumed run keeps its saved section (``--decoder-epochs`` may extend it).

@@ -93,7 +93,7 @@ def test_two_stage_run_writes_models_metrics_and_figures(oasis_tree, tmp_path, m
     # final VQ-VAE, whose own config is stage 1's.
     assert {k: config["decoder"][k] for k in train.PRESETS["demo"]["decoder_config"]} == \
         train.PRESETS["demo"]["decoder_config"]
-    assert config["decoder"]["epochs"] == 1 and vqvae.config.code_noise == 0.0
+    assert config["decoder"]["epochs"] == 1 and vqvae.config.band_power_weight == 0.0  # stage 1's losses
     before = keras.models.load_model(out / "vqvae_before_decoder.keras")
     assert any(not np.array_equal(a, b) for a, b in zip(before.decoder.get_weights(), vqvae.decoder.get_weights()))
     import dataset
