@@ -527,8 +527,9 @@ def test_multiworker_run_killed_mid_stage_resumes_from_the_chiefs_checkpoint(oas
     import rundir
 
     digests = {stage: digest for stage, _, digest in saved.findall(chief)}
-    vqvae = keras.models.load_model(out / "vqvae.keras")
-    assert rundir.weights_digest(vqvae) == digests["vqvae"]
+    vqvae = keras.models.load_model(out / "vqvae.keras")  # stage 1's model with the fine-tuned decoder
+    assert rundir.weights_digest(vqvae) == digests["decoder"]
+    assert rundir.weights_digest(keras.models.load_model(out / "vqvae_before_decoder.keras")) == digests["vqvae"]
     assert rundir.weights_digest(keras.models.load_model(out / "pixelcnn.keras")) == digests["prior"]
     # The optimiser state came back with the weights: Adam counted all 3 epochs' steps (16 images, global batch 4).
     assert int(vqvae.optimizer.iterations) == 3 * 4
@@ -668,3 +669,22 @@ def test_a_judge_that_predicts_one_slice_for_everything_is_reported(oasis_tree, 
     assert "the judge predicts slice 2 for every test slice: it did not learn" in err
     assert f"python train.py --out {tmp_path} --stage judge" in err
     assert metrics["judge_test_slice_error_median"] == np.median(np.abs(2 - splits["test"].slice_indices))
+
+
+def test_resumed_run_keeps_its_decoder_fine_tune_choice(oasis_tree, tmp_path, capsys):
+    """A run saved without a decoder fine-tune refuses --decoder-epochs on --resume (it would be dropped)."""
+    import train
+    from modules import PriorConfig, VQVAEConfig
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({
+        "preset": "demo", "seed": 0, "data": {"root": str(oasis_tree), "image_size": 32, "val_fraction": 0.2},
+        "vqvae": VQVAEConfig(image_size=32, num_embeddings=16).to_dict(),
+        "prior": {**PriorConfig(grid_shape=(8, 8)).to_dict(), "num_conditions": 4},
+        "training": {"vqvae_epochs": 1, "prior_epochs": 1, "vqvae_batch_size": 4, "prior_batch_size": 4,
+                     "vqvae_lr": 1e-3, "prior_lr": 1e-3}}))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", out, "--resume", "--decoder-epochs", "2"])
+    assert e.value.code == 2
+    assert "this run has no decoder fine-tune" in capsys.readouterr().err.splitlines()[-1]
