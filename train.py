@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=None,
                    help="run directory for models, logs, metrics and figures (default: runs/<preset>)")
     g.add_argument("--stage", choices=("all",) + STAGES + (DECODER, JUDGE, SEGMENTER), default="all",
-                   help="all: both stages (the demo preset then fine-tunes the decoder, see --decoder-epochs), then the judge and the segmenter; vqvae: only stage 1; prior: only "
-                        "stage 2, on the run's trained VQ-VAE; decoder: fine-tune the decoder alone of an existing "
+                   help="all: both stages (the demo preset then fine-tunes the decoder, see --decoder-epochs), "
+                        "then the judge and the segmenter; vqvae: only stage 1; prior: only stage 2, on the run's trained VQ-VAE; decoder: fine-tune the decoder alone of an existing "
                         "run, its encoder and codebook frozen so its codes and prior stay valid (the loss flags "
                         "--spectral-weight, --gradient-weight, --ssim-weight, --adversarial ... then set this stage's "
                         "losses; always from the VQ-VAE as stage 1 left it); judge: only the judge of samples (a slice-position "
