@@ -721,6 +721,7 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
             raise TrainError(f"{path} not found: train the VQ-VAE first (--stage vqvae or all)")
         return path, keras.models.load_model(path)
 
+    vqvae = None
     if "prior" in stages:
         vq_path, vqvae = load_vqvae()
         codes = evaluation.encode_splits(vqvae, splits, dirs.write, model_path=vq_path)
@@ -742,7 +743,8 @@ def _run_stages(args, cfg: dict, condition_on_slice: bool, strategy, dirs: RunDi
         train_decoder(cfg, splits, dirs, args.resume, strategy)
         timings["decoder_train_s"] = time.time() - t0
     if "vqvae" in stages or "prior" in stages or DECODER in stages:
-        vq_path, vqvae = load_vqvae()
+        if vqvae is None or DECODER in stages:  # the prior's stage 1 model holds unless the decoder changed since
+            _, vqvae = load_vqvae()
         if dirs.is_chief:
             if DECODER in stages:  # figures of the decoder it replaced (predict.py evaluate measures them again)
                 for key in [k for k in metrics if k.startswith("two_sample_reconstructions")]:

@@ -33,9 +33,12 @@ def lift_cost_db(coherence: dict, target: float) -> float:
     import evaluation
 
     error, share = coherence["error"], coherence["mse_share"]
-    lifted = np.where(coherence["power"] < target, evaluation.cheapest_power_error(coherence["correlation"], target),
-                      error)
-    new_total = 1.0 - share.sum() + (share * lifted / error).sum()  # the total error was 1
+    lift = coherence["power"] < target  # a band below the target differs from the real one, so its error is > 0
+    if not lift.any():  # nothing to lift (identical images too, whose error shares are 0 / 0)
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):  # kept bands (error possibly 0) keep their share as it is
+        scaled = share * evaluation.cheapest_power_error(coherence["correlation"], target) / error
+    new_total = 1.0 - share.sum() + np.where(lift, scaled, share).sum()  # the total error was 1
     return float(-10.0 * np.log10(new_total))
 
 
