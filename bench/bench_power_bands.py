@@ -6,7 +6,7 @@ Each run's VQ-VAE reconstructs the real test slices; per band of ``evaluation.ra
 (8 bands of 1/16 cycle per pixel up to Nyquist), ``evaluation.band_coherence`` gives the power ratio,
 the correlation of the reconstructed band with the real one (1: drawn in place, 0: power in the wrong
 place, such as noise drawn afresh), the band's error over its real power and its share of the squared
-error. Then the floor under the cost of the issue's target, every band's power ratio at least
+error. Then the floor under the cost of a target, every band's power ratio at least
 ``--target``: with the correlations the decoder has, the cheapest output of that power is its own band
 scaled up (``evaluation.cheapest_power_error``); the bands below the target are lifted that way, the
 rest kept, and the squared error that results is given as a PSNR change (of the total squared error;
