@@ -37,7 +37,7 @@ import evaluation
 __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "healthy_threshold", "run_threshold", "heal",
            "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion", "LesionKind",
            "lesion_kinds", "add_lesion", "add_lesion_volume", "AveragedHealing", "heal_average", "heal_volume",
-           "combine_maps", "slice_scores", "dilate_codes", "DEFAULT_SAMPLES", "DEFAULT_DILATE",
+           "combine_maps", "edge_strength", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes", "DEFAULT_SAMPLES", "DEFAULT_DILATE",
            "detection_metrics", "roc_auc", "average_precision", "best_dice", "plot_healing", "plot_completion"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
@@ -273,8 +273,8 @@ class AveragedHealing:
 
     Attributes:
         codes: int32 ``(N, h, w)``, the input slices' codes.
-        nll: float32 ``(N, h, w)``, each input code's NLL (nats; given the healed slice below on the
-            volume path, averaged over the ``S`` healings' slices below).
+        nll: float32 ``(N, h, w)``, each input code's NLL (nats; on the volume path with
+            ``flag="previous"`` given the healed slice below, averaged over the ``S`` healings' slices below).
         region: bool ``(N, h, w)``, the redrawn codes: the flagged codes grown by ``dilate`` codes.
         healed_codes: int32 ``(S, N, h, w)``; equal to ``codes`` outside ``region``.
         healed: float32 ``(S, N, H, W, 1)``, the decoded healings.
@@ -284,7 +284,7 @@ class AveragedHealing:
         spread: float32 ``(N, H, W)``, the healings' standard deviation of that difference (a low
             spread beside a high map: the healings agree the pixel is abnormal).
         anomaly_map: float32 ``(N, H, W)``, the chosen map (:func:`combine_maps` of the healings'
-            mean difference, inside and outside the region, and the NLL).
+            mean difference, inside and outside the region, the NLL, the residual and the edges).
         scores: float32 ``(N,)``, slice scores (:func:`slice_scores` of the anomaly map).
         threshold: the NLL threshold(s) used (nats).
     """
@@ -313,12 +313,14 @@ def dilate_codes(mask, steps: int) -> np.ndarray:
 
 
 def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, dilate: int, rounds: int,
-                seed: int, temperature: float, batch_size):
+                seed: int, temperature: float, batch_size, score_previous: bool = True):
     """Redraw the flagged region of ``codes`` ``samples`` times.
 
     Args:
         codes: int ``(N, h, w)``; cond: None or int32 ``(N,)``.
         previous: None (no slice below) or int ``(samples, N, h, w)``: each healing's slice below.
+        score_previous: flag codes by their NLL given ``previous`` (True) or given no slice below
+            (False; the redraws are given ``previous`` either way).
     Returns:
         ``(nll (N, h, w) averaged over the healings' slices below, region (N, h, w), healed (S, N, h, w))``.
     """
@@ -328,8 +330,9 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
     tile = np.tile(codes, (samples, 1, 1))
     cond_t = None if cond is None else np.tile(cond, samples)
     prev_t = None if previous is None else np.asarray(previous).reshape(samples * n, *codes.shape[1:])
+    score_prev = prev_t if score_previous else None
 
-    if prev_t is None:  # no slice below: the same NLL for every healing
+    if score_prev is None:  # no slice below: the same NLL for every healing
         nll = evaluation.code_nll(prior, codes, cond)
     else:
         nll = evaluation.code_nll(prior, tile, cond_t, previous=prev_t).reshape(samples, n, *codes.shape[1:]).mean(0)
@@ -345,7 +348,7 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
             break
         # A code's NLL is taken given the codes before it, so inside a lesion only its first codes
         # look unlikely until they are healed: rescore the healed grids, grow the region, redraw.
-        scores = evaluation.code_nll(prior, healed, cond_t, previous=prev_t).reshape(samples, n, *codes.shape[1:])
+        scores = evaluation.code_nll(prior, healed, cond_t, previous=score_prev).reshape(samples, n, *codes.shape[1:])
         new = dilate_codes(scores.mean(axis=0) > threshold, dilate) & ~region
         if not new.any():
             break
@@ -353,28 +356,68 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
     return nll.astype(np.float32), region, healed.reshape(samples, n, *codes.shape[1:]).astype(np.int32)
 
 
-def combine_maps(difference, nll, sigma: float | None = None) -> np.ndarray:
-    """The chosen anomaly map: the healings' pixel difference weighted by the squared code NLL.
+# The chosen map (docs/anomaly.md "How the map was chosen"): chosen on validate lesions by the worst
+# lesion kind's pixel AUPRC ratio to the residual, flat from 2 to 3 (1.66-1.68); 2 keeps more of the
+# overall AUPRC and slice AUROC.
+RESIDUAL_WEIGHT = 2.0
+# The reconstruction's edge strength (smoothed gradient magnitude, per pixel on the 0-1 scale) is
+# floored at this, so flat background does not divide by zero.
+EDGE_FLOOR = 0.01
 
-    ``map = difference * smooth(upsample(nll), sigma) ** 2``. The difference (mean over healings of
-    the smoothed ``|x - healed|``; outside the redrawn region the healings equal the VQ-VAE
-    reconstruction, so there it is the plain residual) says *where* a slice differs from a healthy
-    one at pixel scale; the NLL says *whether* the prior finds the codes there unlikely, so a large
-    residual on normal anatomy (cortex, edges) is damped and a dark lesion the VQ-VAE reconstructs
-    well still shows through its redrawn codes. Chosen on validate lesions against the residual
-    alone, the difference alone, products with NLL to the power 1-3, ``exp(NLL)`` and thresholded
-    NLL (docs/anomaly.md); the NLL is smoothed over one code's width (``sigma`` px, default
-    ``H / h``).
+
+def edge_strength(recon, sigma: float) -> np.ndarray:
+    """The local edge strength of reconstructions ``(N, H, W)`` (or ``(N, H, W, 1)``): the gradient
+    magnitude smoothed with a Gaussian of ``sigma`` px, plus :data:`EDGE_FLOOR`. The VQ-VAE's error,
+    and the healings' redrawn texture, are largest along edges (cortex, ventricles, the head's
+    outline); dividing a map by this puts a lesion in flat tissue and one on an edge on one scale."""
+    r = np.asarray(recon, np.float32)
+    r = r[..., 0] if r.ndim == 4 else r
+    gy, gx = np.gradient(r, axis=(1, 2))
+    return (smooth(np.hypot(gy, gx), sigma) + EDGE_FLOOR).astype(np.float32)
+
+
+def combine_maps(difference, nll, sigma: float | None = None, *, threshold: float | None = None, residual=None,
+                 recon=None, residual_weight: float = RESIDUAL_WEIGHT) -> np.ndarray:
+    """The chosen anomaly map: the healings' difference weighted by the squared code NLL, plus the
+    residual, over the reconstruction's edge strength.
+
+    ``map = (difference * (smooth(upsample(nll), sigma) / threshold) ** 2 + residual_weight * residual)
+    / edge_strength(recon, sigma)``.
+
+    - The difference (mean over healings of the smoothed ``|x - healed|``; outside the redrawn region
+      the healings equal the VQ-VAE reconstruction, so there it is the residual) says *where* a slice
+      differs from a healthy one; the NLL, in units of the flagging threshold, says *whether* the
+      prior finds the codes there unlikely, so a dark lesion the VQ-VAE reconstructs well shows
+      through its redrawn codes and redrawn healthy texture is damped.
+    - The residual ``|x - decode(encode(x))|`` catches what is smaller than a code (a 2-4 px lesion
+      is at most one code, and its code is often not unlikely) and bright lesions the VQ-VAE cannot
+      draw.
+    - Both parts are largest along edges for healthy tissue too, so both are divided by the
+      reconstruction's local edge strength (:func:`edge_strength`).
+
+    Without ``threshold`` the NLL is taken in nats; without ``residual`` and ``recon`` the map is the
+    difference times the squared NLL alone (the map before the residual and edge terms).
 
     Args:
-        difference: float ``(N, H, W)``; nll: float ``(N, h, w)`` nats.
+        difference: float ``(N, H, W)``; nll: float ``(N, h, w)`` nats; sigma: px over which the NLL
+            and the edge strength are smoothed (default one code's width, ``H / h``).
+        threshold: the NLL threshold (nats) the codes were flagged against.
+        residual: float ``(N, H, W)``, the smoothed VQ-VAE residual; recon: ``(N, H, W[, 1])``, the
+            VQ-VAE's reconstructions (both or neither).
     Returns:
         float32 ``(N, H, W)``.
     """
+    if (residual is None) != (recon is None):
+        raise ValueError("combine_maps: pass residual and recon together, or neither")
     difference = np.asarray(difference, np.float32)
     sigma = difference.shape[1] / np.shape(nll)[1] if sigma is None else sigma
-    weight = smooth(upsample_codes(nll, difference.shape[1:3]), sigma)
-    return (difference * np.maximum(weight, 0) ** 2).astype(np.float32)
+    weight = np.maximum(smooth(upsample_codes(nll, difference.shape[1:3]), sigma), 0)
+    if threshold is not None:
+        weight = weight / float(threshold)
+    out = difference * weight ** 2
+    if residual is not None:
+        out = (out + residual_weight * np.asarray(residual, np.float32)) / edge_strength(recon, sigma)
+    return out.astype(np.float32)
 
 
 def slice_scores(maps, fraction: float = 0.003) -> np.ndarray:
@@ -387,7 +430,8 @@ def slice_scores(maps, fraction: float = 0.003) -> np.ndarray:
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1).astype(np.float32)
 
 
-def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold):
+def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold, nll_threshold: float):
+    """The maps of an :class:`AveragedHealing`; ``nll_threshold`` is the threshold ``nll`` is in units of."""
     s, n = healed_codes.shape[:2]
     healed = evaluation.decode_codes(vqvae, healed_codes.reshape(s * n, *codes.shape[1:]))
     healed = np.asarray(healed, np.float32).reshape(s, n, *x.shape[1:])
@@ -396,7 +440,7 @@ def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold):
     px = upsample_codes(region, x.shape[1:3])
     diffs = np.stack([smooth(np.abs(x - h)[..., 0], sigma) for h in healed])
     residual = smooth(np.abs(x - recon)[..., 0], sigma)
-    amap = combine_maps(diffs.mean(axis=0), nll)
+    amap = combine_maps(diffs.mean(axis=0), nll, threshold=nll_threshold, residual=residual, recon=recon)
     return AveragedHealing(codes, nll, region, healed_codes, healed, residual, (diffs.mean(axis=0) * px).astype(np.float32),
                            (diffs.std(axis=0) * px).astype(np.float32), amap, slice_scores(amap), threshold)
 
@@ -428,32 +472,42 @@ def heal_average(vqvae, prior, images, threshold: float, condition=None, samples
     cond = _condition(condition, len(codes))
     nll, region, healed = _heal_codes(prior, codes, cond, None, threshold, samples, dilate, rounds, seed,
                                       temperature, batch_size)
-    return _finish(x, codes, nll, region, healed, vqvae, sigma, float(threshold))
+    return _finish(x, codes, nll, region, healed, vqvae, sigma, float(threshold), float(threshold))
 
 
-def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: float, condition=None,
+def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: float | None = None, condition=None,
                 samples: int = DEFAULT_SAMPLES, dilate: int = DEFAULT_DILATE, rounds: int = DEFAULT_AVERAGE_ROUNDS,
                 seed: int = 0, temperature: float = 1.0, sigma: float | None = None,
-                batch_size: int | None = None, progress: bool = False) -> AveragedHealing:
+                batch_size: int | None = None, progress: bool = False, flag: str = "single") -> AveragedHealing:
     """Heal whole cases slice by slice from the bottom, each slice given the *healed* slice below.
 
     Slice 0 of each case is healed as :func:`heal_average` heals a single slice (threshold
-    ``threshold``, the prior's "no previous slice"). Each later slice ``k`` is scored by the prior
-    given its position and the healed codes of slice ``k - 1`` (each of the ``samples`` healings
-    carries its own healed slice below), flagged against ``threshold_previous`` (the same percentile
-    of healthy NLL given the slice below, :func:`run_threshold` with ``previous=True``), and its
-    region redrawn given that healed slice. So a lesion that spans slices is judged against a healed
-    slice below, not against the lesion's own lower part.
+    ``threshold``, the prior's "no previous slice"). Each later slice ``k`` has its region flagged
+    (by default as a single slice is, ``flag="single"``) and redrawn by the prior given its position
+    and the healed codes of slice ``k - 1`` (each of the ``samples`` healings carries its own healed
+    slice below). So a lesion that spans slices is redrawn from a healed slice below, not from the
+    lesion's own lower part. With ``flag="previous"`` the codes are also flagged by their NLL given
+    the healed slice below, against ``threshold_previous`` (the same percentile of healthy NLL given
+    the slice below, :func:`run_threshold` with ``previous=True``); on validate lesions that flagged
+    and weighted worse (docs/anomaly.md).
 
     Args:
         volumes: float32 ``(C, S, H, W, 1)`` (or ``(C, S, H, W)``): ``C`` cases of ``S`` slices in order.
         condition: slice positions ``(S,)`` for a conditioned prior (the same for every case), else None.
         prior: a prior with ``previous_slice`` (``ValueError`` otherwise).
+        flag: which NLL flags the codes to redraw: ``"previous"`` (given the healed slice below,
+            against ``threshold_previous``) or ``"single"`` (given no slice below, against
+            ``threshold``, the region :func:`heal_average` redraws); either way the region is
+            redrawn given the healed slice below.
     Returns:
         an :class:`AveragedHealing` over the ``C * S`` slices in case-major order.
     """
     if not getattr(getattr(prior, "config", None), "previous_slice", False):
         raise ValueError("heal_volume needs a prior trained with previous_slice; use heal_average for single slices")
+    if flag not in ("previous", "single"):
+        raise ValueError(f"flag must be 'previous' or 'single', got {flag!r}")
+    if flag == "previous" and threshold_previous is None:
+        raise ValueError("heal_volume: flag='previous' needs threshold_previous (run_threshold(..., previous=True))")
     v = np.asarray(volumes, np.float32)
     v = v[..., None] if v.ndim == 4 else v
     c, s = v.shape[:2]
@@ -473,10 +527,13 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
         prev = None if k == 0 else healed[:, :, k - 1]
         ck = None if cond is None else np.full((c,), cond[k], np.int32)
         nll[:, k], region[:, k], healed[:, :, k] = _heal_codes(
-            prior, codes[:, k], ck, prev, threshold if k == 0 else threshold_previous, samples, dilate, rounds,
-            int(np.random.default_rng([seed, k]).integers(2 ** 31)), temperature, batch_size)
+            prior, codes[:, k], ck, prev, threshold if k == 0 or flag == "single" else threshold_previous, samples,
+            dilate, rounds, int(np.random.default_rng([seed, k]).integers(2 ** 31)), temperature, batch_size,
+            score_previous=flag == "previous")
     return _finish(x, codes.reshape(c * s, h, w), nll.reshape(c * s, h, w), region.reshape(c * s, h, w),
-                   healed.reshape(samples, c * s, h, w), vqvae, sigma, (float(threshold), float(threshold_previous)))
+                   healed.reshape(samples, c * s, h, w), vqvae, sigma,
+                   float(threshold) if flag == "single" else (float(threshold), float(threshold_previous)),
+                   float(threshold if flag == "single" else threshold_previous))
 
 
 # ----------------------------------------------------------------------------------------------

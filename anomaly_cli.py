@@ -52,8 +52,9 @@ def add_anomaly_parsers(sub, common) -> None:
     a.add_argument("--maps", choices=ANOMALY_MAPS, default="single",
                    help="volume: heal each case's slices in order, each given the healed slice below (needs whole "
                         "cases, case_<id>_slice_<k>.nii.png from slice 0, and a prior with previous_slice); single: "
-                        "each slice alone; both average --samples healings of the flagged region and weight the "
-                        "difference by the code NLL (anomaly.heal_volume / heal_average); healed: the plain "
+                        "each slice alone; both average --samples healings of the flagged region, weight the "
+                        "difference by the code NLL, add the residual and divide by the reconstruction's edges "
+                        "(anomaly.heal_volume / heal_average, anomaly.combine_maps); healed: the plain "
                         "|input - healed| of one healing (anomaly.heal); auto: volume where possible, else single "
                         "(default: single, which scores better than volume on whole cases in bench/bench_anomaly.py; "
                         "the command says which it used)")
@@ -131,7 +132,6 @@ def _anomaly_command(args) -> None:
              "healed": "plain healed maps (|input - healed|, one healing)"}[path]
     print(f"anomaly: {label}: {why}")
     print(f"anomaly: {len(x)} slices, NLL threshold {threshold:.3f} nats ({source})")
-    extra = {}
     if path == "healed":
         result = anomaly.heal(run.vqvae, run.prior, x, threshold, condition=condition, seed=args.seed,
                               temperature=args.temperature, rounds=rounds, batch_size=args.batch_size,
@@ -141,17 +141,9 @@ def _anomaly_command(args) -> None:
         common = dict(samples=args.samples, dilate=args.dilate, rounds=rounds, seed=args.seed,
                       temperature=args.temperature, batch_size=args.batch_size)
         if path == "volume":
-            threshold_prev = threshold
-            if args.threshold is None:
-                try:
-                    threshold_prev = anomaly.run_threshold(run, percentile, previous=True)
-                except FileNotFoundError as e:
-                    raise PredictError(str(e)) from None
-            print(f"anomaly: NLL threshold given the slice below {threshold_prev:.3f} nats")
-            extra["threshold_previous_nats"] = threshold_prev
             order = cases.reshape(-1)
             vol = x[cases]                                                     # (C, S, H, W, 1)
-            result = anomaly.heal_volume(run.vqvae, run.prior, vol, threshold, threshold_prev,
+            result = anomaly.heal_volume(run.vqvae, run.prior, vol, threshold,
                                          condition=None if condition is None else condition[cases[0]],
                                          progress=True, **common)
             back = np.argsort(order)                                           # case-major -> file order
@@ -179,7 +171,7 @@ def _anomaly_command(args) -> None:
                      "mean_nll_nats": float(result.nll[k].mean())})
     score = "mean of the anomaly map" if path == "healed" else "mean of the anomaly map's top 0.3 % of pixels"
     utils.save_json({"maps": path, "maps_reason": why, "threshold_nats": threshold, "threshold_source": source,
-                     **extra, "seed": args.seed, "temperature": args.temperature, "rounds": rounds,
+                     "seed": args.seed, "temperature": args.temperature, "rounds": rounds,
                      **({} if path == "healed" else {"samples": args.samples, "dilate": args.dilate}),
                      "score": score, "slices": rows},
                     out / "scores.json")

@@ -11,12 +11,14 @@ seeded order, so no single kind can be tuned to. Two settings:
   slices and the same slices without lesions are scored by the VQ-VAE residual (baseline),
   today's prior-healed map (``anomaly.heal``) and the averaged, region-limited healing
   (``anomaly.heal_average``: its mean ``|x - healed|`` in the redrawn region, and its chosen
-  ``anomaly_map``, the healings' difference weighted by the squared code NLL, ``anomaly.combine_maps``);
+  ``anomaly_map``: the healings' difference weighted by the squared code NLL plus twice the
+  residual, over the reconstruction's edge strength, ``anomaly.combine_maps``; and that difference
+  times the squared NLL alone, the map before the residual and edge terms);
 * **whole cases** (the volume path): each whole case among those slices gets three lesions that
   span neighbouring slices (same centre, radius shrinking with the distance), and the lesioned and
   clean cases are scored by the residual, the single-slice map (``heal_average``) and the
   volume-aware map (``anomaly.heal_volume``: slices healed in order, each given the healed slice
-  below).
+  below; ``--volume-flag`` picks how its codes are flagged).
 
 Reported per map: pixel AUROC, AUPRC and best Dice (head pixels of all lesioned and clean
 slices), slice AUROC (slices holding a lesion vs clean slices, each scored by ``anomaly.slice_scores``:
@@ -175,6 +177,12 @@ def main(argv=None) -> int:
                    help="use only the first N slices of the split (quick checks; whole cases among them "
                         "make the volume part)")
     p.add_argument("--no-volume", action="store_true", help="skip the whole-case (volume) part")
+    p.add_argument("--volume-flags", choices=("single", "previous"), nargs="+", default=["single"],
+                   help="how the volume-aware map flags codes (anomaly.heal_volume's flag): one volume-aware map "
+                        "per value given (default: single)")
+    p.add_argument("--residual-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="also score the chosen map with each of these residual weights (how "
+                        f"anomaly.RESIDUAL_WEIGHT = {anomaly.RESIDUAL_WEIGHT:g} was chosen, with --split validate)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON of the figures (default: RUN/anomaly_bench/bench_anomaly_SPLIT.json)")
     p.add_argument("--figure", type=Path, default=None,
@@ -225,7 +233,14 @@ def main(argv=None) -> int:
     avg = anomaly.heal_average(run.vqvae, run.prior, both, threshold, condition=cond, **common)
     timing["averaged healing"] = time.perf_counter() - t0
     maps["averaged healing"] = avg.healed_map
-    maps["chosen: healing x NLL^2"] = avg.anomaly_map
+    difference = np.stack([anomaly.smooth(np.abs(both - h)[..., 0], anomaly._default_sigma(both, avg.codes.shape[1:]))
+                           for h in avg.healed]).mean(axis=0)
+    maps["healing x NLL^2 (before)"] = anomaly.combine_maps(difference, avg.nll)
+    recon = evaluation.decode_codes(run.vqvae, avg.codes)
+    for weight in args.residual_weights or ():
+        maps[f"chosen, residual weight {weight:g}"] = anomaly.combine_maps(
+            difference, avg.nll, threshold=threshold, residual=avg.residual, recon=recon, residual_weight=weight)
+    maps["chosen"] = avg.anomaly_map
     single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
     print_table(f"single slices ({args.split}, {n} lesions)", single)
     report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
@@ -238,10 +253,11 @@ def main(argv=None) -> int:
         order = np.stack([by_case[c] for c in whole])                      # (C, S)
         vols, tissue = x[order][..., 0], split.masks[order]
         les_v, mask_v, kinds_v = make_volume_lesions(vols, tissue, args.seed)
-        threshold_prev = anomaly.run_threshold(run, percentile, previous=True)
+        threshold_prev = (anomaly.run_threshold(run, percentile, previous=True)
+                          if "previous" in args.volume_flags else None)
         c, s = vols.shape[:2]
-        print(f"\nwhole cases: {c} cases of {s} slices, {len(whole) * len(VOLUME_CENTRES)} lesions spanning slices; "
-              f"NLL threshold given the slice below {threshold_prev:.3f} nats")
+        print(f"\nwhole cases: {c} cases of {s} slices, {len(whole) * len(VOLUME_CENTRES)} lesions spanning slices"
+              + ("" if threshold_prev is None else f"; NLL threshold given the slice below {threshold_prev:.3f} nats"))
         vol_both = np.concatenate([les_v, vols])[..., None]                # (2C, S, H, W, 1)
         flat = vol_both.reshape(2 * c * s, *vol_both.shape[2:])
         vcond = np.tile(positions[order[0]], 2 * c) if run.conditioned else None
@@ -250,11 +266,14 @@ def main(argv=None) -> int:
         vs = anomaly.heal_average(run.vqvae, run.prior, flat, threshold, condition=vcond, **common)
         timing["volume: single-slice"] = time.perf_counter() - t0
         vmaps["single-slice map"] = vs.anomaly_map
-        t0 = time.perf_counter()
-        vv = anomaly.heal_volume(run.vqvae, run.prior, vol_both, threshold, threshold_prev,
-                                 condition=positions[order[0]] if run.conditioned else None, progress=True, **common)
-        timing["volume: volume-aware"] = time.perf_counter() - t0
-        vmaps["volume-aware map"] = vv.anomaly_map
+        for flag in args.volume_flags:
+            name = "volume-aware map" + ("" if len(args.volume_flags) == 1 else f" (flag {flag})")
+            t0 = time.perf_counter()
+            vv = anomaly.heal_volume(run.vqvae, run.prior, vol_both, threshold, threshold_prev,
+                                     condition=positions[order[0]] if run.conditioned else None, progress=True,
+                                     flag=flag, **common)
+            timing[f"volume: {name}"] = time.perf_counter() - t0
+            vmaps[name] = vv.anomaly_map
         has = mask_v.reshape(c * s, *mask_v.shape[2:]).any(axis=(1, 2))
         vmask = mask_v.reshape(c * s, *mask_v.shape[2:])[has]
         vkinds = list(kinds_v.reshape(-1)[has])

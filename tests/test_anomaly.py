@@ -436,3 +436,65 @@ def test_volume_path_heals_in_order_given_the_healed_slice_below(monkeypatch):
     assert v.region.all() and v.anomaly_map.shape == (6, 16, 16)
     with pytest.raises(ValueError, match="previous_slice"):
         anomaly.heal_volume(vqvae, PixelCNN(6, filters=8, num_layers=1, grid_shape=(4, 4)), volumes, 1.0, 1.0)
+
+
+def test_volume_path_flags_by_single_slice_nll_unless_asked_otherwise(monkeypatch):
+    import keras
+
+    import anomaly
+    import evaluation
+    from modules import VQVAE, VQVAEConfig, PixelCNN
+
+    keras.utils.set_random_seed(0)
+    vqvae = VQVAE(VQVAEConfig(image_size=16, channels=4, num_embeddings=6, embedding_dim=2, num_res_blocks=1,
+                              downsample=4))
+    prior = PixelCNN(6, filters=8, num_layers=2, num_conditions=3, grid_shape=(4, 4), condition_map=2,
+                     previous_slice=True, previous_dropout=0.25)
+    volumes = np.random.default_rng(0).uniform(0, 1, (1, 3, 16, 16, 1)).astype(np.float32)
+    scored, real = [], evaluation.code_nll
+
+    def recording(prior_, codes, condition=None, *a, previous=None, **kw):
+        scored.append(previous is not None)
+        return real(prior_, codes, condition, *a, previous=previous, **kw)
+
+    monkeypatch.setattr(evaluation, "code_nll", recording)
+    single = anomaly.heal_volume(vqvae, prior, volumes, 2.0, condition=[0, 1, 2], samples=2, rounds=2, seed=0)
+    assert scored and not any(scored)                       # every flagging NLL given no slice below
+    scored.clear()
+    prev = anomaly.heal_volume(vqvae, prior, volumes, 2.0, 1.5, condition=[0, 1, 2], samples=2, rounds=2, seed=0,
+                               flag="previous")
+    assert any(scored)                                      # slices 1 and 2 scored given the healed slice below
+    assert single.threshold == 2.0 and prev.threshold == (2.0, 1.5)
+    with pytest.raises(ValueError, match="threshold_previous"):
+        anomaly.heal_volume(vqvae, prior, volumes, 2.0, flag="previous")
+    with pytest.raises(ValueError, match="flag"):
+        anomaly.heal_volume(vqvae, prior, volumes, 2.0, 1.5, flag="both")
+
+
+def test_chosen_map_adds_the_residual_and_divides_by_the_reconstructions_edges():
+    import anomaly
+
+    n, size, grid = 1, 32, 8
+    difference = np.zeros((n, size, size), np.float32)
+    nll = np.zeros((n, grid, grid), np.float32)
+    residual = np.zeros((n, size, size), np.float32)
+    residual[0, 8, 8] = residual[0, 8, 24] = 0.1            # the same residual twice
+    recon = np.zeros((n, size, size), np.float32)
+    recon[0, :, 24:] = 1.0                                  # an edge through the second
+    m = anomaly.combine_maps(difference, nll, threshold=3.0, residual=residual, recon=recon)
+    assert m[0, 8, 8] > 3 * m[0, 8, 24] > 0                 # damped on the edge
+    flat = anomaly.RESIDUAL_WEIGHT * 0.1 / anomaly.EDGE_FLOOR
+    assert m[0, 8, 8] == pytest.approx(flat, rel=0.01)      # flat tissue: residual weight x residual / floor
+    # the NLL weight is in units of the threshold: doubling both the NLL and the threshold changes nothing
+    rng = np.random.default_rng(0)
+    difference, nll = rng.uniform(0, 1, (2, size, size)).astype(np.float32), rng.uniform(0, 6, (2, grid, grid))
+    recon = rng.uniform(0, 1, (2, size, size)).astype(np.float32)
+    residual = rng.uniform(0, 0.1, (2, size, size)).astype(np.float32)
+    a = anomaly.combine_maps(difference, nll, threshold=3.0, residual=residual, recon=recon)
+    b = anomaly.combine_maps(difference, 2 * nll, threshold=6.0, residual=residual, recon=recon)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    # without the residual and the reconstruction: the healed difference times the squared NLL
+    w = anomaly.smooth(anomaly.upsample_codes(nll, (size, size)), size / grid)
+    np.testing.assert_allclose(anomaly.combine_maps(difference, nll), difference * w ** 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="together"):
+        anomaly.combine_maps(difference, nll, residual=residual)
