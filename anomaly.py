@@ -356,9 +356,9 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
     return nll.astype(np.float32), region, healed.reshape(samples, n, *codes.shape[1:]).astype(np.int32)
 
 
-# The chosen map (docs/anomaly.md "How the map was chosen"): chosen on validate lesions by the worst
-# lesion kind's pixel AUPRC ratio to the residual, flat from 2 to 3 (1.66-1.68); 2 keeps more of the
-# overall AUPRC and slice AUROC.
+# The residual's weight in the chosen map (docs/anomaly.md "How the map was chosen"): chosen on
+# validate lesions by the worst lesion kind's pixel AUPRC ratio to the residual, flat from 2 to 3
+# (1.68-1.71); 2 keeps more of the overall AUPRC and slice AUROC than 2.5.
 RESIDUAL_WEIGHT = 2.0
 # The reconstruction's edge strength (smoothed gradient magnitude, per pixel on the 0-1 scale) is
 # floored at this, so flat background does not divide by zero.
