@@ -56,7 +56,7 @@ def add_anomaly_parsers(sub, common) -> None:
                         "difference by the code NLL, add the residual and divide by the reconstruction's edges "
                         "(anomaly.heal_volume / heal_average, anomaly.combine_maps); healed: the plain "
                         "|input - healed| of one healing (anomaly.heal); auto: volume where possible, else single "
-                        "(default: single, which scores better than volume on whole cases in bench/bench_anomaly.py; "
+                        "(default: single; on whole cases the two score alike in bench/bench_anomaly.py; "
                         "the command says which it used)")
     a.add_argument("--samples", type=int, default=anomaly.DEFAULT_SAMPLES,
                    help=f"healings averaged per slice with --maps volume / single (default: {anomaly.DEFAULT_SAMPLES})")
