@@ -404,11 +404,10 @@ def test_averaged_healing_changes_nothing_outside_the_flagged_region(run, test_s
     assert not nothing.region.any() and (nothing.healed_map == 0).all()
 
 
-def test_volume_path_heals_in_order_given_the_healed_slice_below(monkeypatch):
+def _volume_models():
+    """An untrained 16 px VQ-VAE (4x4 codes) and a prior that sees the previous slice, seeded."""
     import keras
 
-    import anomaly
-    import sampler
     from modules import VQVAE, VQVAEConfig, PixelCNN
 
     keras.utils.set_random_seed(0)
@@ -416,6 +415,15 @@ def test_volume_path_heals_in_order_given_the_healed_slice_below(monkeypatch):
                               downsample=4))
     prior = PixelCNN(6, filters=8, num_layers=2, num_conditions=3, grid_shape=(4, 4), condition_map=2,
                      previous_slice=True, previous_dropout=0.25)
+    return vqvae, prior
+
+
+def test_volume_path_heals_in_order_given_the_healed_slice_below(monkeypatch):
+    import anomaly
+    import sampler
+    from modules import PixelCNN
+
+    vqvae, prior = _volume_models()
     volumes = np.random.default_rng(0).uniform(0, 1, (2, 3, 16, 16, 1)).astype(np.float32)
     calls, real = [], sampler.sample_codes
 
@@ -439,17 +447,10 @@ def test_volume_path_heals_in_order_given_the_healed_slice_below(monkeypatch):
 
 
 def test_volume_path_flags_by_single_slice_nll_unless_asked_otherwise(monkeypatch):
-    import keras
-
     import anomaly
     import evaluation
-    from modules import VQVAE, VQVAEConfig, PixelCNN
 
-    keras.utils.set_random_seed(0)
-    vqvae = VQVAE(VQVAEConfig(image_size=16, channels=4, num_embeddings=6, embedding_dim=2, num_res_blocks=1,
-                              downsample=4))
-    prior = PixelCNN(6, filters=8, num_layers=2, num_conditions=3, grid_shape=(4, 4), condition_map=2,
-                     previous_slice=True, previous_dropout=0.25)
+    vqvae, prior = _volume_models()
     volumes = np.random.default_rng(0).uniform(0, 1, (1, 3, 16, 16, 1)).astype(np.float32)
     scored, real = [], evaluation.code_nll
 
