@@ -37,7 +37,7 @@ import evaluation
 __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "healthy_threshold", "run_threshold", "heal",
            "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion", "LesionKind",
            "lesion_kinds", "add_lesion", "add_lesion_volume", "AveragedHealing", "heal_average", "heal_volume",
-           "combine_maps", "edge_strength", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes", "DEFAULT_SAMPLES", "DEFAULT_DILATE",
+           "combine_maps", "edge_strength", "healing_differences", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes", "DEFAULT_SAMPLES", "DEFAULT_DILATE",
            "detection_metrics", "roc_auc", "average_precision", "best_dice", "plot_healing", "plot_completion"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
@@ -430,6 +430,15 @@ def slice_scores(maps, fraction: float = 0.003) -> np.ndarray:
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1).astype(np.float32)
 
 
+def healing_differences(images, healed, grid_shape, sigma: float | None = None) -> np.ndarray:
+    """Each healing's smoothed difference from the input, ``smooth(|x - healed_s|, sigma)``, float32
+    ``(S, N, H, W)``; ``sigma`` defaults to half a code's width (``grid_shape`` is the code grid's).
+    Their mean is the ``difference`` of :func:`combine_maps`."""
+    x = np.asarray(images, np.float32)
+    sigma = _default_sigma(x, grid_shape) if sigma is None else sigma
+    return np.stack([smooth(np.abs(x - h)[..., 0], sigma) for h in np.asarray(healed, np.float32)])
+
+
 def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold, nll_threshold: float):
     """The maps of an :class:`AveragedHealing`; ``nll_threshold`` is the threshold ``nll`` is in units of."""
     s, n = healed_codes.shape[:2]
@@ -438,7 +447,7 @@ def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold, nll_th
     recon = np.asarray(evaluation.decode_codes(vqvae, codes), np.float32)
     sigma = _default_sigma(x, codes.shape[1:]) if sigma is None else sigma
     px = upsample_codes(region, x.shape[1:3])
-    diffs = np.stack([smooth(np.abs(x - h)[..., 0], sigma) for h in healed])
+    diffs = healing_differences(x, healed, codes.shape[1:], sigma)
     residual = smooth(np.abs(x - recon)[..., 0], sigma)
     amap = combine_maps(diffs.mean(axis=0), nll, threshold=nll_threshold, residual=residual, recon=recon)
     return AveragedHealing(codes, nll, region, healed_codes, healed, residual, (diffs.mean(axis=0) * px).astype(np.float32),
@@ -530,10 +539,9 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
             prior, codes[:, k], ck, prev, threshold if k == 0 or flag == "single" else threshold_previous, samples,
             dilate, rounds, int(np.random.default_rng([seed, k]).integers(2 ** 31)), temperature, batch_size,
             score_previous=flag == "previous")
+    used = float(threshold) if flag == "single" else (float(threshold), float(threshold_previous))
     return _finish(x, codes.reshape(c * s, h, w), nll.reshape(c * s, h, w), region.reshape(c * s, h, w),
-                   healed.reshape(samples, c * s, h, w), vqvae, sigma,
-                   float(threshold) if flag == "single" else (float(threshold), float(threshold_previous)),
-                   float(threshold if flag == "single" else threshold_previous))
+                   healed.reshape(samples, c * s, h, w), vqvae, sigma, used, used if flag == "single" else used[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ seeded order, so no single kind can be tuned to. Two settings:
   span neighbouring slices (same centre, radius shrinking with the distance), and the lesioned and
   clean cases are scored by the residual, the single-slice map (``heal_average``) and the
   volume-aware map (``anomaly.heal_volume``: slices healed in order, each given the healed slice
-  below; ``--volume-flag`` picks how its codes are flagged).
+  below; ``--volume-flags`` picks how its codes are flagged).
 
 Reported per map: pixel AUROC, AUPRC and best Dice (head pixels of all lesioned and clean
 slices), slice AUROC (slices holding a lesion vs clean slices, each scored by ``anomaly.slice_scores``:
@@ -233,8 +233,7 @@ def main(argv=None) -> int:
     avg = anomaly.heal_average(run.vqvae, run.prior, both, threshold, condition=cond, **common)
     timing["averaged healing"] = time.perf_counter() - t0
     maps["averaged healing"] = avg.healed_map
-    difference = np.stack([anomaly.smooth(np.abs(both - h)[..., 0], anomaly._default_sigma(both, avg.codes.shape[1:]))
-                           for h in avg.healed]).mean(axis=0)
+    difference = anomaly.healing_differences(both, avg.healed, avg.codes.shape[1:]).mean(axis=0)
     maps["healing x NLL^2 (before)"] = anomaly.combine_maps(difference, avg.nll)
     recon = evaluation.decode_codes(run.vqvae, avg.codes)
     for weight in args.residual_weights or ():
