@@ -260,8 +260,8 @@ def residual_map(vqvae, images, sigma: float | None = None) -> np.ndarray:
     return smooth(np.abs(x - recon)[..., 0], sigma)
 
 
-# Averaged, region-limited healing and the volume path (issue 27). Chosen on validate lesions
-# (bench/bench_anomaly.py --split validate; docs/anomaly.md "Where the maps lose").
+# Averaged, region-limited healing and the volume path. Chosen on validate lesions
+# (bench/bench_anomaly.py --split validate; docs/anomaly.md "How the map was chosen").
 DEFAULT_SAMPLES = 4   # healings averaged per slice
 DEFAULT_DILATE = 1    # codes the flagged region grows by before it is redrawn
 DEFAULT_AVERAGE_ROUNDS = 2  # scoring / redrawing rounds of heal_average and heal_volume
