@@ -14,6 +14,13 @@ segmentation with transformers", Medical Image Analysis), in 2D:
    down-sampling factor), so VQ-VAE reconstruction error where the prior found nothing wrong never
    shows up in the map; the slice score is the map's mean.
 
+That is the plain map. The chosen maps heal the flagged region (grown by a code) several times and
+average (:func:`heal_average` for single slices; :func:`heal_volume` for whole cases, slice by slice
+from the bottom, each given the healed slice below and flagged by :func:`propagated_nll`), then
+weight the healings' difference by the squared code NLL, add the residual and divide by the
+reconstruction's edges (:func:`combine_maps`); their slice score is the mean of the map's top
+pixels (:func:`slice_scores`). :func:`bootstrap_detection` gives the detection metrics' intervals.
+
 The threshold is a high percentile of healthy per-code NLL: :func:`healthy_threshold` on any set of
 healthy slices, :func:`run_threshold` on a run's validation split (cached in the run directory).
 The baseline the benchmark compares against is :func:`residual_map`, the plain VQ-VAE residual
@@ -27,7 +34,7 @@ anything; images are float32 ``(N, H, W, 1)`` in ``[0, 1]``, codes int ``(N, h, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -273,8 +280,9 @@ class AveragedHealing:
 
     Attributes:
         codes: int32 ``(N, h, w)``, the input slices' codes.
-        nll: float32 ``(N, h, w)``, each input code's NLL (nats; on the volume path with
-            ``flag="previous"`` given the healed slice below, averaged over the ``S`` healings' slices below).
+        nll: float32 ``(N, h, w)``, the NLL the codes were flagged by (nats): as single slices; on the
+            volume path the flag's NLL (:func:`heal_volume`; with ``flag="previous"`` averaged over the
+            ``S`` healings' slices below).
         region: bool ``(N, h, w)``, the redrawn codes: the flagged codes grown by ``dilate`` codes.
         healed_codes: int32 ``(S, N, h, w)``; equal to ``codes`` outside ``region``.
         healed: float32 ``(S, N, H, W, 1)``, the decoded healings.
@@ -301,6 +309,16 @@ class AveragedHealing:
     scores: np.ndarray
     threshold: float | tuple
 
+    _PER_HEALING = ("healed_codes", "healed")   # fields with the healings' axis before the slices'
+
+    def take(self, index) -> AveragedHealing:
+        """The same result for the slices ``index`` (int array), in that order: every per-slice field
+        indexed along its slice axis (axis 1 of ``healed_codes`` and ``healed``), ``threshold`` kept."""
+        index = np.asarray(index)
+        picked = {f.name: getattr(self, f.name)[:, index] if f.name in self._PER_HEALING
+                  else getattr(self, f.name)[index] for f in fields(self) if f.name != "threshold"}
+        return replace(self, **picked)
+
 
 def dilate_codes(mask, steps: int) -> np.ndarray:
     """Grow a per-code mask ``(N, h, w)`` by ``steps`` codes (3 x 3 neighbourhood per step)."""
@@ -313,7 +331,7 @@ def dilate_codes(mask, steps: int) -> np.ndarray:
 
 
 def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, dilate: int, rounds: int,
-                seed: int, temperature: float, batch_size, score_previous: bool = True):
+                seed: int, temperature: float, batch_size, score_previous: bool = True, nll=None):
     """Redraw the flagged region of ``codes`` ``samples`` times.
 
     Args:
@@ -321,6 +339,8 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
         previous: None (no slice below) or int ``(samples, N, h, w)``: each healing's slice below.
         score_previous: flag codes by their NLL given ``previous`` (True) or given no slice below
             (False; the redraws are given ``previous`` either way).
+        nll: float ``(N, h, w)``, the NLL to flag the codes by in the first round, computed by the
+            caller (then ``score_previous`` only decides how later rounds rescore the healed grids).
     Returns:
         ``(nll (N, h, w) averaged over the healings' slices below, region (N, h, w), healed (S, N, h, w))``.
     """
@@ -332,7 +352,9 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
     prev_t = None if previous is None else np.asarray(previous).reshape(samples * n, *codes.shape[1:])
     score_prev = prev_t if score_previous else None
 
-    if score_prev is None:  # no slice below: the same NLL for every healing
+    if nll is not None:
+        nll = np.asarray(nll, np.float32)
+    elif score_prev is None:  # no slice below: the same NLL for every healing
         nll = evaluation.code_nll(prior, codes, cond)
     else:
         nll = evaluation.code_nll(prior, tile, cond_t, previous=prev_t).reshape(samples, n, *codes.shape[1:]).mean(0)
@@ -484,37 +506,69 @@ def heal_average(vqvae, prior, images, threshold: float, condition=None, samples
     return _finish(x, codes, nll, region, healed, vqvae, sigma, float(threshold), float(threshold))
 
 
+def propagated_nll(single, given_below, flagged_below, carry: int = 1) -> np.ndarray:
+    """The NLL the volume path flags a slice's codes by (``heal_volume(..., flag="propagated")``).
+
+    A code is unexpected in a volume when neither the prior of single slices nor the prior given the
+    real slice below expects it: ``min(single, given_below)``. Where the code below (grown by
+    ``carry`` codes) was itself flagged, the slice below may hold the same lesion and cannot vouch
+    for the code, so the single-slice NLL stands there. A lesion spanning slices is so flagged on its
+    lowest slice by both priors and above it by the single-slice prior, while healthy anatomy that a
+    single slice makes look unusual but the slice below predicts is not flagged.
+
+    Args:
+        single: float ``(N, h, w)``, the codes' NLL given no slice below; given_below: the same codes'
+            NLL given the real slice below; flagged_below: bool ``(N, h, w)``, the slice below's flags.
+    Returns:
+        float32 ``(N, h, w)``.
+    """
+    single, given_below = np.asarray(single, np.float32), np.asarray(given_below, np.float32)
+    return np.where(dilate_codes(flagged_below, carry), single, np.minimum(single, given_below)).astype(np.float32)
+
+
+VOLUME_FLAGS = ("propagated", "single", "previous")
+
+
 def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: float | None = None, condition=None,
                 samples: int = DEFAULT_SAMPLES, dilate: int = DEFAULT_DILATE, rounds: int = DEFAULT_AVERAGE_ROUNDS,
                 seed: int = 0, temperature: float = 1.0, sigma: float | None = None,
-                batch_size: int | None = None, progress: bool = False, flag: str = "single") -> AveragedHealing:
+                batch_size: int | None = None, progress: bool = False, flag: str = "propagated") -> AveragedHealing:
     """Heal whole cases slice by slice from the bottom, each slice given the *healed* slice below.
 
     Slice 0 of each case is healed as :func:`heal_average` heals a single slice (threshold
     ``threshold``, the prior's "no previous slice"). Each later slice ``k`` has its region flagged
-    (by default as a single slice is, ``flag="single"``) and redrawn by the prior given its position
-    and the healed codes of slice ``k - 1`` (each of the ``samples`` healings carries its own healed
-    slice below). So a lesion that spans slices is redrawn from a healed slice below, not from the
-    lesion's own lower part. With ``flag="previous"`` the codes are also flagged by their NLL given
-    the healed slice below, against ``threshold_previous`` (the same percentile of healthy NLL given
-    the slice below, :func:`run_threshold` with ``previous=True``); on validate lesions that flagged
-    and weighted worse (docs/anomaly.md).
+    and redrawn by the prior given its position and the healed codes of slice ``k - 1`` (each of the
+    ``samples`` healings carries its own healed slice below). So a lesion that spans slices is
+    redrawn from a healed slice below, not from the lesion's own lower part.
+
+    How the codes are flagged (``flag``), each against ``threshold`` unless said otherwise:
+
+    - ``"propagated"`` (default): by :func:`propagated_nll`, the lower of the NLL as a single slice and
+      the NLL given the *real* slice below, except next to codes flagged on the slice below, where
+      the single-slice NLL stands. Healthy anatomy the slice below predicts is not flagged; a lesion
+      is flagged on its lowest slice and, above it, where the slice below was flagged too.
+    - ``"single"``: as a single slice is (the region :func:`heal_average` redraws).
+    - ``"previous"``: by the NLL given the *healed* slice below, against ``threshold_previous`` (the
+      same percentile of healthy NLL given the slice below, :func:`run_threshold` with
+      ``previous=True``). A healed slice below holds codes the prior never saw below a real slice, so
+      healthy codes above it look unlikely; on validate lesions this flagged and weighted worse.
+
+    The maps' NLL (``nll``, the weight of :func:`combine_maps`) is the flagging NLL.
+    See docs/anomaly.md for how the three score.
 
     Args:
         volumes: float32 ``(C, S, H, W, 1)`` (or ``(C, S, H, W)``): ``C`` cases of ``S`` slices in order.
         condition: slice positions ``(S,)`` for a conditioned prior (the same for every case), else None.
         prior: a prior with ``previous_slice`` (``ValueError`` otherwise).
-        flag: which NLL flags the codes to redraw: ``"previous"`` (given the healed slice below,
-            against ``threshold_previous``) or ``"single"`` (given no slice below, against
-            ``threshold``, the region :func:`heal_average` redraws); either way the region is
-            redrawn given the healed slice below.
+        flag: which NLL flags the codes to redraw, ``"propagated"``, ``"single"`` or ``"previous"``
+            (above); either way the region is redrawn given the healed slice below.
     Returns:
         an :class:`AveragedHealing` over the ``C * S`` slices in case-major order.
     """
     if not getattr(getattr(prior, "config", None), "previous_slice", False):
         raise ValueError("heal_volume needs a prior trained with previous_slice; use heal_average for single slices")
-    if flag not in ("previous", "single"):
-        raise ValueError(f"flag must be 'previous' or 'single', got {flag!r}")
+    if flag not in VOLUME_FLAGS:
+        raise ValueError(f"flag must be one of {', '.join(map(repr, VOLUME_FLAGS))}, got {flag!r}")
     if flag == "previous" and threshold_previous is None:
         raise ValueError("heal_volume: flag='previous' needs threshold_previous (run_threshold(..., previous=True))")
     v = np.asarray(volumes, np.float32)
@@ -535,13 +589,18 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
     for k in steps:
         prev = None if k == 0 else healed[:, :, k - 1]
         ck = None if cond is None else np.full((c,), cond[k], np.int32)
+        flag_nll = None
+        if flag == "propagated" and k > 0:
+            flag_nll = propagated_nll(evaluation.code_nll(prior, codes[:, k], ck),
+                                      evaluation.code_nll(prior, codes[:, k], ck, previous=codes[:, k - 1]),
+                                      nll[:, k - 1] > threshold)
         nll[:, k], region[:, k], healed[:, :, k] = _heal_codes(
-            prior, codes[:, k], ck, prev, threshold if k == 0 or flag == "single" else threshold_previous, samples,
+            prior, codes[:, k], ck, prev, threshold if k == 0 or flag != "previous" else threshold_previous, samples,
             dilate, rounds, int(np.random.default_rng([seed, k]).integers(2 ** 31)), temperature, batch_size,
-            score_previous=flag == "previous")
-    used = float(threshold) if flag == "single" else (float(threshold), float(threshold_previous))
+            score_previous=flag == "previous", nll=flag_nll)
+    used = (float(threshold), float(threshold_previous)) if flag == "previous" else float(threshold)
     return _finish(x, codes.reshape(c * s, h, w), nll.reshape(c * s, h, w), region.reshape(c * s, h, w),
-                   healed.reshape(samples, c * s, h, w), vqvae, sigma, used, used if flag == "single" else used[1])
+                   healed.reshape(samples, c * s, h, w), vqvae, sigma, used, used[1] if flag == "previous" else used)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -819,6 +878,57 @@ def detection_metrics(scores, labels) -> dict[str, float]:
     dice, thr = best_dice(scores, labels)
     return {"auroc": roc_auc(scores, labels), "auprc": average_precision(scores, labels),
             "best_dice": dice, "best_dice_threshold": thr}
+
+
+def bootstrap_detection(scores, labels, groups, num: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """AUROC and AUPRC of ``scores`` against ``labels`` over ``num`` bootstrap draws of whole groups.
+
+    A draw takes as many groups as there are, with replacement, and counts each element as often as
+    its group was drawn, so what belongs together (a slice's pixels, a lesioned slice and its clean
+    twin, a case) stays together. The draws depend only on ``seed`` and the number of groups: two maps
+    scored with the same ``groups`` and ``seed`` see the same draws, so their differences are paired.
+
+    Args:
+        scores: float, any shape; labels: bool, the same shape; groups: int, the same shape, each
+            element's group ``0..G-1``.
+    Returns:
+        ``{"auroc": (num,), "auprc": (num,)}`` float64; percentiles of them are the intervals.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    groups = np.asarray(groups).ravel().astype(np.int64)
+    if scores.shape != labels.shape or scores.shape != groups.shape:
+        raise ValueError(f"bootstrap_detection: scores, labels and groups differ in size "
+                         f"({scores.size}, {labels.size}, {groups.size})")
+    if labels.all() or not labels.any():
+        raise ValueError("detection metrics need both positive and negative labels")
+    num_groups = int(groups.max()) + 1
+    order = np.argsort(-scores, kind="mergesort")
+    s, y, g = scores[order], labels[order].astype(np.float64), groups[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
+    draws = np.random.default_rng(seed).integers(0, num_groups, (num, num_groups))
+    out = {"auroc": np.full(num, np.nan), "auprc": np.full(num, np.nan)}
+    for b, drawn in enumerate(draws):
+        w = np.bincount(drawn, minlength=num_groups).astype(np.float64)[g]   # each element's multiplicity
+        tp, fp = np.cumsum(w * y)[last], np.cumsum(w * (1 - y))[last]
+        p, n = tp[-1], fp[-1]
+        if p == 0 or n == 0:    # a draw without positives (or negatives) has no curve
+            continue
+        tpr, fpr = np.r_[0.0, tp / p], np.r_[0.0, fp / n]
+        out["auroc"][b] = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
+        # as average_precision; where no drawn element lies above a threshold tp = fp = 0 and recall does not move
+        out["auprc"][b] = np.sum(np.diff(np.r_[0.0, tp / p]) * tp / np.maximum(tp + fp, 1.0))
+    return out
+
+
+def interval(draws, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap draws (NaN draws, which had no curve, left out)."""
+    draws = np.asarray(draws, np.float64)
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        raise ValueError("interval: no bootstrap draw had both positive and negative labels")
+    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------------------------

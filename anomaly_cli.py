@@ -32,10 +32,14 @@ def add_anomaly_parsers(sub, common) -> None:
 
     a = sub.add_parser("anomaly", help="anomaly maps: resample the codes the prior finds unlikely",
                        description="For each slice: the per-code NLL under the prior; codes above --threshold "
-                                   "are resampled in raster order given the kept codes and decoded (the healed "
-                                   "slice); the anomaly map is |input - healed| inside the resampled codes. "
-                                   "Writes a PNG panel per slice, nll_maps.npy, anomaly_maps.npy, healed.npy and "
-                                   "scores.json / scores.csv (slice score: the anomaly map's mean).")
+                                   "(and their neighbours) are redrawn in raster order given the kept codes, "
+                                   "--samples times, and decoded (the healings); the anomaly map is the healings' "
+                                   "mean difference from the input weighted by the squared code NLL, plus twice "
+                                   "the VQ-VAE residual, over the reconstruction's edge strength (--maps picks "
+                                   "single slices, whole cases healed in order, or the plain |input - healed| of "
+                                   "one healing). Writes a PNG panel per slice, nll_maps.npy, anomaly_maps.npy, "
+                                   "healed.npy, spread_maps.npy and scores.json / scores.csv (slice score: the "
+                                   "mean of the map's top 0.3 % of pixels; the map's mean with --maps healed).")
     common(a)
     slices_flags(a)
     a.add_argument("--threshold", type=float, default=None,
@@ -146,11 +150,7 @@ def _anomaly_command(args) -> None:
             result = anomaly.heal_volume(run.vqvae, run.prior, vol, threshold,
                                          condition=None if condition is None else condition[cases[0]],
                                          progress=True, **common)
-            back = np.argsort(order)                                           # case-major -> file order
-            result = anomaly.AveragedHealing(
-                *(a[back] for a in (result.codes, result.nll, result.region)), result.healed_codes[:, back],
-                result.healed[:, back], *(a[back] for a in (result.residual, result.healed_map, result.spread,
-                                                              result.anomaly_map, result.scores)), result.threshold)
+            result = result.take(np.argsort(order))                            # case-major -> file order
         else:
             result = anomaly.heal_average(run.vqvae, run.prior, x, threshold, condition=condition, **common)
         resampled, healed = result.region, result.healed.mean(axis=0)

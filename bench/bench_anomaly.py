@@ -20,6 +20,11 @@ seeded order, so no single kind can be tuned to. Two settings:
   volume-aware map (``anomaly.heal_volume``: slices healed in order, each given the healed slice
   below; ``--volume-flags`` picks how its codes are flagged).
 
+Each setting's overall figures come with 95 % bootstrap intervals (``--bootstrap`` draws,
+``anomaly.bootstrap_detection``): single slices are drawn with their clean twins, whole cases with
+their clean copies, and every map sees the same draws, so the printed ratio (chosen map over the
+residual; volume-aware over single-slice map) and difference are paired.
+
 Reported per map: pixel AUROC, AUPRC and best Dice (head pixels of all lesioned and clean
 slices), slice AUROC (slices holding a lesion vs clean slices, each scored by ``anomaly.slice_scores``:
 the mean of its map's top 0.3 % of pixels, for every map alike), and the same
@@ -118,6 +123,54 @@ def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds) -> d
     return out
 
 
+def bootstrap(maps: dict, masks, heads_lesion, heads_clean, groups_lesion, groups_clean, num: int, seed: int) -> dict:
+    """Bootstrap draws of each map's pixel AUPRC and slice AUROC (``anomaly.bootstrap_detection``).
+
+    Args:
+        maps: name -> ``(L + C, H, W)``: the ``L`` slices holding a lesion, then ``C`` clean slices.
+        masks, heads_lesion: ``(L, H, W)``; heads_clean: ``(C, H, W)``.
+        groups_lesion ``(L,)``, groups_clean ``(C,)``: what is drawn together (a lesion slice and its
+            clean twin; a lesioned case and its clean copy). Every map sees the same draws.
+    Returns:
+        name -> ``{"pixel_auprc": (num,), "slice_auroc": (num,)}``.
+    """
+    import anomaly
+
+    n = len(masks)
+    px_groups = np.r_[np.broadcast_to(groups_lesion[:, None, None], heads_lesion.shape)[heads_lesion],
+                      np.broadcast_to(groups_clean[:, None, None], heads_clean.shape)[heads_clean]]
+    px_labels = np.r_[masks[heads_lesion], np.zeros(int(heads_clean.sum()), bool)]
+    slice_groups = np.r_[groups_lesion, groups_clean]
+    slice_labels = np.r_[np.ones(n, bool), np.zeros(len(groups_clean), bool)]
+    out = {}
+    for name, m in maps.items():
+        px = anomaly.bootstrap_detection(np.r_[m[:n][heads_lesion], m[n:][heads_clean]], px_labels, px_groups,
+                                         num, seed)
+        sl = anomaly.bootstrap_detection(anomaly.slice_scores(m), slice_labels, slice_groups, num, seed)
+        out[name] = {"pixel_auprc": px["auprc"], "slice_auroc": sl["auroc"]}
+    return out
+
+
+def print_intervals(unit: str, draws: dict, pairs=()) -> dict:
+    """Print each map's 95 % intervals, and for each ``(a, b)`` in ``pairs`` the interval of ``a``
+    over ``b`` (AUPRC ratio) and ``a`` minus ``b`` (slice AUROC) under the same draws. Returns them as JSON."""
+    import anomaly
+
+    out = {}
+    print(f"95 % bootstrap intervals over {unit}:")
+    for name, d in draws.items():
+        out[name] = {k: anomaly.interval(v) for k, v in d.items()}
+        print(f"  {name:<28} pixel AUPRC {out[name]['pixel_auprc'][0]:.3f}-{out[name]['pixel_auprc'][1]:.3f}, "
+              f"slice AUROC {out[name]['slice_auroc'][0]:.3f}-{out[name]['slice_auroc'][1]:.3f}")
+    for a, b in pairs:
+        ratio = anomaly.interval(draws[a]["pixel_auprc"] / draws[b]["pixel_auprc"])
+        diff = anomaly.interval(draws[a]["slice_auroc"] - draws[b]["slice_auroc"])
+        out[f"{a} vs {b}"] = {"pixel_auprc_ratio": ratio, "slice_auroc_difference": diff}
+        print(f"  {a} against {b}: pixel AUPRC ratio {ratio[0]:.2f}-{ratio[1]:.2f}, "
+              f"slice AUROC difference {diff[0]:+.3f} to {diff[1]:+.3f}")
+    return out
+
+
 def print_table(title: str, results: dict) -> None:
     names = list(results)
     print(f"\n{title}")
@@ -177,17 +230,22 @@ def main(argv=None) -> int:
                    help="use only the first N slices of the split (quick checks; whole cases among them "
                         "make the volume part)")
     p.add_argument("--no-volume", action="store_true", help="skip the whole-case (volume) part")
-    p.add_argument("--volume-flags", choices=("single", "previous"), nargs="+", default=["single"],
+    p.add_argument("--volume-flags", choices=anomaly.VOLUME_FLAGS, nargs="+", default=["propagated"],
                    help="how the volume-aware map flags codes (anomaly.heal_volume's flag): one volume-aware map "
-                        "per value given (default: single)")
+                        "per value given (default: propagated)")
     p.add_argument("--residual-weights", type=float, nargs="+", default=None, metavar="W",
                    help="also score the chosen map with each of these residual weights (how "
                         f"anomaly.RESIDUAL_WEIGHT = {anomaly.RESIDUAL_WEIGHT:g} was chosen, with --split validate)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap draws for the 95 %% intervals of the overall figures (lesion slices drawn with "
+                        "their clean twins, whole cases with their clean copies; 0: none; default: 1000)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON of the figures (default: RUN/anomaly_bench/bench_anomaly_SPLIT.json)")
     p.add_argument("--figure", type=Path, default=None,
                    help="figure of lesion slices and the maps (default: images/anomaly_examples.png on test)")
     args = p.parse_args(argv)
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap {args.bootstrap}: the number of bootstrap draws is 0 (no intervals) or more")
 
     import dataset
     import evaluation
@@ -243,6 +301,12 @@ def main(argv=None) -> int:
     single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
     print_table(f"single slices ({args.split}, {n} lesions)", single)
     report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
+    if args.bootstrap:
+        pair = np.arange(n)                                                 # a lesion slice and its clean twin
+        draws = bootstrap({k: maps[k] for k in ("VQ-VAE residual", "chosen")}, masks, heads, heads,
+                          pair, pair, args.bootstrap, args.seed)
+        report["single"]["intervals"] = print_intervals(f"the {n} lesion slices (each with its clean twin)", draws,
+                                                        [("chosen", "VQ-VAE residual")])
 
     # ---- whole cases
     by_case = {c: i for c, i in dataset.subjects(split).items()}
@@ -291,6 +355,14 @@ def main(argv=None) -> int:
             f"{k} {v['all']['pixel_auprc_every_slice']:.3f}" for k, v in volume.items()))
         report["volume"] = {"cases": [int(w) for w in whole], "threshold_previous_nats": threshold_prev,
                             "num_lesion_slices": int(has.sum()), "results": volume}
+        if args.bootstrap:
+            case = np.repeat(np.arange(c), s)                                 # a lesioned case and its clean copy
+            lesion_maps = {k: np.concatenate([m[:c * s][has], m[c * s:]]) for k, m in vmaps.items()}
+            draws = bootstrap(lesion_maps, vmask, heads_v[has], clean_heads, case[has], case,
+                              args.bootstrap, args.seed)
+            report["volume"]["intervals"] = print_intervals(
+                f"the {c} cases (each with its clean copy)", draws,
+                [(k, "single-slice map") for k in vmaps if k.startswith("volume-aware")])
     print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))
     report["seconds"] = timing
     out = args.out or run.path / "anomaly_bench" / f"bench_anomaly_{args.split}.json"

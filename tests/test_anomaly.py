@@ -446,7 +446,36 @@ def test_volume_path_heals_in_order_given_the_healed_slice_below(monkeypatch):
         anomaly.heal_volume(vqvae, PixelCNN(6, filters=8, num_layers=1, grid_shape=(4, 4)), volumes, 1.0, 1.0)
 
 
-def test_volume_path_flags_by_single_slice_nll_unless_asked_otherwise(monkeypatch):
+def test_averaged_healing_take_reorders_every_per_slice_field():
+    import dataclasses
+
+    import anomaly
+
+    n, s = 3, 2
+    fields = {f.name: f for f in dataclasses.fields(anomaly.AveragedHealing)}
+    values = {}
+    for name in fields:
+        if name == "threshold":
+            values[name] = 1.5
+        elif name in anomaly.AveragedHealing._PER_HEALING:
+            values[name] = np.arange(s * n * 4).reshape(s, n, 2, 2) + 1000 * len(values)
+        else:
+            values[name] = np.arange(n * 4).reshape(n, 2, 2) + 1000 * len(values)
+    result = anomaly.AveragedHealing(**values)
+    order = np.array([2, 0, 1])
+    taken = result.take(order)
+    for name, value in values.items():
+        got = getattr(taken, name)
+        if name == "threshold":
+            assert got == 1.5
+        elif name in anomaly.AveragedHealing._PER_HEALING:
+            np.testing.assert_array_equal(got, value[:, order])
+        else:
+            np.testing.assert_array_equal(got, value[order])
+    np.testing.assert_array_equal(taken.take(np.argsort(order)).anomaly_map, result.anomaly_map)
+
+
+def test_volume_path_flag_single_scores_without_the_slice_below_and_previous_with_it(monkeypatch):
     import anomaly
     import evaluation
 
@@ -459,7 +488,8 @@ def test_volume_path_flags_by_single_slice_nll_unless_asked_otherwise(monkeypatc
         return real(prior_, codes, condition, *a, previous=previous, **kw)
 
     monkeypatch.setattr(evaluation, "code_nll", recording)
-    single = anomaly.heal_volume(vqvae, prior, volumes, 2.0, condition=[0, 1, 2], samples=2, rounds=2, seed=0)
+    single = anomaly.heal_volume(vqvae, prior, volumes, 2.0, condition=[0, 1, 2], samples=2, rounds=2, seed=0,
+                                 flag="single")
     assert scored and not any(scored)                       # every flagging NLL given no slice below
     scored.clear()
     prev = anomaly.heal_volume(vqvae, prior, volumes, 2.0, 1.5, condition=[0, 1, 2], samples=2, rounds=2, seed=0,
@@ -470,6 +500,44 @@ def test_volume_path_flags_by_single_slice_nll_unless_asked_otherwise(monkeypatc
         anomaly.heal_volume(vqvae, prior, volumes, 2.0, flag="previous")
     with pytest.raises(ValueError, match="flag"):
         anomaly.heal_volume(vqvae, prior, volumes, 2.0, 1.5, flag="both")
+
+
+def test_propagated_nll_lets_the_slice_below_vouch_only_where_it_was_not_flagged():
+    import anomaly
+
+    single = np.full((1, 5, 5), 4.0, np.float32)
+    below = np.full((1, 5, 5), 1.0, np.float32)
+    flagged = np.zeros((1, 5, 5), bool)
+    flagged[0, 0, 0] = True
+    got = anomaly.propagated_nll(single, below, flagged)
+    # within one code of a flagged code below: the single-slice NLL; elsewhere the lower of the two
+    np.testing.assert_array_equal(got[0, :2, :2], 4.0)
+    assert (got[0, 2:] == 1.0).all() and (got[0, :, 2:] == 1.0).all()
+    np.testing.assert_array_equal(anomaly.propagated_nll(below, single, flagged), below)   # never above single
+    np.testing.assert_array_equal(anomaly.propagated_nll(single, below, flagged, carry=0)[0, 0, :2], [4.0, 1.0])
+
+
+def test_volume_path_propagated_flags_by_that_nll(monkeypatch):
+    import anomaly
+
+    vqvae, prior = _volume_models()
+    volumes = np.random.default_rng(1).uniform(0, 1, (2, 3, 16, 16, 1)).astype(np.float32)
+    seen, real = [], anomaly.propagated_nll
+
+    def recording(single, given_below, flagged_below, *a, **kw):
+        out = real(single, given_below, flagged_below, *a, **kw)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(anomaly, "propagated_nll", recording)
+    v = anomaly.heal_volume(vqvae, prior, volumes, 2.0, condition=[0, 1, 2], samples=2, rounds=1, dilate=0, seed=0,
+                            flag="propagated")
+    assert len(seen) == 2                                    # slices 1 and 2 (slice 0 has none below)
+    nll = v.nll.reshape(2, 3, 4, 4)
+    for k in (1, 2):
+        np.testing.assert_array_equal(nll[:, k], seen[k - 1])           # the maps' NLL is the flagging NLL
+        np.testing.assert_array_equal(v.region.reshape(2, 3, 4, 4)[:, k], seen[k - 1] > 2.0)
+    assert v.threshold == 2.0
 
 
 def test_chosen_map_adds_the_residual_and_divides_by_the_reconstructions_edges():
@@ -499,3 +567,28 @@ def test_chosen_map_adds_the_residual_and_divides_by_the_reconstructions_edges()
     np.testing.assert_allclose(anomaly.combine_maps(difference, nll), difference * w ** 2, rtol=1e-5)
     with pytest.raises(ValueError, match="together"):
         anomaly.combine_maps(difference, nll, residual=residual)
+
+
+def test_bootstrap_detection_equals_the_metrics_on_the_drawn_groups_and_pairs_maps():
+    import anomaly
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(6), 20)
+    labels = rng.uniform(size=120) < 0.3
+    labels[::20] = True                                         # every group holds a positive
+    scores = np.round(labels + rng.normal(0, 0.8, 120), 1)      # rounded: ties across groups
+    draws = anomaly.bootstrap_detection(scores, labels, groups, num=5, seed=7)
+    picked = np.random.default_rng(7).integers(0, 6, (5, 6))    # the draws the docstring describes
+    for b in range(5):
+        idx = np.concatenate([np.flatnonzero(groups == k) for k in picked[b]])
+        assert draws["auroc"][b] == pytest.approx(anomaly.roc_auc(scores[idx], labels[idx]))
+        assert draws["auprc"][b] == pytest.approx(anomaly.average_precision(scores[idx], labels[idx]))
+    # the same groups and seed: the same draws, so a better map is better in every draw
+    better = anomaly.bootstrap_detection(scores + 2.0 * labels, labels, groups, num=5, seed=7)
+    assert (better["auprc"] > draws["auprc"]).all()
+    lo, hi = anomaly.interval(draws["auprc"])
+    assert draws["auprc"].min() <= lo <= hi <= draws["auprc"].max()
+    with pytest.raises(ValueError, match="differ in size"):
+        anomaly.bootstrap_detection(scores, labels, groups[:-1])
+    with pytest.raises(ValueError, match="no bootstrap draw"):
+        anomaly.interval([np.nan, np.nan])
