@@ -904,13 +904,17 @@ def bootstrap_detection(scores, labels, groups, num: int = 1000, seed: int = 0) 
         raise ValueError("detection metrics need both positive and negative labels")
     num_groups = int(groups.max()) + 1
     order = np.argsort(-scores, kind="mergesort")
-    s, y, g = scores[order], labels[order].astype(np.float64), groups[order]
+    s, negative, g = scores[order], ~labels[order], groups[order]
     last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
     draws = np.random.default_rng(seed).integers(0, num_groups, (num, num_groups))
     out = {"auroc": np.full(num, np.nan), "auprc": np.full(num, np.nan)}
+    w = np.empty(len(s))
     for b, drawn in enumerate(draws):
-        w = np.bincount(drawn, minlength=num_groups).astype(np.float64)[g]   # each element's multiplicity
-        tp, fp = np.cumsum(w * y)[last], np.cumsum(w * (1 - y))[last]
+        np.take(np.bincount(drawn, minlength=num_groups).astype(np.float64), g, out=w)  # each element's multiplicity
+        drawn_above = np.cumsum(w)[last]
+        w[negative] = 0.0
+        tp = np.cumsum(w)[last]
+        fp = drawn_above - tp
         p, n = tp[-1], fp[-1]
         if p == 0 or n == 0:    # a draw without positives (or negatives) has no curve
             continue
