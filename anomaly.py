@@ -28,6 +28,9 @@ The baseline the benchmark compares against is :func:`residual_map`, the plain V
 
 :func:`complete` keeps the first ``K`` code rows of each slice and draws the rest from the prior.
 
+The synthetic lesions of the benchmark live in :mod:`lesions` and the detection metrics in
+:mod:`detection`; this module re-exports both, so ``anomaly.add_lesion`` and ``anomaly.roc_auc`` work.
+
 All functions take the models (``vqvae``, ``prior``), not a run, so a notebook can call them on
 anything; images are float32 ``(N, H, W, 1)`` in ``[0, 1]``, codes int ``(N, h, w)``, NLL in nats.
 """
@@ -40,12 +43,19 @@ from pathlib import Path
 import numpy as np
 
 import evaluation
+from detection import (average_precision, best_dice, bootstrap_detection, detection_metrics,
+                       interval, roc_auc)
+from lesions import (LESION_CONTRASTS, LESION_EDGES, LESION_POLARITIES, LESION_SIZES,
+                     LESION_TISSUES, LesionKind, add_lesion, add_lesion_volume, add_synthetic_lesion,
+                     lesion_kinds)
 
-__all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "healthy_threshold", "run_threshold", "heal",
-           "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion", "LesionKind",
+__all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "healthy_threshold", "run_threshold",
+           "heal", "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion", "LesionKind",
            "lesion_kinds", "add_lesion", "add_lesion_volume", "AveragedHealing", "heal_average", "heal_volume",
-           "combine_maps", "edge_strength", "healing_differences", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes", "DEFAULT_SAMPLES", "DEFAULT_DILATE",
-           "detection_metrics", "roc_auc", "average_precision", "best_dice", "plot_healing", "plot_completion"]
+           "combine_maps", "edge_strength", "healing_differences", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes",
+           "DEFAULT_SAMPLES", "DEFAULT_DILATE", "detection_metrics", "roc_auc", "average_precision", "best_dice",
+           "plot_healing", "plot_completion", "bootstrap_detection", "interval", "propagated_nll", "VOLUME_FLAGS",
+           "LESION_SIZES", "LESION_POLARITIES", "LESION_EDGES", "LESION_CONTRASTS", "LESION_TISSUES"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
 # 100 - 97 = 3 % of codes are then resampled: enough to catch anomalies of a few codes, few enough
@@ -635,304 +645,6 @@ def complete(vqvae, prior, images, keep_rows: int, condition=None, seeds=(0,), t
                                  codes=input_codes, keep=keep) for s in seeds]).astype(np.int32)
     decoded = evaluation.decode_codes(vqvae, out.reshape(-1, h, w)).reshape(len(seeds), n, *np.shape(images)[1:3], 1)
     return input_codes, out, decoded
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic lesions (the benchmark's ground truth; also used by the notebook)
-# ----------------------------------------------------------------------------------------------
-
-def _lesion_shape(rng: np.random.Generator) -> dict:
-    """Random shape parameters of one lesion: aspect ratio, angle, outline wobble, texture seed."""
-    return {"aspect": rng.uniform(0.6, 1.0), "angle": rng.uniform(0, np.pi),
-            "wobble": [(rng.uniform(0, 0.12), rng.uniform(0, 2 * np.pi)) for _ in (2, 3, 4)],
-            "texture_seed": int(rng.integers(2 ** 31))}
-
-
-def _paint(img, cy: int, cx: int, r: float, shape: dict, edge_px: float, target_fn):
-    """Paint one elliptical blob of long semi-axis ``r`` px at ``(cy, cx)`` into ``img`` ``(H, W)``.
-
-    ``edge_px`` is the width of the logistic edge ramp (about 1 px: sharp); ``target_fn(local)``
-    gives the lesion's intensity from the median tissue intensity under it. Returns
-    ``(painted (H, W) float32, mask (H, W) bool where the opacity >= 0.5)``.
-    """
-    from scipy import ndimage
-
-    ry, rx, angle = r, r * shape["aspect"], shape["angle"]
-    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32)
-    u = (yy - cy) * np.cos(angle) + (xx - cx) * np.sin(angle)
-    v = -(yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)
-    theta = np.arctan2(v, u)
-    wobble = 1 + sum(a * np.cos(k * theta + ph) for k, (a, ph) in zip((2, 3, 4), shape["wobble"]))
-    rho = np.sqrt((u / ry) ** 2 + (v / rx) ** 2) / wobble                 # 1 on the outline
-    alpha = 1 / (1 + np.exp(np.clip((rho - 1) * ry * 4.0 / max(edge_px, 1e-3), -50, 50)))
-    texture = ndimage.gaussian_filter(np.random.default_rng(shape["texture_seed"]).standard_normal(img.shape), 1.5)
-    texture = 1 + 0.08 * texture / (texture.std() + 1e-8)
-    inside = alpha >= 0.5
-    local = float(np.median(img[inside])) if inside.any() else float(img[cy, cx])
-    target = target_fn(local)
-    out = np.clip(img * (1 - alpha) + np.clip(target * texture, 0, 1) * alpha, 0, 1).astype(np.float32)
-    return out, inside
-
-
-def add_synthetic_lesion(image, rng: np.random.Generator, radius: float, bright: bool,
-                         margin: float = 0.12) -> tuple[np.ndarray, np.ndarray] | None:
-    """Paint one lesion-like blob into a slice, well inside the head (no tissue mask needed).
-
-    The blob is an ellipse (axes ``radius`` and 0.6-1 x ``radius``, random angle) whose outline is
-    perturbed by low angular harmonics, with a soft edge (a logistic ramp about 1 px wide) and a
-    smooth multiplicative texture (+-8 %). Bright lesions are the local tissue plus 0.25-0.4, dark
-    ones 0.25-0.5 x the local tissue (0 to 1 intensity scale). The centre is drawn from the points
-    at least ``margin x H + 1.2 x radius`` from the head's outline
-    (``evaluation.brain_interior_mask``), so the lesion lies inside the brain even when a scalp
-    ring and skull band surround it. :func:`add_lesion` places lesions of a :class:`LesionKind` by
-    tissue mask (the benchmark's generator).
-
-    Args:
-        image: ``(H, W)`` or ``(H, W, 1)`` in [0, 1].
-        radius: the long semi-axis as a fraction of ``H``.
-    Returns:
-        ``(lesioned image like the input, mask (H, W) bool where the lesion's opacity >= 0.5)``, or
-        None when the head has no room for the lesion (e.g. a small top or bottom slice).
-    """
-    x = np.asarray(image, dtype=np.float32)
-    img = x.squeeze()
-    size = img.shape[0]
-    r = radius * size
-    room = np.argwhere(evaluation.brain_interior_mask(img, margin=int(np.ceil(margin * size + 1.2 * r))))
-    if len(room) == 0:
-        return None
-    cy, cx = room[rng.integers(len(room))]
-    shape = _lesion_shape(rng)
-    lift, scale = rng.uniform(0.25, 0.4), rng.uniform(0.25, 0.5)
-    out, inside = _paint(img, cy, cx, r, shape, 4.0, (lambda t: t + lift) if bright else (lambda t: t * scale))
-    return out.reshape(x.shape), inside
-
-
-# Lesion kinds of the benchmark: every combination of these factors (radii in px at 128 px images,
-# scaled with the image size). Tissue labels follow dataset.TISSUES: 2 grey matter, 3 white matter.
-LESION_SIZES = {"small": (2.0, 4.0), "medium": (5.0, 8.0), "large": (9.0, 12.0)}
-LESION_POLARITIES = ("bright", "dark")
-LESION_EDGES = {"sharp": 1.0, "soft": None}      # soft: an edge ramp of 0.6 x the radius
-LESION_CONTRASTS = {"high": (0.25, 0.4), "low": (0.08, 0.14)}   # |lesion - tissue| on the 0-1 scale
-LESION_TISSUES = {"grey": 2, "white": 3}
-
-
-@dataclass(frozen=True)
-class LesionKind:
-    """One kind of synthetic lesion: ``polarity`` (bright / dark), ``size`` (small / medium / large),
-    ``edge`` (sharp / soft), ``contrast`` (high / low), ``tissue`` its centre lies in (grey / white)."""
-
-    polarity: str
-    size: str
-    edge: str
-    contrast: str
-    tissue: str
-
-    def factors(self) -> dict[str, str]:
-        return {"polarity": self.polarity, "size": self.size, "edge": self.edge, "contrast": self.contrast,
-                "tissue": self.tissue}
-
-    def __str__(self) -> str:
-        return " ".join(self.factors().values())
-
-
-def lesion_kinds(n: int, seed: int) -> list[LesionKind]:
-    """``n`` lesion kinds that cycle through all 48 combinations of the factors, in a seeded order
-    (every factor level appears equally often in each block of 48)."""
-    import itertools
-
-    combos = [LesionKind(*c) for c in itertools.product(LESION_POLARITIES, LESION_SIZES, LESION_EDGES,
-                                                         LESION_CONTRASTS, LESION_TISSUES)]
-    rng = np.random.default_rng([seed, 48])
-    out = []
-    while len(out) < n:
-        out += [combos[i] for i in rng.permutation(len(combos))]
-    return out[:n]
-
-
-def _lesion_plan(tissue, kind: LesionKind, rng: np.random.Generator, size: int):
-    """Centre, radius (px) and shape of one lesion of ``kind`` in a slice with tissue labels
-    ``tissue`` ``(H, W)``, or None: the centre lies in the kind's tissue, at least 0.8 x the radius
-    plus 1 px plus 4 % of the image from the head's outline (so the lesion stays inside the brain)."""
-    from scipy import ndimage
-
-    r = rng.uniform(*LESION_SIZES[kind.size]) * size / 128
-    depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(tissue > 0))
-    room = np.argwhere((tissue == LESION_TISSUES[kind.tissue]) & (depth >= 0.8 * r + 1 + 0.04 * size))
-    if len(room) == 0:
-        return None
-    cy, cx = room[rng.integers(len(room))]
-    return int(cy), int(cx), float(r), _lesion_shape(rng), float(rng.uniform(*LESION_CONTRASTS[kind.contrast]))
-
-
-def _paint_kind(img, cy, cx, r, shape, delta, kind: LesionKind):
-    edge = LESION_EDGES[kind.edge]
-    edge = 0.6 * r if edge is None else edge
-    if kind.polarity == "bright":
-        return _paint(img, cy, cx, r, shape, edge, lambda t: t + delta)
-    return _paint(img, cy, cx, r, shape, edge, lambda t: max(t - delta, 0.15 * t))
-
-
-def add_lesion(image, tissue, kind: LesionKind, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
-    """Paint one lesion of ``kind`` into a slice, its centre in the kind's tissue (the benchmark's lesions).
-
-    The lesion is an ellipse with a wobbly outline and a +-8 % texture (as :func:`add_synthetic_lesion`),
-    long semi-axis drawn from ``LESION_SIZES[kind.size]`` (px at 128 px), the local tissue's
-    intensity plus (bright) or minus (dark) a contrast drawn from ``LESION_CONTRASTS``; a sharp edge
-    is a ~1 px ramp, a soft one a ramp of 0.6 x the radius.
-
-    Args:
-        image: ``(H, W)`` or ``(H, W, 1)`` in [0, 1].
-        tissue: ``(H, W)`` tissue labels 0-3 (``dataset.TISSUES``: background, CSF, grey, white).
-    Returns:
-        ``(lesioned image like the input, mask (H, W) bool where the opacity >= 0.5)``, or None
-        when the slice has no room for that lesion in that tissue.
-    """
-    x = np.asarray(image, dtype=np.float32)
-    img = x.squeeze()
-    plan = _lesion_plan(np.asarray(tissue), kind, rng, img.shape[0])
-    if plan is None:
-        return None
-    out, mask = _paint_kind(img, *plan, kind)
-    return out.reshape(x.shape), mask
-
-
-def add_lesion_volume(volume, tissue, kind: LesionKind, rng: np.random.Generator, centre_slice: int,
-                      slice_spacing_px: float = 3.0) -> tuple[np.ndarray, np.ndarray] | None:
-    """Paint one lesion of ``kind`` that spans neighbouring slices of a case (the volume benchmark).
-
-    The lesion is a ball-like blob: the same centre, shape and contrast in every slice it reaches,
-    its radius ``sqrt(r^2 - (d * slice_spacing_px)^2)`` at ``d`` slices from ``centre_slice`` (slices
-    where that is below 1 px are left as they are). The centre is placed as :func:`add_lesion`
-    places it, in ``centre_slice``.
-
-    Args:
-        volume: ``(S, H, W)`` or ``(S, H, W, 1)`` slices of one case in order, in [0, 1].
-        tissue: ``(S, H, W)`` tissue labels.
-        slice_spacing_px: the distance between slices in in-plane pixels.
-    Returns:
-        ``(lesioned volume like the input, masks (S, H, W) bool)``, or None (no room).
-    """
-    x = np.asarray(volume, dtype=np.float32)
-    vol = x.reshape(x.shape[:3])
-    plan = _lesion_plan(np.asarray(tissue[centre_slice]), kind, rng, vol.shape[1])
-    if plan is None:
-        return None
-    cy, cx, r, shape, delta = plan
-    out, masks = vol.copy(), np.zeros(vol.shape, bool)
-    for k in range(len(vol)):
-        rk2 = r ** 2 - ((k - centre_slice) * slice_spacing_px) ** 2
-        if rk2 < 1.0:
-            continue
-        out[k], masks[k] = _paint_kind(vol[k], cy, cx, float(np.sqrt(rk2)), shape, delta, kind)
-    return out.reshape(x.shape), masks
-
-
-# ----------------------------------------------------------------------------------------------
-# Detection metrics (NumPy; tests check them against direct threshold sweeps)
-# ----------------------------------------------------------------------------------------------
-
-def _sorted_counts(scores, labels):
-    """True / false positives when predicting "positive" above each distinct score, high to low."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
-    if labels.all() or not labels.any():
-        raise ValueError("detection metrics need both positive and negative labels")
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last index of each run of equal scores
-    tp = np.cumsum(y)[last]
-    fp = (last + 1) - tp
-    return tp.astype(np.float64), fp.astype(np.float64), float(labels.sum()), float((~labels).sum())
-
-
-def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve (ties count one half): P(score of a positive > score of a negative)."""
-    tp, fp, p, n = _sorted_counts(scores, labels)
-    tpr, fpr = np.r_[0.0, tp / p], np.r_[0.0, fp / n]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def average_precision(scores, labels) -> float:
-    """Area under the precision-recall curve as a step sum, ``sum_k (R_k - R_{k-1}) P_k`` (AUPRC)."""
-    tp, fp, p, _ = _sorted_counts(scores, labels)
-    recall, precision = tp / p, tp / (tp + fp)
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def best_dice(scores, labels) -> tuple[float, float]:
-    """The highest Dice ``2 TP / (2 TP + FP + FN)`` over all thresholds, and the threshold giving it.
-
-    Returns:
-        ``(dice, threshold)``: predicting ``score >= threshold`` as positive scores ``dice``.
-    """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    tp, fp, p, _ = _sorted_counts(scores, labels)
-    dice = 2 * tp / (p + tp + fp)
-    k = int(np.argmax(dice))
-    return float(dice[k]), float(np.sort(np.unique(scores))[::-1][k])
-
-
-def detection_metrics(scores, labels) -> dict[str, float]:
-    """``{"auroc", "auprc", "best_dice", "best_dice_threshold"}`` of scores against binary labels."""
-    dice, thr = best_dice(scores, labels)
-    return {"auroc": roc_auc(scores, labels), "auprc": average_precision(scores, labels),
-            "best_dice": dice, "best_dice_threshold": thr}
-
-
-def bootstrap_detection(scores, labels, groups, num: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
-    """AUROC and AUPRC of ``scores`` against ``labels`` over ``num`` bootstrap draws of whole groups.
-
-    A draw takes as many groups as there are, with replacement, and counts each element as often as
-    its group was drawn, so what belongs together (a slice's pixels, a lesioned slice and its clean
-    twin, a case) stays together. The draws depend only on ``seed`` and the number of groups: two maps
-    scored with the same ``groups`` and ``seed`` see the same draws, so their differences are paired.
-
-    Args:
-        scores: float, any shape; labels: bool, the same shape; groups: int, the same shape, each
-            element's group ``0..G-1``.
-    Returns:
-        ``{"auroc": (num,), "auprc": (num,)}`` float64; percentiles of them are the intervals.
-    """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
-    groups = np.asarray(groups).ravel().astype(np.int64)
-    if scores.shape != labels.shape or scores.shape != groups.shape:
-        raise ValueError(f"bootstrap_detection: scores, labels and groups differ in size "
-                         f"({scores.size}, {labels.size}, {groups.size})")
-    if labels.all() or not labels.any():
-        raise ValueError("detection metrics need both positive and negative labels")
-    num_groups = int(groups.max()) + 1
-    order = np.argsort(-scores, kind="mergesort")
-    s, negative, g = scores[order], ~labels[order], groups[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    draws = np.random.default_rng(seed).integers(0, num_groups, (num, num_groups))
-    out = {"auroc": np.full(num, np.nan), "auprc": np.full(num, np.nan)}
-    w = np.empty(len(s))
-    for b, drawn in enumerate(draws):
-        np.take(np.bincount(drawn, minlength=num_groups).astype(np.float64), g, out=w)  # each element's multiplicity
-        drawn_above = np.cumsum(w)[last]
-        w[negative] = 0.0
-        tp = np.cumsum(w)[last]
-        fp = drawn_above - tp
-        p, n = tp[-1], fp[-1]
-        if p == 0 or n == 0:    # a draw without positives (or negatives) has no curve
-            continue
-        tpr, fpr = np.r_[0.0, tp / p], np.r_[0.0, fp / n]
-        out["auroc"][b] = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
-        # as average_precision; where no drawn element lies above a threshold tp = fp = 0 and recall does not move
-        out["auprc"][b] = np.sum(np.diff(np.r_[0.0, tp / p]) * tp / np.maximum(tp + fp, 1.0))
-    return out
-
-
-def interval(draws, level: float = 0.95) -> tuple[float, float]:
-    """The central ``level`` interval of bootstrap draws (NaN draws, which had no curve, left out)."""
-    draws = np.asarray(draws, np.float64)
-    draws = draws[np.isfinite(draws)]
-    if not len(draws):
-        raise ValueError("interval: no bootstrap draw had both positive and negative labels")
-    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------------------------
