@@ -9,32 +9,48 @@ from __future__ import annotations
 import numpy as np
 
 
-def _sorted_counts(scores, labels):
-    """True / false positives when predicting "positive" above each distinct score, high to low."""
+def _ranked(scores, labels):
+    """Scores high to low: ``(order, labels in that order, last index of each run of equal scores)``."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel().astype(bool)
     if labels.all() or not labels.any():
         raise ValueError("detection metrics need both positive and negative labels")
     order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last index of each run of equal scores
+    s = scores[order]
+    return order, labels[order], np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
+
+
+def _sorted_counts(scores, labels):
+    """True / false positives when predicting "positive" above each distinct score, high to low."""
+    _, y, last = _ranked(scores, labels)
     tp = np.cumsum(y)[last]
     fp = (last + 1) - tp
-    return tp.astype(np.float64), fp.astype(np.float64), float(labels.sum()), float((~labels).sum())
+    return tp.astype(np.float64), fp.astype(np.float64), float(tp[-1]), float(fp[-1])
+
+
+def _roc_area(tp, fp) -> float:
+    """Area under the ROC curve from (possibly weighted) counts above each threshold, ties one half."""
+    tpr, fpr = np.r_[0.0, tp / tp[-1]], np.r_[0.0, fp / fp[-1]]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def _pr_area(tp, fp) -> float:
+    """Step-sum area under the precision-recall curve from (possibly weighted) counts; where nothing
+    lies above a threshold (``tp = fp = 0``, only with weights) recall does not move."""
+    precision = tp / np.maximum(tp + fp, 1.0)
+    return float(np.sum(np.diff(np.r_[0.0, tp / tp[-1]]) * precision))
 
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve (ties count one half): P(score of a positive > score of a negative)."""
-    tp, fp, p, n = _sorted_counts(scores, labels)
-    tpr, fpr = np.r_[0.0, tp / p], np.r_[0.0, fp / n]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    tp, fp, _, _ = _sorted_counts(scores, labels)
+    return _roc_area(tp, fp)
 
 
 def average_precision(scores, labels) -> float:
     """Area under the precision-recall curve as a step sum, ``sum_k (R_k - R_{k-1}) P_k`` (AUPRC)."""
-    tp, fp, p, _ = _sorted_counts(scores, labels)
-    recall, precision = tp / p, tp / (tp + fp)
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    tp, fp, _, _ = _sorted_counts(scores, labels)
+    return _pr_area(tp, fp)
 
 
 def best_dice(scores, labels) -> tuple[float, float]:
@@ -71,34 +87,25 @@ def bootstrap_detection(scores, labels, groups, num: int = 1000, seed: int = 0) 
     Returns:
         ``{"auroc": (num,), "auprc": (num,)}`` float64; percentiles of them are the intervals.
     """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
     groups = np.asarray(groups).ravel().astype(np.int64)
-    if scores.shape != labels.shape or scores.shape != groups.shape:
+    if np.size(scores) != np.size(labels) or np.size(scores) != groups.size:
         raise ValueError(f"bootstrap_detection: scores, labels and groups differ in size "
-                         f"({scores.size}, {labels.size}, {groups.size})")
-    if labels.all() or not labels.any():
-        raise ValueError("detection metrics need both positive and negative labels")
+                         f"({np.size(scores)}, {np.size(labels)}, {groups.size})")
+    order, y, last = _ranked(scores, labels)
+    negative, g = ~y, groups[order]
     num_groups = int(groups.max()) + 1
-    order = np.argsort(-scores, kind="mergesort")
-    s, negative, g = scores[order], ~labels[order], groups[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
     draws = np.random.default_rng(seed).integers(0, num_groups, (num, num_groups))
     out = {"auroc": np.full(num, np.nan), "auprc": np.full(num, np.nan)}
-    w = np.empty(len(s))
+    w = np.empty(len(g))
     for b, drawn in enumerate(draws):
         np.take(np.bincount(drawn, minlength=num_groups).astype(np.float64), g, out=w)  # each element's multiplicity
         drawn_above = np.cumsum(w)[last]
         w[negative] = 0.0
         tp = np.cumsum(w)[last]
         fp = drawn_above - tp
-        p, n = tp[-1], fp[-1]
-        if p == 0 or n == 0:    # a draw without positives (or negatives) has no curve
+        if tp[-1] == 0 or fp[-1] == 0:    # a draw without positives (or negatives) has no curve
             continue
-        tpr, fpr = np.r_[0.0, tp / p], np.r_[0.0, fp / n]
-        out["auroc"][b] = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
-        # as average_precision; where no drawn element lies above a threshold tp = fp = 0 and recall does not move
-        out["auprc"][b] = np.sum(np.diff(np.r_[0.0, tp / p]) * tp / np.maximum(tp + fp, 1.0))
+        out["auroc"][b], out["auprc"][b] = _roc_area(tp, fp), _pr_area(tp, fp)
     return out
 
 

@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     maps["averaged healing"] = avg.healed_map
     difference = anomaly.healing_differences(both, avg.healed, avg.codes.shape[1:]).mean(axis=0)
     maps["healing x NLL^2 (before)"] = anomaly.combine_maps(difference, avg.nll)
-    recon = evaluation.decode_codes(run.vqvae, avg.codes)
+    recon = evaluation.decode_codes(run.vqvae, avg.codes) if args.residual_weights else None
     for weight in args.residual_weights or ():
         maps[f"chosen, residual weight {weight:g}"] = anomaly.combine_maps(
             difference, avg.nll, threshold=threshold, residual=avg.residual, recon=recon, residual_weight=weight)
