@@ -91,6 +91,9 @@ def bootstrap_detection(scores, labels, groups, num: int = 1000, seed: int = 0) 
     if np.size(scores) != np.size(labels) or np.size(scores) != groups.size:
         raise ValueError(f"bootstrap_detection: scores, labels and groups differ in size "
                          f"({np.size(scores)}, {np.size(labels)}, {groups.size})")
+    if np.unique(groups).size < 2:
+        raise ValueError("bootstrap_detection: all elements are in one group; an interval needs at least two "
+                         "groups to draw from")
     order, y, last = _ranked(scores, labels)
     negative, g = ~y, groups[order]
     num_groups = int(groups.max()) + 1

@@ -301,7 +301,9 @@ def main(argv=None) -> int:
     single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
     print_table(f"single slices ({args.split}, {n} lesions)", single)
     report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
-    if args.bootstrap:
+    if args.bootstrap and n < 2:
+        print("no intervals over single slices: one lesion slice gives nothing to draw from")
+    elif args.bootstrap:
         pair = np.arange(n)                                                 # a lesion slice and its clean twin
         draws = bootstrap({k: maps[k] for k in ("VQ-VAE residual", "chosen")}, masks, heads, heads,
                           pair, pair, args.bootstrap, args.seed)
@@ -355,7 +357,9 @@ def main(argv=None) -> int:
             f"{k} {v['all']['pixel_auprc_every_slice']:.3f}" for k, v in volume.items()))
         report["volume"] = {"cases": [int(w) for w in whole], "threshold_previous_nats": threshold_prev,
                             "num_lesion_slices": int(has.sum()), "results": volume}
-        if args.bootstrap:
+        if args.bootstrap and c < 2:
+            print("no intervals over whole cases: one case gives nothing to draw from")
+        elif args.bootstrap:
             case = np.repeat(np.arange(c), s)                                 # a lesioned case and its clean copy
             lesion_maps = {k: np.concatenate([m[:c * s][has], m[c * s:]]) for k, m in vmaps.items()}
             draws = bootstrap(lesion_maps, vmask, heads_v[has], clean_heads, case[has], case,

@@ -592,3 +592,5 @@ def test_bootstrap_detection_equals_the_metrics_on_the_drawn_groups_and_pairs_ma
         anomaly.bootstrap_detection(scores, labels, groups[:-1])
     with pytest.raises(ValueError, match="no bootstrap draw"):
         anomaly.interval([np.nan, np.nan])
+    with pytest.raises(ValueError, match="one group"):                  # one group: a zero-width interval
+        anomaly.bootstrap_detection(scores, labels, np.zeros_like(groups))
