@@ -42,7 +42,9 @@ PRESETS = {
         "image_size": 128, "downsample": 4, "vqvae_epochs": 8, "prior_epochs": 13,
         "vqvae_batch_size": 16, "prior_batch_size": 16, "vqvae_lr": 2e-3, "prior_lr": 2e-3,
         "vqvae_warmup_steps": 0, "vqvae_clipnorm": 0.0,
-        "condition_on_slice": True, "vqvae_config": {"ssim_weight": 0.1},
+        "condition_on_slice": True,
+        # 64 codes: the prior draws fewer stray codes than with 128 (docs/prior-designs.md#codebook-size)
+        "vqvae_config": {"num_embeddings": 64, "ssim_weight": 0.1},
         "prior_config": {"filters": 32, "num_layers": 5, "positional": True, "condition_dropout": 0.1,
                          "condition_map": 8, "previous_slice": True, "previous_dropout": 0.5},
         # the decoder fine-tune after the prior (docs/decoder.md#the-demos-decoder): the band-power loss;

@@ -63,8 +63,9 @@ def main(argv=None) -> int:
         x = test.float()
         _, recon = evaluation.reconstruct(run.vqvae, x)
         psnr = float(evaluation.psnr(x, recon).mean())
+        ssim = float(evaluation.ssim(x, recon).mean())
         c = evaluation.band_coherence(x, recon)
-        print(f"\n{path}: {len(x)} test slices, PSNR {psnr:.2f} dB")
+        print(f"\n{path}: {len(x)} test slices, SSIM {ssim:.4f}, PSNR {psnr:.2f} dB")
         print("| band (cycles / px) | power ratio | correlation | error / real power | share of squared error |")
         print("| --- | --- | --- | --- | --- |")
         for b in range(len(c["power"])):
