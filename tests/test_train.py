@@ -365,6 +365,24 @@ def test_downsample_8_vqvae_trains(tmp_path):
     assert out.std(axis=0).mean() > 0.2 * x.std(axis=0).mean()
 
 
+def test_demo_preset_has_64_codes_and_the_flag_still_sets_the_codebook(tmp_path):
+    """The demo VQ-VAE has 64 codes (docs/prior-designs.md#codebook-size); --num-embeddings 128 gives the
+    128-code run the docs compare it with, and a run saved with 128 codes resumes with them."""
+    import train
+    import utils
+
+    parser = train.build_parser()
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "demo")]), parser)
+    assert cfg["vqvae"]["num_embeddings"] == 64
+    cfg, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "k128"), "--num-embeddings", "128"]),
+                                  parser)
+    assert cfg["vqvae"]["num_embeddings"] == 128
+    (tmp_path / "k128").mkdir()
+    utils.save_json(cfg, tmp_path / "k128" / "config.json")
+    resumed, _ = train.resolve_config(parser.parse_args(["--out", str(tmp_path / "k128"), "--resume"]), parser)
+    assert resumed["vqvae"]["num_embeddings"] == 128
+
+
 def test_default_vqvae_optimizer_is_todays_no_warmup_no_clipping(tmp_path):
     """Warm-up and clipping are opt-in for now: both presets give 0 (off), and vqvae_optimizer then builds
     exactly the optimiser the default demo's weights (and every figure) came from: Adam over a plain
