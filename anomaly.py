@@ -53,7 +53,7 @@ __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "health
            "heal", "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion", "LesionKind",
            "lesion_kinds", "add_lesion", "add_lesion_volume", "AveragedHealing", "heal_average", "heal_volume",
            "combine_maps", "edge_strength", "healing_differences", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes",
-           "DEFAULT_SAMPLES", "DEFAULT_DILATE", "detection_metrics", "roc_auc", "average_precision", "best_dice",
+           "SLICE_FRACTION", "DEFAULT_SAMPLES", "DEFAULT_DILATE", "detection_metrics", "roc_auc", "average_precision", "best_dice",
            "plot_healing", "plot_completion", "bootstrap_detection", "interval", "propagated_nll", "VOLUME_FLAGS",
            "LESION_SIZES", "LESION_POLARITIES", "LESION_EDGES", "LESION_CONTRASTS", "LESION_TISSUES"]
 
@@ -392,6 +392,9 @@ def _heal_codes(prior, codes, cond, previous, threshold: float, samples: int, di
 # validate lesions by the worst lesion kind's pixel AUPRC ratio to the residual, flat from 2 to 3
 # (1.68-1.71); 2 keeps more of the overall AUPRC and slice AUROC than 2.5.
 RESIDUAL_WEIGHT = 2.0
+# Slice scores are the mean of the map's top this fraction of pixels; chosen with bench_anomaly.py
+# --slice-fractions on validate (docs/anomaly.md#how-the-map-was-chosen-validate)
+SLICE_FRACTION = 0.003
 # The reconstruction's edge strength (smoothed gradient magnitude, per pixel on the 0-1 scale) is
 # floored at this, so flat background does not divide by zero.
 EDGE_FLOOR = 0.01
@@ -452,11 +455,15 @@ def combine_maps(difference, nll, sigma: float | None = None, *, threshold: floa
     return out.astype(np.float32)
 
 
-def slice_scores(maps, fraction: float = 0.003) -> np.ndarray:
-    """Slice-level scores: the mean of each map's top ``fraction`` of pixels (0.3 %: about 50 px at
-    128 px, a small lesion's area), float32 ``(N,)``. A lesion covers a few per cent of a slice at
-    most, so the map's mean is dominated by normal tissue; its top pixels are not (validate: slice
-    AUROC 0.83 against 0.71 by the mean for the chosen map)."""
+def slice_scores(maps, fraction: float | None = None) -> np.ndarray:
+    """Slice-level scores: the mean of each map's top ``fraction`` of pixels (default
+    :data:`SLICE_FRACTION`, 0.3 %: about 50 px at 128 px, a small lesion's area), float32 ``(N,)``.
+    A lesion covers a few per cent of a slice at most, so the map's mean is dominated by normal
+    tissue; its top pixels are not (validate: slice AUROC 0.83 against 0.71 by the mean for the
+    chosen map). Raises ``ValueError`` for a fraction outside (0, 1]."""
+    fraction = SLICE_FRACTION if fraction is None else fraction
+    if not 0 < fraction <= 1:
+        raise ValueError(f"slice_scores: fraction {fraction} must be in (0, 1]")
     flat = np.asarray(maps, np.float32).reshape(len(maps), -1)
     k = max(1, int(round(fraction * flat.shape[1])))
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1).astype(np.float32)

@@ -27,8 +27,8 @@ residual; volume-aware over single-slice map) and difference are paired.
 
 Reported per map: pixel AUROC, AUPRC and best Dice (head pixels of all lesioned and clean
 slices), slice AUROC (slices holding a lesion vs clean slices, each scored by ``anomaly.slice_scores``:
-the mean of its map's top 0.3 % of pixels, for every map alike), and the same
-three per factor level (bright, dark, small, ..., white). Settings are chosen with
+the mean of its map's top ``anomaly.SLICE_FRACTION`` of pixels, for every map alike; ``--slice-fractions``
+adds rows of the chosen map scored by other fractions), and the same three per factor level (bright, dark, small, ..., white). Settings are chosen with
 ``--split validate`` and reported on the test split; seeds are fixed (``--seed``). Writes the
 figures as JSON (``--out``) and a figure of lesion slices with the maps (``--figure``).
 """
@@ -94,9 +94,10 @@ def make_volume_lesions(volumes, tissue, seed: int):
     return out, masks, slice_kinds
 
 
-def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds) -> dict:
+def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds, fraction: float | None = None) -> dict:
     """Pixel metrics over head pixels of lesioned + clean slices, slice AUROC (lesion slices vs clean
-    slices, by the map's mean), and per factor level the same three.
+    slices, by ``anomaly.slice_scores`` with ``fraction``, its default when None), and per factor
+    level the same three.
 
     Args:
         maps_lesion, masks, heads_lesion: ``(n, H, W)`` of the slices holding a lesion; kinds: ``n``
@@ -110,7 +111,7 @@ def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds) -> d
         s = np.concatenate([ml[hl], maps_clean[heads_clean]])
         y = np.concatenate([mk[hl], np.zeros(int(heads_clean.sum()), bool)])
         m = anomaly.detection_metrics(s, y)
-        slice_s = np.r_[anomaly.slice_scores(ml), anomaly.slice_scores(maps_clean)]
+        slice_s = np.r_[anomaly.slice_scores(ml, fraction), anomaly.slice_scores(maps_clean, fraction)]
         slice_y = np.r_[np.ones(len(ml), bool), np.zeros(len(maps_clean), bool)]
         return {"pixel_auroc": m["auroc"], "pixel_auprc": m["auprc"], "best_dice": m["best_dice"],
                 "slice_auroc": anomaly.roc_auc(slice_s, slice_y), "lesions": int(len(ml))}
@@ -236,6 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--residual-weights", type=float, nargs="+", default=None, metavar="W",
                    help="also score the chosen map with each of these residual weights (how "
                         f"anomaly.RESIDUAL_WEIGHT = {anomaly.RESIDUAL_WEIGHT:g} was chosen, with --split validate)")
+    p.add_argument("--slice-fractions", type=float, nargs="+", default=None, metavar="F",
+                   help="also score the chosen map's slices by the mean of each of these top fractions of its "
+                        f"pixels (how anomaly.SLICE_FRACTION = {anomaly.SLICE_FRACTION:g} is chosen, with --split "
+                        "validate); each in (0, 1]")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap draws for the 95 %% intervals of the overall figures (lesion slices drawn with "
                         "their clean twins, whole cases with their clean copies; 0: none; default: 1000)")
@@ -246,6 +251,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.bootstrap < 0:
         p.error(f"--bootstrap {args.bootstrap}: the number of bootstrap draws is 0 (no intervals) or more")
+    bad = [f for f in args.slice_fractions or () if not 0 < f <= 1]
+    if bad:
+        p.error(f"--slice-fractions {bad[0]:g}: a fraction of the map's pixels, in (0, 1]")
 
     import dataset
     import evaluation
@@ -299,6 +307,9 @@ def main(argv=None) -> int:
             difference, avg.nll, threshold=threshold, residual=avg.residual, recon=recon, residual_weight=weight)
     maps["chosen"] = avg.anomaly_map
     single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
+    for fraction in args.slice_fractions or ():
+        single[f"top {fraction:g} slice score"] = score(maps["chosen"][:n], maps["chosen"][n:], masks, heads, heads,
+                                                        kinds, fraction)    # the chosen map, another slice score
     print_table(f"single slices ({args.split}, {n} lesions)", single)
     report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
     if args.bootstrap and n < 2:

@@ -594,3 +594,23 @@ def test_bootstrap_detection_equals_the_metrics_on_the_drawn_groups_and_pairs_ma
         anomaly.interval([np.nan, np.nan])
     with pytest.raises(ValueError, match="one group"):                  # one group: a zero-width interval
         anomaly.bootstrap_detection(scores, labels, np.zeros_like(groups))
+
+
+def test_slice_scores_are_the_mean_of_the_top_fraction_and_refuse_bad_fractions():
+    import subprocess
+    import sys
+
+    import anomaly
+    from conftest import REPO
+
+    maps = np.zeros((2, 10, 10), np.float32)
+    maps[0, 0, :5] = [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(anomaly.slice_scores(maps, 0.03), [4.0, 0.0])       # the top 3 of 100 pixels
+    np.testing.assert_allclose(anomaly.slice_scores(maps, 0.001), [5.0, 0.0])      # at least one pixel
+    np.testing.assert_array_equal(anomaly.slice_scores(maps), anomaly.slice_scores(maps, anomaly.SLICE_FRACTION))
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="must be in"):
+            anomaly.slice_scores(maps, bad)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_anomaly.py"), "--slice-fractions", "0.003", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--slice-fractions 0: a fraction of the map's pixels" in proc.stderr
