@@ -53,8 +53,8 @@ __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "health
            "heal", "residual_map", "complete", "upsample_codes", "smooth", "add_synthetic_lesion", "LesionKind",
            "lesion_kinds", "add_lesion", "add_lesion_volume", "AveragedHealing", "heal_average", "heal_volume",
            "combine_maps", "edge_strength", "healing_differences", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes",
-           "SLICE_FRACTION", "DEFAULT_SAMPLES", "DEFAULT_DILATE", "detection_metrics", "roc_auc", "average_precision", "best_dice",
-           "plot_healing", "plot_completion", "bootstrap_detection", "interval", "propagated_nll", "VOLUME_FLAGS",
+           "SLICE_FRACTION", "DEFAULT_SAMPLES", "DEFAULT_DILATE", "detection_metrics", "roc_auc", "average_precision",
+           "best_dice", "plot_healing", "plot_completion", "bootstrap_detection", "interval", "propagated_nll", "VOLUME_FLAGS",
            "LESION_SIZES", "LESION_POLARITIES", "LESION_EDGES", "LESION_CONTRASTS", "LESION_TISSUES"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
