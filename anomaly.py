@@ -54,8 +54,8 @@ __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "health
            "lesion_kinds", "add_lesion", "add_lesion_volume", "AveragedHealing", "heal_average", "heal_volume",
            "combine_maps", "edge_strength", "healing_differences", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes",
            "SLICE_FRACTION", "DEFAULT_SAMPLES", "DEFAULT_DILATE", "detection_metrics", "roc_auc", "average_precision",
-           "best_dice", "plot_healing", "plot_completion", "bootstrap_detection", "interval", "propagated_nll", "VOLUME_FLAGS",
-           "LESION_SIZES", "LESION_POLARITIES", "LESION_EDGES", "LESION_CONTRASTS", "LESION_TISSUES"]
+           "best_dice", "plot_healing", "plot_completion", "bootstrap_detection", "interval", "propagated_nll",
+           "VOLUME_FLAGS", "LESION_SIZES", "LESION_POLARITIES", "LESION_EDGES", "LESION_CONTRASTS", "LESION_TISSUES"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
 # 100 - 97 = 3 % of codes are then resampled: enough to catch anomalies of a few codes, few enough
