@@ -29,8 +29,9 @@ Reported per map: pixel AUROC, AUPRC and best Dice (head pixels of all lesioned 
 slices), slice AUROC (slices holding a lesion vs clean slices, each scored by ``anomaly.slice_scores``:
 the mean of its map's top ``anomaly.SLICE_FRACTION`` of pixels, for every map alike; ``--slice-fractions``
 adds rows of the chosen map scored by other fractions), and the same three per factor level
-(bright, dark, small, ..., white). Settings are chosen with ``--split validate`` and reported on the test split; seeds are fixed (``--seed``). Writes the
-figures as JSON (``--out``) and a figure of lesion slices with the maps (``--figure``).
+(bright, dark, small, ..., white). Settings are chosen with ``--split validate`` and reported on the
+test split; seeds are fixed (``--seed``). Writes the figures as JSON (``--out``) and a figure of
+lesion slices with the maps (``--figure``).
 """
 
 from __future__ import annotations
