@@ -614,3 +614,24 @@ def test_slice_scores_are_the_mean_of_the_top_fraction_and_refuse_bad_fractions(
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_anomaly.py"), "--slice-fractions", "0.003", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--slice-fractions 0: a fraction of the map's pixels" in proc.stderr
+
+
+def test_completion_benchmark_reports_the_completed_part_and_refuses_bad_rows(tiny_run, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_completion
+
+    assert bench_completion.seam_step(np.stack([np.tile(np.arange(4.0)[:, None], (1, 3))] * 2), 2) == 1.0
+    assert bench_completion.main(["--run", str(tiny_run), "--limit", "3", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    ssim = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
+            if line.startswith("| ") and line.split("|")[2].strip()[:1].isdigit()}
+    assert set(ssim) >= {"reconstructions (ceiling)", "completions", "fresh samples at the position (nothing kept)"}
+    assert all(-1 <= v <= 1 for v in ssim.values())
+    for argv, message in ((["--keep-rows", "8"], "--keep-rows 8: this run's code grid has 8 rows"),
+                          (["--seeds", "0"], "--seeds 0: at least one completion")):
+        with pytest.raises(SystemExit):
+            bench_completion.main(["--run", str(tiny_run), *argv])
+        assert message in capsys.readouterr().err
