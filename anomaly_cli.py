@@ -39,7 +39,8 @@ def add_anomaly_parsers(sub, common) -> None:
                                    "single slices, whole cases healed in order, or the plain |input - healed| of "
                                    "one healing). Writes a PNG panel per slice, nll_maps.npy, anomaly_maps.npy, "
                                    "healed.npy, spread_maps.npy and scores.json / scores.csv (slice score: the "
-                                   "mean of the map's top 0.3 % of pixels; the map's mean with --maps healed).")
+                                   f"mean of the map's top {100 * anomaly.SLICE_FRACTION:g} % of pixels; the map's "
+                                   "mean with --maps healed).")
     common(a)
     slices_flags(a)
     a.add_argument("--threshold", type=float, default=None,
@@ -169,7 +170,7 @@ def _anomaly_command(args) -> None:
         rows.append({"file": name, "slice": None if condition is None else int(condition[k]),
                      "score": float(result.scores[k]), "resampled_fraction": float(resampled[k].mean()),
                      "mean_nll_nats": float(result.nll[k].mean())})
-    score = "mean of the anomaly map" if path == "healed" else "mean of the anomaly map's top 0.3 % of pixels"
+    score = "mean of the anomaly map" if path == "healed" else f"mean of the anomaly map's top {100 * anomaly.SLICE_FRACTION:g} % of pixels"
     utils.save_json({"maps": path, "maps_reason": why, "threshold_nats": threshold, "threshold_source": source,
                      "seed": args.seed, "temperature": args.temperature, "rounds": rounds,
                      **({} if path == "healed" else {"samples": args.samples, "dilate": args.dilate}),
