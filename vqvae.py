@@ -728,9 +728,9 @@ class VQVAE(keras.Model):
     ``adv_loss`` and ``adv_weight`` (0 before ``disc_start``). Off, training is Keras' own
     ``train_step`` over ``compute_loss`` as before.
 
-    Demo defaults (128x128, 32 filters, 2 residual blocks at 32x32, K=128 codes of D=32, EMA +
-    restart after 20 idle steps) train at roughly 30-65 images/s (batch 16, 2 CPU cores, depending
-    on load).
+    The config's defaults (128x128, 32 filters, 2 residual blocks at 32x32, K=128 codes of D=32, EMA +
+    restart after 20 idle steps; the demo preset changes K to 64) train at roughly 30-65 images/s
+    (batch 16, 2 CPU cores, depending on load).
 
     Args:
         config: a :class:`VQVAEConfig`, a dict of its fields, or None (defaults).
