@@ -170,7 +170,8 @@ def _anomaly_command(args) -> None:
         rows.append({"file": name, "slice": None if condition is None else int(condition[k]),
                      "score": float(result.scores[k]), "resampled_fraction": float(resampled[k].mean()),
                      "mean_nll_nats": float(result.nll[k].mean())})
-    score = "mean of the anomaly map" if path == "healed" else f"mean of the anomaly map's top {100 * anomaly.SLICE_FRACTION:g} % of pixels"
+    score = ("mean of the anomaly map" if path == "healed"
+             else f"mean of the anomaly map's top {100 * anomaly.SLICE_FRACTION:g} % of pixels")
     utils.save_json({"maps": path, "maps_reason": why, "threshold_nats": threshold, "threshold_source": source,
                      "seed": args.seed, "temperature": args.temperature, "rounds": rounds,
                      **({} if path == "healed" else {"samples": args.samples, "dilate": args.dilate}),

@@ -12,7 +12,8 @@ its default). On the completed part, the image rows below the kept code rows, it
   the same slice position with nothing kept (what the position alone gives). A prior that reads the
   kept rows lands between the two.
 * **the seam**: the mean absolute step between the last kept image row and the first drawn one,
-  over the same step in the real slices (1: no visible seam).
+  over the same step in the real slices; a completion whose step is no larger than the
+  reconstructions' (which have no seam) shows none.
 * with the run's segmenter, the **anatomy judge** on the whole completed slices (pieces of white,
   grey and CSF per slice, the segmenter's confidence), beside the reconstructions and the real
   slices: the kept rows are the real slice's, so what differs is the drawn part.
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     rows = {"reconstructions (ceiling)": [recon], "completions": list(completed),
             "fresh samples at the position (nothing kept)": list(fresh)}
     real_step = seam_step(x, row)
-    print(f"\n| images | SSIM of the completed part against the real slice | seam step / real |")
+    print("\n| images | SSIM of the completed part against the real slice | seam step / real |")
     print("| --- | --- | --- |")
     for name, sets in rows.items():
         ssim = np.mean([evaluation.ssim(below(x), below(s)).mean() for s in sets])
