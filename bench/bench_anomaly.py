@@ -95,10 +95,30 @@ def make_volume_lesions(volumes, tissue, seed: int):
     return out, masks, slice_kinds
 
 
-def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds, fraction: float | None = None) -> dict:
-    """Pixel metrics over head pixels of lesioned + clean slices, slice AUROC (lesion slices vs clean
-    slices, by ``anomaly.slice_scores`` with ``fraction``, its default when None), and per factor
-    level the same three.
+def _levels(kinds):
+    """``("all", every lesion)`` and then ``(level, selection)`` for each factor level, in report order."""
+    yield "all", np.ones(len(kinds), bool)
+    for f in FACTORS:
+        values = np.array([getattr(k, f) for k in kinds])
+        for v in dict.fromkeys(values):
+            yield v, values == v
+
+
+def slice_aurocs(maps_lesion, maps_clean, kinds, fraction: float | None = None) -> dict:
+    """Slice AUROC, lesion slices of each level (and all) against every clean slice, by
+    ``anomaly.slice_scores`` with ``fraction`` (its default when None): ``{level: auroc}``."""
+    import anomaly
+
+    lesion = anomaly.slice_scores(maps_lesion, fraction)
+    clean = anomaly.slice_scores(maps_clean, fraction)
+    return {name: anomaly.roc_auc(np.r_[lesion[sel], clean], np.r_[np.ones(int(sel.sum()), bool),
+                                                                   np.zeros(len(clean), bool)])
+            for name, sel in _levels(kinds)}
+
+
+def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds) -> dict:
+    """Pixel metrics over head pixels of lesioned + clean slices, slice AUROC (:func:`slice_aurocs`),
+    and per factor level the same three.
 
     Args:
         maps_lesion, masks, heads_lesion: ``(n, H, W)`` of the slices holding a lesion; kinds: ``n``
@@ -106,22 +126,16 @@ def score(maps_lesion, maps_clean, masks, heads_lesion, heads_clean, kinds, frac
     """
     import anomaly
 
-    def block(sel):
+    slice_auroc = slice_aurocs(maps_lesion, maps_clean, kinds)
+    clean_pixels = maps_clean[heads_clean]
+    out = {}
+    for name, sel in _levels(kinds):
         ml, mk, hl = maps_lesion[sel], masks[sel], heads_lesion[sel]
         # clean slices: the lesioned slices' own clean twins when paired, else all clean slices
-        s = np.concatenate([ml[hl], maps_clean[heads_clean]])
-        y = np.concatenate([mk[hl], np.zeros(int(heads_clean.sum()), bool)])
-        m = anomaly.detection_metrics(s, y)
-        slice_s = np.r_[anomaly.slice_scores(ml, fraction), anomaly.slice_scores(maps_clean, fraction)]
-        slice_y = np.r_[np.ones(len(ml), bool), np.zeros(len(maps_clean), bool)]
-        return {"pixel_auroc": m["auroc"], "pixel_auprc": m["auprc"], "best_dice": m["best_dice"],
-                "slice_auroc": anomaly.roc_auc(slice_s, slice_y), "lesions": int(len(ml))}
-
-    out = {"all": block(np.ones(len(maps_lesion), bool))}
-    for f in FACTORS:
-        values = np.array([getattr(k, f) for k in kinds])
-        for v in dict.fromkeys(values):
-            out[v] = block(values == v)
+        m = anomaly.detection_metrics(np.concatenate([ml[hl], clean_pixels]),
+                                      np.concatenate([mk[hl], np.zeros(len(clean_pixels), bool)]))
+        out[name] = {"pixel_auroc": m["auroc"], "pixel_auprc": m["auprc"], "best_dice": m["best_dice"],
+                     "slice_auroc": slice_auroc[name], "lesions": int(len(ml))}
     return out
 
 
@@ -308,9 +322,10 @@ def main(argv=None) -> int:
             difference, avg.nll, threshold=threshold, residual=avg.residual, recon=recon, residual_weight=weight)
     maps["chosen"] = avg.anomaly_map
     single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
-    for fraction in args.slice_fractions or ():
-        single[f"top {fraction:g} slice score"] = score(maps["chosen"][:n], maps["chosen"][n:], masks, heads, heads,
-                                                        kinds, fraction)    # the chosen map, another slice score
+    for fraction in args.slice_fractions or ():      # the chosen map's pixel figures, another slice score
+        by_level = slice_aurocs(maps["chosen"][:n], maps["chosen"][n:], kinds, fraction)
+        single[f"top {fraction:g} slice score"] = {k: {**v, "slice_auroc": by_level[k]}
+                                                   for k, v in single["chosen"].items()}
     print_table(f"single slices ({args.split}, {n} lesions)", single)
     report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
     if args.bootstrap and n < 2:

@@ -75,9 +75,9 @@ def main(argv=None) -> int:
     print(f"{len(x)} test slices, first {keep_rows} of {h} code rows kept (image rows 0-{row - 1}), "
           f"{len(seeds)} completion(s) each, temperature {args.temperature:g}")
 
-    _, recon = evaluation.reconstruct(run.vqvae, x)
-    _, _, completed = anomaly.complete(run.vqvae, run.prior, x, keep_rows, condition=positions, seeds=seeds,
-                                       temperature=args.temperature, progress=True)
+    codes, _, completed = anomaly.complete(run.vqvae, run.prior, x, keep_rows, condition=positions, seeds=seeds,
+                                           temperature=args.temperature, progress=True)
+    recon = evaluation.decode_codes(run.vqvae, codes)             # the real codes decoded: the ceiling
     fresh = np.stack([evaluation.decode_codes(run.vqvae, sample_codes(
         run.prior, len(x), grid_shape=(h, w), temperature=args.temperature, seed=1000 + s, condition=positions,
         progress=True)) for s in seeds])
@@ -100,9 +100,9 @@ def main(argv=None) -> int:
         for name, images in (("real test slices", x), ("reconstructions", recon),
                              ("completions", completed.reshape(-1, *x.shape[1:])),
                              ("fresh samples", fresh.reshape(-1, *x.shape[1:]))):
-            r = evaluation.anatomy_readout(segmenter, images)
-            c = r.components.mean(axis=0)                      # CSF, grey, white
-            print(f"| {name} | {c[2]:.2f} | {c[1]:.2f} | {c[0]:.2f} | {np.nanmean(r.confidence):.3f} |")
+            a = evaluation.anatomy_summary(evaluation.anatomy_readout(segmenter, images), "set")
+            pieces = [f"{a[f'anatomy_components_{t}_set']:.2f}" for t in ("white", "grey", "csf")]
+            print(f"| {name} | {' | '.join(pieces)} | {a['anatomy_confidence_set']:.3f} |")
     return 0
 
 
