@@ -623,7 +623,8 @@ def test_completion_benchmark_reports_the_completed_part_and_refuses_bad_rows(ti
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_completion
 
-    assert bench_completion.seam_step(np.stack([np.tile(np.arange(4.0)[:, None], (1, 3))] * 2), 2) == 1.0
+    steps = np.stack([np.tile(np.array([0.0, 0.0, 3.0, 3.0])[:, None], (1, 3))] * 2)   # one step, rows 1 -> 2
+    assert bench_completion.seam_step(steps, 2) == 3.0 and bench_completion.seam_step(steps, 1) == 0.0
     assert bench_completion.main(["--run", str(tiny_run), "--limit", "3", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     ssim = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
