@@ -55,7 +55,8 @@ __all__ = ["DEFAULT_PERCENTILE", "DEFAULT_ROUNDS", "Healing", "nll_map", "health
            "combine_maps", "edge_strength", "healing_differences", "RESIDUAL_WEIGHT", "slice_scores", "dilate_codes",
            "SLICE_FRACTION", "DEFAULT_SAMPLES", "DEFAULT_DILATE", "detection_metrics", "roc_auc", "average_precision",
            "best_dice", "plot_healing", "plot_completion", "bootstrap_detection", "interval", "propagated_nll",
-           "VOLUME_FLAGS", "LESION_SIZES", "LESION_POLARITIES", "LESION_EDGES", "LESION_CONTRASTS", "LESION_TISSUES"]
+           "volume_map_nll", "VOLUME_FLAGS", "VOLUME_WEIGHTS", "LESION_SIZES", "LESION_POLARITIES", "LESION_EDGES",
+           "LESION_CONTRASTS", "LESION_TISSUES"]
 
 # Codes above this percentile of healthy validation NLL are resampled. On healthy data about
 # 100 - 97 = 3 % of codes are then resampled: enough to catch anomalies of a few codes, few enough
@@ -293,6 +294,9 @@ class AveragedHealing:
         nll: float32 ``(N, h, w)``, the NLL the codes were flagged by (nats): as single slices; on the
             volume path the flag's NLL (:func:`heal_volume`; with ``flag="previous"`` averaged over the
             ``S`` healings' slices below).
+        map_nll: float32 ``(N, h, w)``, the NLL that weights the anomaly map (:func:`combine_maps`):
+            ``nll`` for single slices; on the volume path by default the higher of the single-slice
+            NLL and the NLL given the real slice below (:func:`volume_map_nll`).
         region: bool ``(N, h, w)``, the redrawn codes: the flagged codes grown by ``dilate`` codes.
         healed_codes: int32 ``(S, N, h, w)``; equal to ``codes`` outside ``region``.
         healed: float32 ``(S, N, H, W, 1)``, the decoded healings.
@@ -309,6 +313,7 @@ class AveragedHealing:
 
     codes: np.ndarray
     nll: np.ndarray
+    map_nll: np.ndarray
     region: np.ndarray
     healed_codes: np.ndarray
     healed: np.ndarray
@@ -478,8 +483,8 @@ def healing_differences(images, healed, grid_shape, sigma: float | None = None) 
     return np.stack([smooth(np.abs(x - h)[..., 0], sigma) for h in np.asarray(healed, np.float32)])
 
 
-def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold, nll_threshold: float):
-    """The maps of an :class:`AveragedHealing`; ``nll_threshold`` is the threshold ``nll`` is in units of."""
+def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold, map_nll, map_threshold: float):
+    """The maps of an :class:`AveragedHealing`; the map is weighted by ``map_nll``, in units of ``map_threshold``."""
     s, n = healed_codes.shape[:2]
     healed = evaluation.decode_codes(vqvae, healed_codes.reshape(s * n, *codes.shape[1:]))
     healed = np.asarray(healed, np.float32).reshape(s, n, *x.shape[1:])
@@ -488,9 +493,12 @@ def _finish(x, codes, nll, region, healed_codes, vqvae, sigma, threshold, nll_th
     px = upsample_codes(region, x.shape[1:3])
     diffs = healing_differences(x, healed, codes.shape[1:], sigma)
     residual = smooth(np.abs(x - recon)[..., 0], sigma)
-    amap = combine_maps(diffs.mean(axis=0), nll, threshold=nll_threshold, residual=residual, recon=recon)
-    return AveragedHealing(codes, nll, region, healed_codes, healed, residual, (diffs.mean(axis=0) * px).astype(np.float32),
-                           (diffs.std(axis=0) * px).astype(np.float32), amap, slice_scores(amap), threshold)
+    amap = combine_maps(diffs.mean(axis=0), map_nll, threshold=map_threshold, residual=residual, recon=recon)
+    return AveragedHealing(codes=codes, nll=nll, map_nll=np.asarray(map_nll, np.float32), region=region,
+                           healed_codes=healed_codes, healed=healed, residual=residual,
+                           healed_map=(diffs.mean(axis=0) * px).astype(np.float32),
+                           spread=(diffs.std(axis=0) * px).astype(np.float32), anomaly_map=amap,
+                           scores=slice_scores(amap), threshold=threshold)
 
 
 def heal_average(vqvae, prior, images, threshold: float, condition=None, samples: int = DEFAULT_SAMPLES,
@@ -520,7 +528,7 @@ def heal_average(vqvae, prior, images, threshold: float, condition=None, samples
     cond = _condition(condition, len(codes))
     nll, region, healed = _heal_codes(prior, codes, cond, None, threshold, samples, dilate, rounds, seed,
                                       temperature, batch_size)
-    return _finish(x, codes, nll, region, healed, vqvae, sigma, float(threshold), float(threshold))
+    return _finish(x, codes, nll, region, healed, vqvae, sigma, float(threshold), nll, float(threshold))
 
 
 def propagated_nll(single, given_below, flagged_below, carry: int = 1) -> np.ndarray:
@@ -543,13 +551,36 @@ def propagated_nll(single, given_below, flagged_below, carry: int = 1) -> np.nda
     return np.where(dilate_codes(flagged_below, carry), single, np.minimum(single, given_below)).astype(np.float32)
 
 
+def volume_map_nll(single, given_below) -> np.ndarray:
+    """The NLL the volume-aware map is weighted by (``heal_volume(..., weight="max")``): the higher of
+    a code's NLL as a single slice and its NLL given the real slice below.
+
+    Flagging asks whether a code must be redrawn, and :func:`propagated_nll` redraws only what neither
+    prior explains; the weight asks how loud the map is there, and takes the more surprised prior. On
+    the lowest slice of a lesion that is the prior given the slice below: it expects the healthy
+    continuation of that slice confidently, so the lesion's codes cost it more nats than they cost the
+    single-slice prior. Above it, where the slice below holds the lesion too, the single-slice NLL
+    stands. (Validate lesions: volume-aware maps weighted so beat the single-slice maps; weighted by
+    the flagging NLL they scored alike; docs/anomaly.md.)
+
+    Args:
+        single, given_below: float ``(N, h, w)``, the codes' NLL given no slice below and given the
+            real slice below (nats).
+    Returns:
+        float32 ``(N, h, w)``.
+    """
+    return np.maximum(np.asarray(single, np.float32), np.asarray(given_below, np.float32))
+
+
 VOLUME_FLAGS = ("propagated", "single", "previous")
+VOLUME_WEIGHTS = ("max", "flag")   # what weights the volume-aware map: volume_map_nll, or the flagging NLL
 
 
 def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: float | None = None, condition=None,
                 samples: int = DEFAULT_SAMPLES, dilate: int = DEFAULT_DILATE, rounds: int = DEFAULT_AVERAGE_ROUNDS,
                 seed: int = 0, temperature: float = 1.0, sigma: float | None = None,
-                batch_size: int | None = None, progress: bool = False, flag: str = "propagated") -> AveragedHealing:
+                batch_size: int | None = None, progress: bool = False, flag: str = "propagated",
+                weight: str = "max") -> AveragedHealing:
     """Heal whole cases slice by slice from the bottom, each slice given the *healed* slice below.
 
     Slice 0 of each case is healed as :func:`heal_average` heals a single slice (threshold
@@ -570,8 +601,13 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
       ``previous=True``). A healed slice below holds codes the prior never saw below a real slice, so
       healthy codes above it look unlikely; on validate lesions this flagged and weighted worse.
 
-    The maps' NLL (``nll``, the weight of :func:`combine_maps`) is the flagging NLL.
-    See docs/anomaly.md for how the three score.
+    What weights the map (``weight``; ``map_nll``, the NLL of :func:`combine_maps`):
+
+    - ``"max"`` (default): :func:`volume_map_nll`, the higher of the code's NLL as a single slice and
+      given the *real* slice below (slice 0: as a single slice), in units of ``threshold``.
+    - ``"flag"``: the flagging NLL (``nll``), in units of the threshold it was flagged against.
+
+    See docs/anomaly.md for how they score.
 
     Args:
         volumes: float32 ``(C, S, H, W, 1)`` (or ``(C, S, H, W)``): ``C`` cases of ``S`` slices in order.
@@ -579,6 +615,7 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
         prior: a prior with ``previous_slice`` (``ValueError`` otherwise).
         flag: which NLL flags the codes to redraw, ``"propagated"``, ``"single"`` or ``"previous"``
             (above); either way the region is redrawn given the healed slice below.
+        weight: what weights the map, ``"max"`` or ``"flag"`` (above).
     Returns:
         an :class:`AveragedHealing` over the ``C * S`` slices in case-major order.
     """
@@ -586,6 +623,8 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
         raise ValueError("heal_volume needs a prior trained with previous_slice; use heal_average for single slices")
     if flag not in VOLUME_FLAGS:
         raise ValueError(f"flag must be one of {', '.join(map(repr, VOLUME_FLAGS))}, got {flag!r}")
+    if weight not in VOLUME_WEIGHTS:
+        raise ValueError(f"weight must be one of {', '.join(map(repr, VOLUME_WEIGHTS))}, got {weight!r}")
     if flag == "previous" and threshold_previous is None:
         raise ValueError("heal_volume: flag='previous' needs threshold_previous (run_threshold(..., previous=True))")
     v = np.asarray(volumes, np.float32)
@@ -597,6 +636,7 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
     codes = codes.reshape(c, s, h, w)
     cond = None if condition is None else np.asarray(condition, np.int32).reshape(s)
     nll, region = np.zeros((c, s, h, w), np.float32), np.zeros((c, s, h, w), bool)
+    map_nll = np.zeros((c, s, h, w), np.float32)
     healed = np.zeros((samples, c, s, h, w), np.int32)
     steps = range(s)
     if progress:
@@ -606,18 +646,24 @@ def heal_volume(vqvae, prior, volumes, threshold: float, threshold_previous: flo
     for k in steps:
         prev = None if k == 0 else healed[:, :, k - 1]
         ck = None if cond is None else np.full((c,), cond[k], np.int32)
-        flag_nll = None
+        flag_nll = single = given_below = None
+        if k > 0 and (flag == "propagated" or weight == "max"):
+            single = evaluation.code_nll(prior, codes[:, k], ck)
+            given_below = evaluation.code_nll(prior, codes[:, k], ck, previous=codes[:, k - 1])
         if flag == "propagated" and k > 0:
-            flag_nll = propagated_nll(evaluation.code_nll(prior, codes[:, k], ck),
-                                      evaluation.code_nll(prior, codes[:, k], ck, previous=codes[:, k - 1]),
-                                      nll[:, k - 1] > threshold)
+            flag_nll = propagated_nll(single, given_below, nll[:, k - 1] > threshold)
+        elif flag == "single":
+            flag_nll = single                     # None on slice 0: _heal_codes scores it as a single slice
         nll[:, k], region[:, k], healed[:, :, k] = _heal_codes(
             prior, codes[:, k], ck, prev, threshold if k == 0 or flag != "previous" else threshold_previous, samples,
             dilate, rounds, int(np.random.default_rng([seed, k]).integers(2 ** 31)), temperature, batch_size,
             score_previous=flag == "previous", nll=flag_nll)
+        map_nll[:, k] = volume_map_nll(single, given_below) if weight == "max" and k > 0 else nll[:, k]
     used = (float(threshold), float(threshold_previous)) if flag == "previous" else float(threshold)
+    map_threshold = used[1] if flag == "previous" and weight == "flag" else float(threshold)
     return _finish(x, codes.reshape(c * s, h, w), nll.reshape(c * s, h, w), region.reshape(c * s, h, w),
-                   healed.reshape(samples, c * s, h, w), vqvae, sigma, used, used[1] if flag == "previous" else used)
+                   healed.reshape(samples, c * s, h, w), vqvae, sigma, used, map_nll.reshape(c * s, h, w),
+                   map_threshold)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,15 +54,16 @@ def add_anomaly_parsers(sub, common) -> None:
                         f"given the healed codes are redrawn too; 1 redraws exactly the codes above it "
                         f"(default: {anomaly.DEFAULT_AVERAGE_ROUNDS}; {anomaly.DEFAULT_ROUNDS} with --maps healed)")
     a.add_argument("--seed", type=int, default=0, help="sampling seed of the redrawn codes (default: 0)")
-    a.add_argument("--maps", choices=ANOMALY_MAPS, default="single",
-                   help="volume: heal each case's slices in order, each given the healed slice below (needs whole "
-                        "cases, case_<id>_slice_<k>.nii.png from slice 0, and a prior with previous_slice); single: "
-                        "each slice alone; both average --samples healings of the flagged region, weight the "
-                        "difference by the code NLL, add the residual and divide by the reconstruction's edges "
-                        "(anomaly.heal_volume / heal_average, anomaly.combine_maps); healed: the plain "
-                        "|input - healed| of one healing (anomaly.heal); auto: volume where possible, else single "
-                        "(default: single; on whole cases the two score alike in bench/bench_anomaly.py; "
-                        "the command says which it used)")
+    a.add_argument("--maps", choices=ANOMALY_MAPS, default="auto",
+                   help="volume: heal each case's slices in order, each given the healed slice below, and weight "
+                        "the map by the higher of each code's NLL as a single slice and given the real slice below "
+                        "(needs whole cases, case_<id>_slice_<k>.nii.png from slice 0, and a prior with "
+                        "previous_slice); single: each slice alone, weighted by its single-slice NLL; both average "
+                        "--samples healings of the flagged region, weight the difference by the code NLL, add the "
+                        "residual and divide by the reconstruction's edges (anomaly.heal_volume / heal_average, "
+                        "anomaly.combine_maps); healed: the plain |input - healed| of one healing (anomaly.heal); "
+                        "auto: volume where possible, else single (default: auto; on whole cases the volume-aware "
+                        "maps score higher in bench/bench_anomaly.py; the command says which it used and why)")
     a.add_argument("--samples", type=int, default=anomaly.DEFAULT_SAMPLES,
                    help=f"healings averaged per slice with --maps volume / single (default: {anomaly.DEFAULT_SAMPLES})")
     a.add_argument("--dilate", type=int, default=anomaly.DEFAULT_DILATE,
@@ -132,7 +133,8 @@ def _anomaly_command(args) -> None:
             raise PredictError(str(e)) from None
         source = f"{percentile:g}th percentile of the validation code NLL"
     rounds = args.rounds or (anomaly.DEFAULT_ROUNDS if path == "healed" else anomaly.DEFAULT_AVERAGE_ROUNDS)
-    label = {"volume": "volume-aware maps (slices healed in order, each given the healed slice below)",
+    label = {"volume": "volume-aware maps (slices healed in order, each given the healed slice below; weighted by "
+                       "the higher of the single-slice NLL and the NLL given the real slice below)",
              "single": "single-slice maps (each slice healed alone)",
              "healed": "plain healed maps (|input - healed|, one healing)"}[path]
     print(f"anomaly: {label}: {why}")

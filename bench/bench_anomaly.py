@@ -18,7 +18,8 @@ seeded order, so no single kind can be tuned to. Two settings:
   span neighbouring slices (same centre, radius shrinking with the distance), and the lesioned and
   clean cases are scored by the residual, the single-slice map (``heal_average``) and the
   volume-aware map (``anomaly.heal_volume``: slices healed in order, each given the healed slice
-  below; ``--volume-flags`` picks how its codes are flagged).
+  below; ``--volume-flags`` picks how its codes are flagged, ``--volume-weights`` what weights its
+  map; ``--no-single`` skips the single-slice setting).
 
 Each setting's overall figures come with 95 % bootstrap intervals (``--bootstrap`` draws,
 ``anomaly.bootstrap_detection``): single slices are drawn with their clean twins, whole cases with
@@ -249,6 +250,12 @@ def main(argv=None) -> int:
     p.add_argument("--volume-flags", choices=anomaly.VOLUME_FLAGS, nargs="+", default=["propagated"],
                    help="how the volume-aware map flags codes (anomaly.heal_volume's flag): one volume-aware map "
                         "per value given (default: propagated)")
+    p.add_argument("--volume-weights", choices=anomaly.VOLUME_WEIGHTS, nargs="+", default=["max"],
+                   help="what weights the volume-aware map (anomaly.heal_volume's weight): max, the higher of the "
+                        "single-slice NLL and the NLL given the real slice below; flag, the flagging NLL; one "
+                        "volume-aware map per flag and weight given (default: max)")
+    p.add_argument("--no-single", action="store_true",
+                   help="skip the single-slice part (to compare volume-aware maps on whole cases alone)")
     p.add_argument("--residual-weights", type=float, nargs="+", default=None, metavar="W",
                    help="also score the chosen map with each of these residual weights (how "
                         f"anomaly.RESIDUAL_WEIGHT = {anomaly.RESIDUAL_WEIGHT:g} was chosen, with --split validate)")
@@ -264,6 +271,10 @@ def main(argv=None) -> int:
     p.add_argument("--figure", type=Path, default=None,
                    help="figure of lesion slices and the maps (default: images/anomaly_examples.png on test)")
     args = p.parse_args(argv)
+    if args.no_single and args.no_volume:
+        p.error("--no-single with --no-volume leaves nothing to measure; drop one of them")
+    if args.no_single and (args.residual_weights or args.slice_fractions):
+        p.error("--residual-weights and --slice-fractions score the single-slice map; drop --no-single")
     if args.bootstrap < 0:
         p.error(f"--bootstrap {args.bootstrap}: the number of bootstrap draws is 0 (no intervals) or more")
     bad = [f for f in args.slice_fractions or () if not 0 < f <= 1]
@@ -295,47 +306,51 @@ def main(argv=None) -> int:
               "threshold_nats": threshold, **common}
 
     # ---- single slices
-    idx, lesioned, masks, kinds = make_lesions(x[..., 0], split.masks, args.seed)
-    clean = x[idx]
-    cond = np.r_[positions[idx], positions[idx]] if run.conditioned else None
-    n = len(idx)
-    heads = heads_of(clean[..., 0])
-    print(f"single slices: {n} of {len(x)} {args.split} slices hold a lesion ({100 * masks.sum() / heads.sum():.2f} % "
-          f"of head pixels); NLL threshold {threshold:.3f} nats ({percentile:g}th percentile of validation code NLL)")
-    both = np.concatenate([lesioned, clean])
     maps, timing = {}, {}
-    t0 = time.perf_counter()
-    maps["VQ-VAE residual"] = anomaly.residual_map(run.vqvae, both)
-    t0 = time.perf_counter()
-    maps["prior-healed (before)"] = anomaly.heal(run.vqvae, run.prior, both, threshold, condition=cond, seed=args.seed,
-                                                 rounds=args.rounds, temperature=args.temperature).anomaly_map
-    timing["prior-healed (before)"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    avg = anomaly.heal_average(run.vqvae, run.prior, both, threshold, condition=cond, **common)
-    timing["averaged healing"] = time.perf_counter() - t0
-    maps["averaged healing"] = avg.healed_map
-    difference = anomaly.healing_differences(both, avg.healed, avg.codes.shape[1:]).mean(axis=0)
-    maps["healing x NLL^2 (before)"] = anomaly.combine_maps(difference, avg.nll)
-    recon = evaluation.decode_codes(run.vqvae, avg.codes) if args.residual_weights else None
-    for weight in args.residual_weights or ():
-        maps[f"chosen, residual weight {weight:g}"] = anomaly.combine_maps(
-            difference, avg.nll, threshold=threshold, residual=avg.residual, recon=recon, residual_weight=weight)
-    maps["chosen"] = avg.anomaly_map
-    single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
-    for fraction in args.slice_fractions or ():      # the chosen map's pixel figures, another slice score
-        by_level = slice_aurocs(maps["chosen"][:n], maps["chosen"][n:], kinds, fraction)
-        single[f"top {fraction:g} slice score"] = {k: {**v, "slice_auroc": by_level[k]}
-                                                   for k, v in single["chosen"].items()}
-    print_table(f"single slices ({args.split}, {n} lesions)", single)
-    report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
-    if args.bootstrap and n < 2:
-        print("no intervals over single slices: one lesion slice gives nothing to draw from")
-    elif args.bootstrap:
-        pair = np.arange(n)                                                 # a lesion slice and its clean twin
-        draws = bootstrap({k: maps[k] for k in ("VQ-VAE residual", "chosen")}, masks, heads, heads,
-                          pair, pair, args.bootstrap, args.seed)
-        report["single"]["intervals"] = print_intervals(f"the {n} lesion slices (each with its clean twin)", draws,
-                                                        [("chosen", "VQ-VAE residual")])
+    if not args.no_single:
+        idx, lesioned, masks, kinds = make_lesions(x[..., 0], split.masks, args.seed)
+        clean = x[idx]
+        cond = np.r_[positions[idx], positions[idx]] if run.conditioned else None
+        n = len(idx)
+        heads = heads_of(clean[..., 0])
+        print(f"single slices: {n} of {len(x)} {args.split} slices hold a lesion "
+              f"({100 * masks.sum() / heads.sum():.2f} % of head pixels); NLL threshold {threshold:.3f} nats "
+              f"({percentile:g}th percentile of validation code NLL)")
+        both = np.concatenate([lesioned, clean])
+        t0 = time.perf_counter()
+        maps["VQ-VAE residual"] = anomaly.residual_map(run.vqvae, both)
+        t0 = time.perf_counter()
+        maps["prior-healed (before)"] = anomaly.heal(run.vqvae, run.prior, both, threshold, condition=cond,
+                                                     seed=args.seed, rounds=args.rounds,
+                                                     temperature=args.temperature).anomaly_map
+        timing["prior-healed (before)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        avg = anomaly.heal_average(run.vqvae, run.prior, both, threshold, condition=cond, **common)
+        timing["averaged healing"] = time.perf_counter() - t0
+        maps["averaged healing"] = avg.healed_map
+        difference = anomaly.healing_differences(both, avg.healed, avg.codes.shape[1:]).mean(axis=0)
+        maps["healing x NLL^2 (before)"] = anomaly.combine_maps(difference, avg.nll)
+        recon = evaluation.decode_codes(run.vqvae, avg.codes) if args.residual_weights else None
+        for weight in args.residual_weights or ():
+            maps[f"chosen, residual weight {weight:g}"] = anomaly.combine_maps(
+                difference, avg.nll, threshold=threshold, residual=avg.residual, recon=recon,
+                residual_weight=weight)
+        maps["chosen"] = avg.anomaly_map
+        single = {name: score(m[:n], m[n:], masks, heads, heads, kinds) for name, m in maps.items()}
+        for fraction in args.slice_fractions or ():      # the chosen map's pixel figures, another slice score
+            by_level = slice_aurocs(maps["chosen"][:n], maps["chosen"][n:], kinds, fraction)
+            single[f"top {fraction:g} slice score"] = {k: {**v, "slice_auroc": by_level[k]}
+                                                       for k, v in single["chosen"].items()}
+        print_table(f"single slices ({args.split}, {n} lesions)", single)
+        report["single"] = {"num_lesion_slices": n, "seconds": timing, "results": single}
+        if args.bootstrap and n < 2:
+            print("no intervals over single slices: one lesion slice gives nothing to draw from")
+        elif args.bootstrap:
+            pair = np.arange(n)                                                 # a lesion slice and its clean twin
+            draws = bootstrap({k: maps[k] for k in ("VQ-VAE residual", "chosen")}, masks, heads, heads,
+                              pair, pair, args.bootstrap, args.seed)
+            report["single"]["intervals"] = print_intervals(
+                f"the {n} lesion slices (each with its clean twin)", draws, [("chosen", "VQ-VAE residual")])
 
     # ---- whole cases
     by_case = {c: i for c, i in dataset.subjects(split).items()}
@@ -359,13 +374,16 @@ def main(argv=None) -> int:
         timing["volume: single-slice"] = time.perf_counter() - t0
         vmaps["single-slice map"] = vs.anomaly_map
         for flag in args.volume_flags:
-            name = "volume-aware map" + ("" if len(args.volume_flags) == 1 else f" (flag {flag})")
-            t0 = time.perf_counter()
-            vv = anomaly.heal_volume(run.vqvae, run.prior, vol_both, threshold, threshold_prev,
-                                     condition=positions[order[0]] if run.conditioned else None, progress=True,
-                                     flag=flag, **common)
-            timing[f"volume: {name}"] = time.perf_counter() - t0
-            vmaps[name] = vv.anomaly_map
+            for weight in args.volume_weights:
+                parts = ([f"flag {flag}"] if len(args.volume_flags) > 1 else []) + (
+                    [f"weight {weight}"] if len(args.volume_weights) > 1 else [])
+                name = "volume-aware map" + (f" ({', '.join(parts)})" if parts else "")
+                t0 = time.perf_counter()
+                vv = anomaly.heal_volume(run.vqvae, run.prior, vol_both, threshold, threshold_prev,
+                                         condition=positions[order[0]] if run.conditioned else None, progress=True,
+                                         flag=flag, weight=weight, **common)
+                timing[f"volume: {name}"] = time.perf_counter() - t0
+                vmaps[name] = vv.anomaly_map
         has = mask_v.reshape(c * s, *mask_v.shape[2:]).any(axis=(1, 2))
         vmask = mask_v.reshape(c * s, *mask_v.shape[2:])[has]
         vkinds = list(kinds_v.reshape(-1)[has])
@@ -399,7 +417,7 @@ def main(argv=None) -> int:
     out = args.out or run.path / "anomaly_bench" / f"bench_anomaly_{args.split}.json"
     utils.save_json(report, out)
     figure = args.figure or (REPO / "images" / "anomaly_examples.png" if args.split == "test" else None)
-    if figure is not None:
+    if figure is not None and not args.no_single:
         picks = []
         for size in ("small", "medium", "large"):
             for pol in ("bright", "dark"):

@@ -226,12 +226,13 @@ def test_anomaly_command_says_which_maps_it_made(tiny_run, test_slices, tmp_path
 
     _, _, folder = test_slices
     # the tiny test folder is one whole case (slices 0..3) and the prior sees the previous slice
-    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "s",
+    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "s", "--maps", "single",
                         "--threshold", "1.5", "--samples", "2", "--rounds", "1")[0] == 0
-    said = capsys.readouterr().out  # the default: single-slice maps, which score better on whole cases
+    said = capsys.readouterr().out
     assert "single-slice maps" in said and "--maps single" in said
     assert json.loads((tmp_path / "s" / "scores.json").read_text())["maps"] == "single"
-    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "a", "--maps", "auto",
+    # the default (auto): volume-aware maps on whole cases, which score higher there
+    assert predict_main("anomaly", "--run", tiny_run, "--images", folder, "--out", tmp_path / "a",
                         "--threshold", "1.5", "--samples", "2", "--rounds", "1")[0] == 0
     said = capsys.readouterr().out
     assert "volume-aware maps" in said and "1 whole case(s) of 4 slices" in said
@@ -489,8 +490,14 @@ def test_volume_path_flag_single_scores_without_the_slice_below_and_previous_wit
 
     monkeypatch.setattr(evaluation, "code_nll", recording)
     single = anomaly.heal_volume(vqvae, prior, volumes, 2.0, condition=[0, 1, 2], samples=2, rounds=2, seed=0,
-                                 flag="single")
+                                 flag="single", weight="flag")
     assert scored and not any(scored)                       # every flagging NLL given no slice below
+    # weighting the map by the NLL given the real slice below does not change what is flagged
+    weighted = anomaly.heal_volume(vqvae, prior, volumes, 2.0, condition=[0, 1, 2], samples=2, rounds=2, seed=0,
+                                   flag="single")
+    np.testing.assert_array_equal(weighted.region, single.region)
+    np.testing.assert_array_equal(weighted.nll, single.nll)
+    np.testing.assert_array_equal(weighted.healed_codes, single.healed_codes)
     scored.clear()
     prev = anomaly.heal_volume(vqvae, prior, volumes, 2.0, 1.5, condition=[0, 1, 2], samples=2, rounds=2, seed=0,
                                flag="previous")
@@ -500,6 +507,45 @@ def test_volume_path_flag_single_scores_without_the_slice_below_and_previous_wit
         anomaly.heal_volume(vqvae, prior, volumes, 2.0, flag="previous")
     with pytest.raises(ValueError, match="flag"):
         anomaly.heal_volume(vqvae, prior, volumes, 2.0, 1.5, flag="both")
+    with pytest.raises(ValueError, match="weight must be one of 'max', 'flag'"):
+        anomaly.heal_volume(vqvae, prior, volumes, 2.0, weight="mean")
+
+
+def test_volume_map_nll_is_the_more_surprised_prior():
+    import anomaly
+
+    single = np.array([[[4.0, 1.0], [2.0, 0.5]]], np.float32)
+    below = np.array([[[1.0, 3.0], [2.0, 0.25]]], np.float32)
+    np.testing.assert_array_equal(anomaly.volume_map_nll(single, below), [[[4.0, 3.0], [2.0, 0.5]]])
+    assert anomaly.volume_map_nll(single, below).dtype == np.float32
+
+
+def test_volume_map_is_weighted_by_the_higher_nll_and_flagged_as_before():
+    import anomaly
+    import evaluation
+
+    vqvae, prior = _volume_models()
+    volumes = np.random.default_rng(2).uniform(0, 1, (2, 3, 16, 16, 1)).astype(np.float32)
+    common = dict(condition=[0, 1, 2], samples=2, rounds=1, dilate=0, seed=0)
+    by_flag = anomaly.heal_volume(vqvae, prior, volumes, 2.0, weight="flag", **common)
+    by_max = anomaly.heal_volume(vqvae, prior, volumes, 2.0, **common)
+    np.testing.assert_array_equal(by_max.region, by_flag.region)           # the same codes redrawn
+    np.testing.assert_array_equal(by_max.healed_codes, by_flag.healed_codes)
+    np.testing.assert_array_equal(by_flag.map_nll, by_flag.nll)
+    codes = by_max.codes.reshape(2, 3, 4, 4)
+    want = by_max.nll.reshape(2, 3, 4, 4).copy()                            # slice 0: as a single slice
+    for k in (1, 2):
+        cond = np.full((2,), k, np.int32)
+        want[:, k] = anomaly.volume_map_nll(evaluation.code_nll(prior, codes[:, k], cond),
+                                            evaluation.code_nll(prior, codes[:, k], cond, previous=codes[:, k - 1]))
+    np.testing.assert_allclose(by_max.map_nll, want.reshape(6, 4, 4), rtol=1e-6)
+    assert not np.allclose(by_max.map_nll, by_max.nll)                     # the weight is not the flag here
+    # and the map is combine_maps of the same healings weighted by it
+    x = volumes.reshape(6, 16, 16, 1)
+    diff = anomaly.healing_differences(x, by_max.healed, (4, 4)).mean(axis=0)
+    recon = evaluation.decode_codes(vqvae, by_max.codes)
+    np.testing.assert_allclose(by_max.anomaly_map, anomaly.combine_maps(
+        diff, by_max.map_nll, threshold=2.0, residual=by_max.residual, recon=recon), rtol=1e-5, atol=1e-6)
 
 
 def test_propagated_nll_lets_the_slice_below_vouch_only_where_it_was_not_flagged():
