@@ -662,6 +662,21 @@ def test_slice_scores_are_the_mean_of_the_top_fraction_and_refuse_bad_fractions(
     assert proc.returncode == 2 and "--slice-fractions 0: a fraction of the map's pixels" in proc.stderr
 
 
+def test_anomaly_benchmark_refuses_flags_that_leave_nothing_to_measure():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bench = str(REPO / "bench" / "bench_anomaly.py")
+    for argv, message in ((["--no-single", "--no-volume"], "--no-single with --no-volume leaves nothing to measure"),
+                          (["--no-single", "--residual-weights", "2"],
+                           "--residual-weights and --slice-fractions score the single-slice map"),
+                          (["--volume-weights", "mean"], "argument --volume-weights: invalid choice: 'mean'")):
+        proc = subprocess.run([sys.executable, bench, *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr[-300:])
+
+
 def test_completion_benchmark_reports_the_completed_part_and_refuses_bad_rows(tiny_run, capsys):
     import sys
     from pathlib import Path
