@@ -356,7 +356,14 @@ def main(argv=None) -> int:
     by_case = {c: i for c, i in dataset.subjects(split).items()}
     s_full = max((len(i) for i in by_case.values()), default=0)
     whole = [c for c, i in by_case.items() if len(i) == s_full and np.array_equal(positions[i], np.arange(s_full))]
-    if not args.no_volume and whole and getattr(run.prior.config, "previous_slice", False):
+    previous = getattr(run.prior.config, "previous_slice", False)
+    if not args.no_volume and not (whole and previous):
+        why = ("its prior does not see the slice below" if not previous
+               else f"the {args.split} split holds no whole case")
+        if args.no_single:
+            p.error(f"--no-single: {why}, so there is nothing to measure; drop --no-single")
+        print(f"\nno whole-case part: {why}")
+    if not args.no_volume and whole and previous:
         order = np.stack([by_case[c] for c in whole])                      # (C, S)
         vols, tissue = x[order][..., 0], split.masks[order]
         les_v, mask_v, kinds_v = make_volume_lesions(vols, tissue, args.seed)
